@@ -1,0 +1,1 @@
+"""HTTP blueprints: thin adapters from requests to services."""

@@ -1,0 +1,24 @@
+"""``GET /healthz``: 200 when the database answers, 503 otherwise."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, jsonify
+from sqlalchemy import text
+
+from app.factory import services
+
+bp = Blueprint("health", __name__)
+log = logging.getLogger(__name__)
+
+
+@bp.get("/healthz")
+def healthz():  # type: ignore[no-untyped-def]
+    try:
+        with services().session_factory() as session:
+            session.execute(text("SELECT 1"))
+    except Exception as exc:  # any failure to reach the database is "unhealthy"
+        log.warning("health check failed: %s", type(exc).__name__)
+        return jsonify({"status": "unavailable", "database": "unreachable"}), 503
+    return jsonify({"status": "ok", "database": "ok"}), 200

@@ -1,0 +1,218 @@
+"""The Stripe gateway: the only module in the project that imports ``stripe``.
+
+Two jobs:
+
+* :func:`verify_webhook` checks a ``Stripe-Signature`` header with stripe-python's own
+  verifier against every configured secret (never a home-made HMAC).
+* :class:`StripeGateway` wraps an injected ``stripe.StripeClient`` and returns plain
+  ``dict`` data, so nothing else handles SDK objects (which are not dicts: ``.get`` on them
+  raises) and tests can swap the client or intercept its ``requests`` traffic with
+  ``responses``.
+
+SDK errors are translated into :class:`GatewayError` subclasses that say what the caller
+may do next (retry later, back off, give up), so no caller needs to import ``stripe``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator, Sequence
+
+import stripe
+
+from config import Settings
+
+# (connect, read) seconds. Stripe answers in well under a second; a hung socket must not
+# hold a web worker or the nightly job for the SDK's default 80 s.
+HTTP_TIMEOUT = (5.0, 30.0)
+
+
+class WebhookSignatureError(Exception):
+    """The webhook's signature does not verify; ``code`` is the JSON error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def verify_webhook(
+    payload: bytes,
+    header: str | None,
+    secrets: Sequence[str],
+    *,
+    tolerance: int,
+    now: float | None = None,
+) -> None:
+    """Raise :class:`WebhookSignatureError` unless ``header`` signs ``payload`` with one of
+    ``secrets`` at a time within ``tolerance`` seconds of now.
+
+    Several secrets are tried so a rotated secret and its successor both verify while
+    Stripe switches over. stripe-python rejects only timestamps too far in the past; one
+    too far in the future is rejected here as well, since it can only come from a broken
+    clock or a forged header.
+    """
+    if not header or not header.strip():
+        raise WebhookSignatureError("missing_signature", "The Stripe-Signature header is missing.")
+    timestamp = _signature_timestamp(header)
+    if timestamp is None:
+        raise WebhookSignatureError(
+            "malformed_signature", "The Stripe-Signature header has no valid t= timestamp."
+        )
+    last_error: stripe.SignatureVerificationError | None = None
+    for secret in secrets:
+        try:
+            stripe.WebhookSignature.verify_header(payload, header, secret, tolerance)
+        except stripe.SignatureVerificationError as exc:
+            last_error = exc
+            continue
+        current = time.time() if now is None else now
+        if timestamp > current + tolerance:
+            raise WebhookSignatureError(
+                "timestamp_outside_tolerance", "The signature timestamp is in the future."
+            )
+        return
+    message = str(last_error or "")
+    if "Timestamp outside the tolerance zone" in message:
+        raise WebhookSignatureError(
+            "timestamp_outside_tolerance",
+            f"The signature timestamp is more than {tolerance} s old.",
+        )
+    if "No signatures found with expected scheme" in message or "Unable to extract" in message:
+        raise WebhookSignatureError(
+            "malformed_signature", "The Stripe-Signature header has no v1 signature."
+        )
+    raise WebhookSignatureError(
+        "signature_mismatch", "No v1 signature matches the payload for any configured secret."
+    )
+
+
+def _signature_timestamp(header: str) -> int | None:
+    for item in header.split(","):
+        key, _, value = item.strip().partition("=")
+        if key == "t":
+            return int(value) if value.isdigit() and len(value) <= 12 else None
+    return None
+
+
+class GatewayError(Exception):
+    """A Stripe call failed. Subclasses say what to do about it."""
+
+    retryable = False
+
+
+class StripeUnavailable(GatewayError):
+    """Network failure or a Stripe 5xx after the SDK's own retries: try again later."""
+
+    retryable = True
+
+
+class StripeRateLimited(GatewayError):
+    """429: back off. stripe-python retries a 429 only when Stripe says so."""
+
+    retryable = True
+
+
+class StripeNotFound(GatewayError):
+    """The object does not exist (in this mode, on this account)."""
+
+
+class StripeRejected(GatewayError):
+    """Stripe refused the request (invalid parameters, idempotency conflict, auth)."""
+
+
+class StripeNotConfigured(GatewayError):
+    """No STRIPE_API_KEY: calls to Stripe are not possible in this deployment."""
+
+
+def build_stripe_client(settings: Settings) -> stripe.StripeClient | None:
+    """The real client for ``settings``, or ``None`` when no API key is configured.
+
+    Uses the ``requests`` HTTP client explicitly (so ``responses`` intercepts it in tests),
+    points the SDK at ``STRIPE_API_BASE`` when set (an emulator), and sets
+    ``max_network_retries`` explicitly: the SDK then retries connection errors, 409s and
+    5xx with its own idempotency key, but a 429 only when Stripe allows it.
+    """
+    if settings.stripe_api_key is None:
+        return None
+    base_addresses: dict[str, str] = {}
+    if settings.stripe_api_base:
+        base_addresses["api"] = settings.stripe_api_base
+    return stripe.StripeClient(
+        settings.stripe_api_key,
+        base_addresses=base_addresses,  # type: ignore[arg-type]
+        http_client=stripe.RequestsClient(timeout=HTTP_TIMEOUT),
+        max_network_retries=settings.stripe_max_network_retries,
+    )
+
+
+class StripeGateway:
+    """Stripe reads (and, later, writes) the ledger needs, returning plain dicts."""
+
+    def __init__(self, client: stripe.StripeClient | None) -> None:
+        self._client = client
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "StripeGateway":
+        return cls(build_stripe_client(settings))
+
+    @property
+    def configured(self) -> bool:
+        return self._client is not None
+
+    def retrieve_charge(self, charge_id: str, *, account: str | None = None) -> dict[str, Any]:
+        client = self._require_client()
+        return self._call(
+            lambda: client.v1.charges.retrieve(charge_id, options=_options(account))
+        )
+
+    def retrieve_payment_intent(
+        self, payment_intent_id: str, *, account: str | None = None
+    ) -> dict[str, Any]:
+        client = self._require_client()
+        return self._call(
+            lambda: client.v1.payment_intents.retrieve(payment_intent_id, options=_options(account))
+        )
+
+    def list_charges(self, *, created_gte: int, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Every charge created at or after ``created_gte``, following pages to the end.
+
+        Pages with ``starting_after`` ourselves rather than ``auto_paging_iter`` so each page
+        is one call we can translate errors for (and so emulators that page oddly still work).
+        """
+        client = self._require_client()
+        params: dict[str, Any] = {"created": {"gte": created_gte}, "limit": page_size}
+        while True:
+            page = self._call(lambda: client.v1.charges.list(params=params))  # type: ignore[arg-type]
+            charges = page.get("data", [])
+            yield from charges
+            if not page.get("has_more") or not charges:
+                return
+            params = {**params, "starting_after": charges[-1]["id"]}
+
+    def _require_client(self) -> stripe.StripeClient:
+        if self._client is None:
+            raise StripeNotConfigured("STRIPE_API_KEY is not set")
+        return self._client
+
+    @staticmethod
+    def _call(request: Any) -> dict[str, Any]:
+        try:
+            result = request()
+        except stripe.RateLimitError as exc:
+            raise StripeRateLimited(str(exc)) from exc
+        except (stripe.APIConnectionError, stripe.APIError) as exc:
+            raise StripeUnavailable(str(exc)) from exc
+        except stripe.InvalidRequestError as exc:
+            if exc.http_status == 404:
+                raise StripeNotFound(str(exc)) from exc
+            raise StripeRejected(str(exc)) from exc
+        except stripe.StripeError as exc:
+            if exc.http_status is not None and exc.http_status >= 500:
+                raise StripeUnavailable(str(exc)) from exc
+            raise StripeRejected(str(exc)) from exc
+        return result.to_dict()
+
+
+def _options(account: str | None) -> dict[str, Any]:
+    return {"stripe_account": account} if account else {}

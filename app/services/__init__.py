@@ -1,0 +1,1 @@
+"""Domain services: the ledger's rules, webhook ingest, orders. No Flask here."""

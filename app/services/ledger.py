@@ -1,0 +1,432 @@
+"""The ledger's write rules: idempotent, order-independent upserts of Stripe objects.
+
+Every function here runs inside the caller's transaction and is safe to call any number
+of times with the same snapshot, from any path (webhook, backfill, our own API calls), in
+any order, concurrently with the others:
+
+* Each object is inserted by Stripe's id if new (``INSERT ... ON CONFLICT DO NOTHING``)
+  and then locked (``SELECT ... FOR UPDATE``) before it is changed.
+* ``as_of`` is the Stripe ``created`` of the event carrying the snapshot (or the time an
+  object was read from the API). A snapshot older than the one applied last never
+  overwrites it. Stripe timestamps have one-second resolution, so ties are normal: on a
+  tie, state only moves forward (a ``succeeded`` charge never goes back to ``pending``, a
+  ``failed`` refund never comes back).
+* Links only ever go from unknown to known; a conflicting link is logged, never applied.
+
+Lock order, to keep deadlocks rare (they are retried when they happen): PaymentIntent key,
+then PaymentIntent/refund/dispute rows, then charges, then orders.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.services.stripe_shapes import (
+    ChargeSnapshot,
+    DisputeSnapshot,
+    PaymentIntentSnapshot,
+    RefundSnapshot,
+)
+from models import Charge, Dispute, Order, PaymentIntent, Refund
+from models.db import insert_ignore, lock_key
+
+log = logging.getLogger(__name__)
+
+INACTIVE_REFUND_STATUSES = frozenset({"failed", "canceled"})
+OPEN_DISPUTE_STATUSES = frozenset(
+    {"warning_needs_response", "warning_under_review", "needs_response", "under_review"}
+)
+
+_CHARGE_RANK = {"pending": 0, "succeeded": 1, "failed": 1}
+_REFUND_RANK = {"pending": 0, "requires_action": 1, "succeeded": 2, "failed": 3, "canceled": 3}
+_DISPUTE_RANK = {
+    "warning_needs_response": 0,
+    "needs_response": 0,
+    "warning_under_review": 1,
+    "under_review": 1,
+    "warning_closed": 2,
+    "won": 2,
+    "lost": 2,
+    "prevented": 2,
+}
+_PAYMENT_INTENT_RANK = {
+    "requires_payment_method": 0,
+    "requires_confirmation": 0,
+    "requires_action": 0,
+    "processing": 1,
+    "requires_capture": 2,
+    "canceled": 3,
+    "succeeded": 3,
+}
+
+
+# -- money a charge holds ------------------------------------------------------------------
+
+
+def refunded_amount(charge: Charge, refunds: Iterable[Refund]) -> int:
+    """What has been refunded from ``charge``: its refunds that have not failed or been
+    canceled, so a refund that fails days later gives the money back to the ledger.
+
+    Newer API versions no longer embed refunds in the charge, and before 2024-10-28 a
+    refund raised no event of its own: a ``charge.refunded`` may be all we hear. So the
+    freshest source wins: the charge's own ``amount_refunded`` when the charge snapshot is
+    newer than everything we know about its refunds, our refund records when one of them
+    changed later (e.g. a refund that failed after the charge was last updated).
+    """
+    refunds = list(refunds)
+    active = sum(r.amount for r in refunds if r.status not in INACTIVE_REFUND_STATUSES)
+    newest_refund = max((r.last_event_created for r in refunds), default=None)
+    if newest_refund is None or charge.last_event_created > newest_refund:
+        refunded = charge.reported_refunded
+    elif charge.last_event_created == newest_refund:
+        refunded = max(charge.reported_refunded, active)
+    else:
+        refunded = active
+    return min(refunded, charge.amount)
+
+
+def held_amount(charge: Charge, refunds: Iterable[Refund], dispute: Dispute | None) -> int:
+    """Money ``charge`` still holds: captured, successful, minus refunds; a lost dispute
+    holds nothing. An uncaptured authorisation holds nothing (yet)."""
+    if charge.status != "succeeded" or not charge.captured:
+        return 0
+    if dispute is not None and dispute.status == "lost":
+        return 0
+    return max(0, charge.amount_captured - refunded_amount(charge, refunds))
+
+
+# -- upserts -------------------------------------------------------------------------------
+
+
+def apply_charge(
+    session: Session,
+    snapshot: ChargeSnapshot,
+    *,
+    as_of: int,
+    account: str | None,
+    order_hint: str | None = None,
+) -> Charge:
+    """Upsert a charge, link it to its order, and apply the refunds it embeds.
+
+    ``order_hint`` is the order of the PaymentIntent that carried this charge, if any.
+    """
+    if snapshot.payment_intent_id:
+        lock_key(session, "payment_intent", snapshot.payment_intent_id)
+    inserted = insert_ignore(
+        session,
+        Charge,
+        {
+            "id": snapshot.id,
+            "payment_intent_id": snapshot.payment_intent_id,
+            "customer": snapshot.customer_id,
+            "account": account,
+            "livemode": snapshot.livemode,
+            "amount": snapshot.amount,
+            "amount_captured": snapshot.amount_captured,
+            "currency": snapshot.currency,
+            "status": snapshot.status,
+            "captured": snapshot.captured,
+            "reported_refunded": snapshot.amount_refunded,
+            "created": snapshot.created,
+            "card_brand": snapshot.card_brand,
+            "card_last4": snapshot.card_last4,
+            "last_event_created": as_of,
+        },
+    )
+    charge = _locked(session, Charge, snapshot.id)
+    if not inserted:
+        _merge_charge(charge, snapshot, as_of)
+    charge.payment_intent_id = charge.payment_intent_id or snapshot.payment_intent_id
+    charge.customer = charge.customer or snapshot.customer_id
+    charge.account = charge.account or account
+    charge.card_brand = charge.card_brand or snapshot.card_brand
+    charge.card_last4 = charge.card_last4 or snapshot.card_last4
+
+    order_id = snapshot.order_id or order_hint or _order_of_payment_intent(session, charge.payment_intent_id)
+    if order_id:
+        _link_charge(session, charge, order_id)
+    for refund in snapshot.refunds or ():
+        apply_refund(session, refund, as_of=as_of, account=account, refresh=False)
+    if charge.order_id:
+        refresh_order(session, charge.order_id)
+    return charge
+
+
+def _merge_charge(charge: Charge, snapshot: ChargeSnapshot, as_of: int) -> None:
+    if as_of < charge.last_event_created:
+        log.info("older charge snapshot skipped", extra={"charge_id": charge.id, "as_of": as_of})
+        return
+    tie = as_of == charge.last_event_created
+    # A charge's status moves once, from pending to succeeded or failed, and never back.
+    if charge.status == "pending" and _CHARGE_RANK[snapshot.status] > 0:
+        charge.status = snapshot.status
+    if tie:
+        charge.captured = charge.captured or snapshot.captured
+        charge.amount_captured = max(charge.amount_captured, snapshot.amount_captured)
+        charge.reported_refunded = max(charge.reported_refunded, snapshot.amount_refunded)
+    else:
+        charge.captured = charge.captured or snapshot.captured
+        charge.amount_captured = snapshot.amount_captured if snapshot.captured else charge.amount_captured
+        charge.reported_refunded = snapshot.amount_refunded
+    charge.last_event_created = as_of
+
+
+def _link_charge(session: Session, charge: Charge, order_id: str) -> None:
+    if charge.order_id == order_id:
+        return
+    if charge.order_id is not None:
+        log.warning(
+            "charge names a different order than it is linked to; keeping the first link",
+            extra={"charge_id": charge.id, "order_id": charge.order_id, "other_order_id": order_id},
+        )
+        return
+    ensure_order(session, order_id)
+    charge.order_id = order_id
+
+
+def apply_refund(
+    session: Session,
+    snapshot: RefundSnapshot,
+    *,
+    as_of: int,
+    account: str | None,
+    refresh: bool = True,
+) -> Refund:
+    """Upsert a refund by its id. Its charge need not be known yet."""
+    inserted = insert_ignore(
+        session,
+        Refund,
+        {
+            "id": snapshot.id,
+            "charge_id": snapshot.charge_id,
+            "payment_intent_id": snapshot.payment_intent_id,
+            "account": account,
+            "amount": snapshot.amount,
+            "currency": snapshot.currency,
+            "status": snapshot.status,
+            "reason": snapshot.reason,
+            "failure_reason": snapshot.failure_reason,
+            "created": snapshot.created,
+            "last_event_created": as_of,
+        },
+    )
+    refund = _locked(session, Refund, snapshot.id)
+    if not inserted and as_of >= refund.last_event_created:
+        tie = as_of == refund.last_event_created
+        # failed and canceled are final; otherwise the newer snapshot wins, and on a tie
+        # the status further along wins.
+        if refund.status not in INACTIVE_REFUND_STATUSES and (
+            not tie or _REFUND_RANK[snapshot.status] > _REFUND_RANK[refund.status]
+        ):
+            refund.status = snapshot.status
+            refund.failure_reason = snapshot.failure_reason or refund.failure_reason
+        refund.reason = snapshot.reason or refund.reason
+        refund.last_event_created = as_of
+    refund.charge_id = refund.charge_id or snapshot.charge_id
+    refund.payment_intent_id = refund.payment_intent_id or snapshot.payment_intent_id
+    if refresh:
+        _refresh_order_of_charge(session, refund.charge_id)
+    return refund
+
+
+def apply_dispute(
+    session: Session, snapshot: DisputeSnapshot, *, as_of: int, account: str | None
+) -> Dispute:
+    """Upsert a dispute by its id. Its charge need not be known yet."""
+    inserted = insert_ignore(
+        session,
+        Dispute,
+        {
+            "id": snapshot.id,
+            "charge_id": snapshot.charge_id,
+            "account": account,
+            "amount": snapshot.amount,
+            "currency": snapshot.currency,
+            "status": snapshot.status,
+            "reason": snapshot.reason,
+            "created": snapshot.created,
+            "last_event_created": as_of,
+        },
+    )
+    dispute = _locked(session, Dispute, snapshot.id)
+    if not inserted and as_of >= dispute.last_event_created:
+        tie = as_of == dispute.last_event_created
+        final = _DISPUTE_RANK[dispute.status] == 2
+        if not final and (not tie or _DISPUTE_RANK[snapshot.status] > _DISPUTE_RANK[dispute.status]):
+            dispute.status = snapshot.status
+        dispute.amount = snapshot.amount
+        dispute.last_event_created = as_of
+    dispute.charge_id = dispute.charge_id or snapshot.charge_id
+    _refresh_order_of_charge(session, dispute.charge_id)
+    return dispute
+
+
+def apply_payment_intent(
+    session: Session, snapshot: PaymentIntentSnapshot, *, as_of: int, account: str | None
+) -> PaymentIntent:
+    """Upsert a PaymentIntent, apply the charges it carries, and link every charge of it
+    that arrived before we knew its order (late linking)."""
+    lock_key(session, "payment_intent", snapshot.id)
+    inserted = insert_ignore(
+        session,
+        PaymentIntent,
+        {
+            "id": snapshot.id,
+            "account": account,
+            "livemode": snapshot.livemode,
+            "amount": snapshot.amount,
+            "currency": snapshot.currency,
+            "status": snapshot.status,
+            "customer": snapshot.customer_id,
+            "latest_charge_id": snapshot.latest_charge_id,
+            "order_total": snapshot.order_total,
+            "created": snapshot.created,
+            "last_event_created": as_of,
+        },
+    )
+    intent = _locked(session, PaymentIntent, snapshot.id)
+    if not inserted and as_of >= intent.last_event_created:
+        tie = as_of == intent.last_event_created
+        final = _PAYMENT_INTENT_RANK[intent.status] == 3
+        if not final and (
+            not tie or _PAYMENT_INTENT_RANK[snapshot.status] > _PAYMENT_INTENT_RANK[intent.status]
+        ):
+            intent.status = snapshot.status
+            intent.amount = snapshot.amount
+        intent.latest_charge_id = snapshot.latest_charge_id or intent.latest_charge_id
+        intent.last_event_created = as_of
+    intent.customer = intent.customer or snapshot.customer_id
+    intent.order_total = intent.order_total or snapshot.order_total
+
+    if snapshot.order_id and intent.order_id is None:
+        intent.order_id = snapshot.order_id
+        ensure_order(session, snapshot.order_id)
+    elif snapshot.order_id and intent.order_id != snapshot.order_id:
+        log.warning(
+            "PaymentIntent metadata names another order; keeping the first link",
+            extra={"payment_intent_id": intent.id, "order_id": intent.order_id},
+        )
+    for charge in snapshot.charges:
+        apply_charge(session, charge, as_of=as_of, account=account, order_hint=intent.order_id)
+    if intent.order_id:
+        linked = session.execute(
+            update(Charge)
+            .where(Charge.payment_intent_id == intent.id, Charge.order_id.is_(None))
+            .values(order_id=intent.order_id)
+            .returning(Charge.id)
+        ).scalars().all()
+        if linked:
+            log.info(
+                "charges linked late through their PaymentIntent",
+                extra={"payment_intent_id": intent.id, "order_id": intent.order_id, "charge_ids": linked},
+            )
+        order = _locked(session, Order, intent.order_id)
+        if order.amount is None and intent.order_total is not None:
+            order.amount = intent.order_total
+            order.currency = intent.currency
+            order.amount_source = "metadata"
+        if order.payment_intent_id is None:
+            order.payment_intent_id = intent.id
+        refresh_order(session, intent.order_id)
+    return intent
+
+
+# -- orders --------------------------------------------------------------------------------
+
+
+def ensure_order(session: Session, order_id: str) -> None:
+    """Make sure an order row exists (total unknown until the merchant or metadata says)."""
+    insert_ignore(session, Order, {"id": order_id, "status": "pending", "version": 1})
+
+
+@dataclass(frozen=True, slots=True)
+class ChargePosition:
+    """One charge with what it holds, as the order view and detection need it."""
+
+    charge: Charge
+    refunds: tuple[Refund, ...]
+    dispute: Dispute | None
+    refunded: int
+    held: int
+
+
+def charge_positions(session: Session, charges: list[Charge]) -> list[ChargePosition]:
+    """Each charge with its refunds, dispute and the amounts that follow from them."""
+    ids = [c.id for c in charges]
+    refunds: dict[str, list[Refund]] = {i: [] for i in ids}
+    disputes: dict[str, Dispute] = {}
+    if ids:
+        for refund in session.scalars(
+            select(Refund).where(Refund.charge_id.in_(ids)).order_by(Refund.created, Refund.id)
+        ):
+            refunds[refund.charge_id].append(refund)  # type: ignore[index]
+        for dispute in session.scalars(
+            select(Dispute).where(Dispute.charge_id.in_(ids)).order_by(Dispute.created)
+        ):
+            disputes[dispute.charge_id] = dispute  # type: ignore[index]
+    return [
+        ChargePosition(
+            charge=c,
+            refunds=tuple(refunds[c.id]),
+            dispute=disputes.get(c.id),
+            refunded=refunded_amount(c, refunds[c.id]) if c.status == "succeeded" else 0,
+            held=held_amount(c, refunds[c.id], disputes.get(c.id)),
+        )
+        for c in charges
+    ]
+
+
+def order_status(positions: list[ChargePosition]) -> str:
+    """pending | paid | partially_refunded | refunded | disputed, from the order's charges."""
+    paid = [p for p in positions if p.charge.status == "succeeded" and p.charge.captured]
+    if not paid:
+        return "pending"
+    if any(p.dispute is not None and (p.dispute.status in OPEN_DISPUTE_STATUSES or p.dispute.status == "lost") for p in paid):
+        return "disputed"
+    held = sum(p.held for p in paid)
+    refunded = sum(p.refunded for p in paid)
+    if held == 0:
+        return "refunded"
+    return "partially_refunded" if refunded else "paid"
+
+
+def refresh_order(session: Session, order_id: str) -> Order:
+    """Recompute the order's status from its charges, under the order's row lock."""
+    order = _locked(session, Order, order_id)
+    charges = list(
+        session.scalars(select(Charge).where(Charge.order_id == order_id).order_by(Charge.created, Charge.id))
+    )
+    status = order_status(charge_positions(session, charges))
+    if order.status != status:
+        order.status = status
+    return order
+
+
+def _refresh_order_of_charge(session: Session, charge_id: str | None) -> None:
+    if charge_id is None:
+        return
+    order_id = session.scalar(select(Charge.order_id).where(Charge.id == charge_id))
+    if order_id:
+        refresh_order(session, order_id)
+
+
+def _order_of_payment_intent(session: Session, payment_intent_id: str | None) -> str | None:
+    if payment_intent_id is None:
+        return None
+    return session.scalar(select(PaymentIntent.order_id).where(PaymentIntent.id == payment_intent_id))
+
+
+def _locked(session: Session, model: type, key: str):  # type: ignore[no-untyped-def]
+    # populate_existing: the identity map may hold this row from before the lock was
+    # taken; what we change must be what the lock protects.
+    return session.execute(
+        select(model)
+        .where(model.id == key)  # type: ignore[attr-defined]
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one()

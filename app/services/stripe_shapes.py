@@ -1,0 +1,345 @@
+"""Stripe's object shapes, across API versions, turned into our own snapshots.
+
+A webhook endpoint receives objects in its own API version, the backfill reads them in the
+SDK's pinned version, and the two differ. Everything version-specific lives here:
+
+* ``PaymentIntent.charges`` (a list object, before 2022-11-15) gave way to
+  ``latest_charge`` (an id, or an object when expanded).
+* Charges embedded ``refunds`` as a list object before 2022-11-15 (a bare list in very old
+  versions); newer charges carry only ``amount_refunded``.
+* Card details are in ``payment_method_details.card`` (PaymentIntents and newer charges) or
+  in ``source`` (legacy charges made from a card token).
+* Expandable fields (``payment_intent``, ``charge``, ``customer``) are an id or an object.
+* A charge's status was ``paid`` in some very old versions; it is ``succeeded`` now.
+
+The snapshots are frozen dataclasses of plain values; amounts are ``int`` minor units.
+Malformed input raises :class:`ShapeError` naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from models.money import MoneyError, check_amount, check_minor_units, normalise_currency
+
+
+class ShapeError(ValueError):
+    """A Stripe object lacks a field we need, or has it in an unusable form."""
+
+
+@dataclass(frozen=True, slots=True)
+class RefundSnapshot:
+    id: str
+    charge_id: str | None
+    payment_intent_id: str | None
+    amount: int
+    currency: str
+    status: str
+    reason: str | None
+    failure_reason: str | None
+    created: int
+    metadata: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class DisputeSnapshot:
+    id: str
+    charge_id: str | None
+    amount: int
+    currency: str
+    status: str
+    reason: str | None
+    created: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeSnapshot:
+    id: str
+    amount: int
+    amount_captured: int
+    amount_refunded: int
+    currency: str
+    status: str
+    captured: bool
+    created: int
+    livemode: bool
+    payment_intent_id: str | None
+    customer_id: str | None
+    order_id: str | None  # metadata.order_id
+    card_brand: str | None
+    card_last4: str | None
+    # None when the object does not embed its refunds (newer API versions): absence of
+    # the list says nothing about which refunds exist.
+    refunds: tuple[RefundSnapshot, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentIntentSnapshot:
+    id: str
+    amount: int
+    currency: str
+    status: str
+    created: int
+    livemode: bool
+    customer_id: str | None
+    order_id: str | None  # metadata.order_id
+    order_total: int | None  # metadata.order_total, when it is a valid amount
+    latest_charge_id: str | None
+    # Charges the object itself carries: the legacy ``charges`` list, or an expanded
+    # ``latest_charge``. Empty when it carries only ids.
+    charges: tuple[ChargeSnapshot, ...]
+
+
+CHARGE_STATUSES = frozenset({"pending", "succeeded", "failed"})
+REFUND_STATUSES = frozenset({"pending", "requires_action", "succeeded", "failed", "canceled"})
+DISPUTE_STATUSES = frozenset(
+    {
+        "warning_needs_response",
+        "warning_under_review",
+        "warning_closed",
+        "needs_response",
+        "under_review",
+        "won",
+        "lost",
+        "prevented",
+    }
+)
+PAYMENT_INTENT_STATUSES = frozenset(
+    {
+        "requires_payment_method",
+        "requires_confirmation",
+        "requires_action",
+        "processing",
+        "requires_capture",
+        "canceled",
+        "succeeded",
+    }
+)
+
+
+def charge_snapshot(obj: Mapping[str, Any]) -> ChargeSnapshot:
+    _expect_object(obj, "charge")
+    currency = _currency(obj)
+    status = _str(obj, "status")
+    if status == "paid":  # very old API versions
+        status = "succeeded"
+    if status not in CHARGE_STATUSES:
+        raise ShapeError(f"charge.status {status!r} is not a charge status")
+    amount = _amount(obj, "amount", currency)
+    captured = _bool(obj, "captured", default=status == "succeeded")
+    amount_captured = obj.get("amount_captured")
+    if amount_captured is None:  # absent before 2019-ish versions
+        amount_captured = amount if captured and status == "succeeded" else 0
+    amount_captured = _amount_value(amount_captured, "amount_captured", currency)
+    amount_refunded = _amount_value(obj.get("amount_refunded", 0) or 0, "amount_refunded", currency)
+    brand, last4 = _card(obj)
+    refunds: tuple[RefundSnapshot, ...] | None = None
+    if "refunds" in obj and obj["refunds"] is not None:
+        refunds = tuple(refund_snapshot(r, charge_id=obj["id"]) for r in _list_data(obj["refunds"], "refunds"))
+    return ChargeSnapshot(
+        id=obj["id"],
+        amount=amount,
+        amount_captured=amount_captured,
+        amount_refunded=amount_refunded,
+        currency=currency,
+        status=status,
+        captured=captured,
+        created=_int(obj, "created"),
+        livemode=_bool(obj, "livemode", default=False),
+        payment_intent_id=_ref(obj.get("payment_intent"), "payment_intent"),
+        customer_id=_ref(obj.get("customer"), "customer"),
+        order_id=_metadata(obj).get("order_id") or None,
+        card_brand=brand,
+        card_last4=last4,
+        refunds=refunds,
+    )
+
+
+def refund_snapshot(obj: Mapping[str, Any], *, charge_id: str | None = None) -> RefundSnapshot:
+    _expect_object(obj, "refund")
+    currency = _currency(obj)
+    status = _str(obj, "status")
+    if status == "cancelled":
+        status = "canceled"
+    if status not in REFUND_STATUSES:
+        raise ShapeError(f"refund.status {status!r} is not a refund status")
+    return RefundSnapshot(
+        id=obj["id"],
+        charge_id=_ref(obj.get("charge"), "charge") or charge_id,
+        payment_intent_id=_ref(obj.get("payment_intent"), "payment_intent"),
+        amount=_amount(obj, "amount", currency),
+        currency=currency,
+        status=status,
+        reason=_optional_str(obj, "reason"),
+        failure_reason=_optional_str(obj, "failure_reason"),
+        created=_int(obj, "created"),
+        metadata=_metadata(obj),
+    )
+
+
+def dispute_snapshot(obj: Mapping[str, Any]) -> DisputeSnapshot:
+    _expect_object(obj, "dispute")
+    currency = _currency(obj)
+    status = _str(obj, "status")
+    if status not in DISPUTE_STATUSES:
+        raise ShapeError(f"dispute.status {status!r} is not a dispute status")
+    return DisputeSnapshot(
+        id=obj["id"],
+        charge_id=_ref(obj.get("charge"), "charge"),
+        amount=_amount(obj, "amount", currency),
+        currency=currency,
+        status=status,
+        reason=_optional_str(obj, "reason"),
+        created=_int(obj, "created"),
+    )
+
+
+def payment_intent_snapshot(obj: Mapping[str, Any]) -> PaymentIntentSnapshot:
+    _expect_object(obj, "payment_intent")
+    currency = _currency(obj)
+    status = _str(obj, "status")
+    if status not in PAYMENT_INTENT_STATUSES:
+        raise ShapeError(f"payment_intent.status {status!r} is not a PaymentIntent status")
+    charges: list[ChargeSnapshot] = []
+    if obj.get("charges") is not None:  # API versions before 2022-11-15
+        charges = [charge_snapshot(c) for c in _list_data(obj["charges"], "charges")]
+    latest = obj.get("latest_charge")
+    if isinstance(latest, Mapping):
+        charges.append(charge_snapshot(latest))
+    latest_charge_id = _ref(latest, "latest_charge")
+    if latest_charge_id is None and charges:
+        latest_charge_id = max(charges, key=lambda c: (c.created, c.id)).id
+    metadata = _metadata(obj)
+    return PaymentIntentSnapshot(
+        id=obj["id"],
+        amount=_amount(obj, "amount", currency),
+        currency=currency,
+        status=status,
+        created=_int(obj, "created"),
+        livemode=_bool(obj, "livemode", default=False),
+        customer_id=_ref(obj.get("customer"), "customer"),
+        order_id=metadata.get("order_id") or None,
+        order_total=_order_total(metadata.get("order_total"), currency),
+        latest_charge_id=latest_charge_id,
+        charges=tuple(charges),
+    )
+
+
+# -- field helpers -----------------------------------------------------------------------
+
+
+def _expect_object(obj: Any, kind: str) -> None:
+    if not isinstance(obj, Mapping):
+        raise ShapeError(f"{kind} must be an object")
+    if obj.get("object") != kind:
+        raise ShapeError(f"expected a {kind} object, got {obj.get('object')!r}")
+    object_id = obj.get("id")
+    if not isinstance(object_id, str) or not object_id or len(object_id) > 255:
+        raise ShapeError(f"{kind}.id must be a non-empty string")
+
+
+def _str(obj: Mapping[str, Any], key: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value:
+        raise ShapeError(f"{obj.get('object')}.{key} must be a non-empty string")
+    return value
+
+
+def _optional_str(obj: Mapping[str, Any], key: str, limit: int = 64) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ShapeError(f"{obj.get('object')}.{key} must be a string")
+    return value[:limit] or None
+
+
+def _int(obj: Mapping[str, Any], key: str) -> int:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ShapeError(f"{obj.get('object')}.{key} must be a non-negative integer")
+    return value
+
+
+def _bool(obj: Mapping[str, Any], key: str, *, default: bool) -> bool:
+    value = obj.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ShapeError(f"{obj.get('object')}.{key} must be a boolean")
+    return value
+
+
+def _currency(obj: Mapping[str, Any]) -> str:
+    try:
+        return normalise_currency(obj.get("currency"))
+    except MoneyError as exc:
+        raise ShapeError(f"{obj.get('object')}.currency: {exc}") from None
+
+
+def _amount(obj: Mapping[str, Any], key: str, currency: str) -> int:
+    return _amount_value(obj.get(key), f"{obj.get('object')}.{key}", currency)
+
+
+def _amount_value(value: Any, name: str, currency: str) -> int:
+    # Stripe amounts are integers; zero is legal (e.g. amount_captured of an authorisation).
+    # The three-decimal rule is Stripe's to enforce on input, not ours on its output.
+    try:
+        return check_minor_units(value)
+    except MoneyError as exc:
+        raise ShapeError(f"{name} ({currency}): {exc}") from None
+
+
+def _ref(value: Any, name: str) -> str | None:
+    """The id of an expandable field: an id string, an expanded object, or null."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, Mapping) and isinstance(value.get("id"), str):
+        return value["id"]
+    raise ShapeError(f"{name} must be an id or an object with an id")
+
+
+def _list_data(value: Any, name: str) -> list[Mapping[str, Any]]:
+    if isinstance(value, Mapping) and value.get("object") == "list":
+        items = value.get("data")
+    else:
+        items = value
+    if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
+        raise ShapeError(f"{name} must be a list of objects")
+    return items
+
+
+def _metadata(obj: Mapping[str, Any]) -> dict[str, str]:
+    metadata = obj.get("metadata") or {}
+    if not isinstance(metadata, Mapping):
+        raise ShapeError(f"{obj.get('object')}.metadata must be an object")
+    return {str(k): v.strip() for k, v in metadata.items() if isinstance(v, str)}
+
+
+def _card(obj: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    details = obj.get("payment_method_details")
+    card = details.get("card") if isinstance(details, Mapping) else None
+    if not isinstance(card, Mapping):
+        source = obj.get("source")
+        card = source if isinstance(source, Mapping) and source.get("object") == "card" else None
+    if not isinstance(card, Mapping):
+        return None, None
+    brand = card.get("brand")
+    last4 = card.get("last4")
+    brand = brand[:32].lower() if isinstance(brand, str) and brand else None
+    last4 = last4 if isinstance(last4, str) and len(last4) == 4 and last4.isdigit() else None
+    return brand, last4
+
+
+def _order_total(raw: str | None, currency: str) -> int | None:
+    # metadata values are strings set by the merchant's checkout; anything that is not a
+    # plain positive integer is ignored rather than guessed at (no "49.99", no "1e3").
+    if raw is None or not raw.isdigit():
+        return None
+    try:
+        return check_amount(int(raw), currency)
+    except MoneyError:
+        return None

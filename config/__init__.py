@@ -1,0 +1,164 @@
+"""Settings: every environment variable the service reads, read once, typed and frozen.
+
+Nothing else in the project reads ``os.environ``; the composition roots (``app.create_app``
+and the CLI) call :meth:`Settings.from_env` once and hand the object down. A missing or
+malformed value fails at start with a :class:`SettingsError` that names the variable,
+never later in the middle of a request.
+
+This module imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+__all__ = ["Settings", "SettingsError", "DEFAULT_SQLITE_PATH"]
+
+DEFAULT_SQLITE_PATH = Path("instance") / "reconciler.db"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_API_KEY = re.compile(r"^(sk|rk)_(test|live)_[A-Za-z0-9_]+$")
+_WEBHOOK_SECRET = re.compile(r"^whsec_[A-Za-z0-9+/=_-]+$")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The service's configuration. Immutable; build it with :meth:`from_env`."""
+
+    database_url: str
+    stripe_api_key: str | None = None
+    stripe_api_base: str | None = None
+    # Several secrets are accepted at once so a secret can be rotated without dropping events.
+    stripe_webhook_secrets: tuple[str, ...] = ()
+    stripe_webhook_tolerance: int = 300
+    stripe_livemode: bool = False
+    stripe_max_network_retries: int = 2
+    webhook_max_bytes: int = 1024 * 1024
+    secret_key: str | None = field(default=None, repr=False)
+    api_token: str | None = field(default=None, repr=False)
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Read and validate every setting from ``environ`` (default: ``os.environ``)."""
+        env = os.environ if environ is None else environ
+
+        def text(name: str) -> str | None:
+            value = env.get(name)
+            if value is None:
+                return None
+            value = value.strip()
+            return value or None
+
+        database_url = text("DATABASE_URL") or f"sqlite:///{DEFAULT_SQLITE_PATH.resolve()}"
+        database_url = _normalise_database_url(database_url)
+
+        api_key = text("STRIPE_API_KEY")
+        livemode = _parse_bool("STRIPE_LIVEMODE", text("STRIPE_LIVEMODE") or "false")
+        if api_key is not None:
+            match = _API_KEY.match(api_key)
+            if match is None:
+                raise SettingsError(
+                    "STRIPE_API_KEY must be a secret or restricted key (sk_test_..., sk_live_..., rk_...)"
+                )
+            if (match.group(2) == "live") != livemode:
+                raise SettingsError(
+                    f"STRIPE_API_KEY is a {match.group(2)} key but STRIPE_LIVEMODE is {str(livemode).lower()}"
+                )
+
+        api_base = text("STRIPE_API_BASE")
+        if api_base is not None and not re.match(r"^https?://[^\s/]+(:\d+)?/?$", api_base):
+            raise SettingsError("STRIPE_API_BASE must be a URL such as http://127.0.0.1:8420")
+
+        secrets: tuple[str, ...] = ()
+        raw_secrets = text("STRIPE_WEBHOOK_SECRET")
+        if raw_secrets is not None:
+            secrets = tuple(s.strip() for s in raw_secrets.split(",") if s.strip())
+            for secret in secrets:
+                if not _WEBHOOK_SECRET.match(secret):
+                    raise SettingsError(
+                        "STRIPE_WEBHOOK_SECRET must be one or more comma-separated whsec_... secrets"
+                    )
+
+        settings = cls(
+            database_url=database_url,
+            stripe_api_key=api_key,
+            stripe_api_base=api_base.rstrip("/") if api_base else None,
+            stripe_webhook_secrets=secrets,
+            stripe_webhook_tolerance=_parse_int(
+                "STRIPE_WEBHOOK_TOLERANCE", text("STRIPE_WEBHOOK_TOLERANCE"), 300, minimum=1
+            ),
+            stripe_livemode=livemode,
+            stripe_max_network_retries=_parse_int(
+                "STRIPE_MAX_NETWORK_RETRIES", text("STRIPE_MAX_NETWORK_RETRIES"), 2, minimum=0
+            ),
+            webhook_max_bytes=_parse_int(
+                "WEBHOOK_MAX_BYTES", text("WEBHOOK_MAX_BYTES"), 1024 * 1024, minimum=1024
+            ),
+            secret_key=text("SECRET_KEY"),
+            api_token=text("API_TOKEN"),
+            log_level=(text("LOG_LEVEL") or "INFO").upper(),
+        )
+        if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise SettingsError("LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR")
+        if livemode:
+            # A live deployment without these would accept forged webhooks or expose the API.
+            for name, value in (
+                ("STRIPE_API_KEY", settings.stripe_api_key),
+                ("STRIPE_WEBHOOK_SECRET", settings.stripe_webhook_secrets),
+                ("SECRET_KEY", settings.secret_key),
+                ("API_TOKEN", settings.api_token),
+            ):
+                if not value:
+                    raise SettingsError(f"{name} is required when STRIPE_LIVEMODE is true")
+        if settings.api_token is not None and len(settings.api_token) < 16:
+            raise SettingsError("API_TOKEN must be at least 16 characters")
+        return settings
+
+    def with_overrides(self, **changes: object) -> "Settings":
+        """A copy with some fields changed (tests and the CLI use this)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+def _normalise_database_url(url: str) -> str:
+    # psycopg 3 is the driver we ship; a bare postgres:// URL (as many hosts hand out) would
+    # otherwise make SQLAlchemy look for psycopg2.
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    if url.startswith("postgresql+psycopg://") or url.startswith("sqlite"):
+        return url
+    raise SettingsError("DATABASE_URL must be a postgresql:// or sqlite:/// URL")
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise SettingsError(f"{name} must be true or false, not {raw!r}")
+
+
+def _parse_int(name: str, raw: str | None, default: int, *, minimum: int) -> int:
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, not {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}")
+    return value

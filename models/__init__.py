@@ -1,0 +1,32 @@
+"""Persistence: typed SQLAlchemy models, the engine and session factory, migrations.
+
+Never imports Flask or reads the environment; the web app, the CLI, the jobs and Alembic
+all use it directly.
+"""
+
+from models.base import Base, utcnow
+from models.db import make_engine, make_session_factory, run_in_transaction
+from models.ledger import (
+    Charge,
+    Dispute,
+    EventFailure,
+    Order,
+    PaymentIntent,
+    Refund,
+    StripeEvent,
+)
+
+__all__ = [
+    "Base",
+    "Charge",
+    "Dispute",
+    "EventFailure",
+    "Order",
+    "PaymentIntent",
+    "Refund",
+    "StripeEvent",
+    "make_engine",
+    "make_session_factory",
+    "run_in_transaction",
+    "utcnow",
+]

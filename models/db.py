@@ -1,0 +1,146 @@
+"""Engines, sessions and the unit-of-work helper, for PostgreSQL (psycopg 3) and SQLite.
+
+SQLite is the embedded default: WAL so readers never block the writer, a busy timeout so
+a writer waits instead of failing, and every transaction opened with ``BEGIN IMMEDIATE`` so
+two writers serialise at BEGIN instead of deadlocking when both try to upgrade a read lock.
+
+PostgreSQL gets a ``lock_timeout``: a transaction that waits on a row lock (another copy
+of the same event, the same charge) longer than that fails with a retryable error instead
+of hanging a web worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+PG_LOCK_TIMEOUT_MS = 5_000
+# SQLSTATEs that mean "this transaction lost a race; run it again": serialization failure,
+# deadlock detected, lock not available (lock_timeout).
+_RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03"}
+
+
+def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
+    """Build an engine for ``url`` with the settings this service relies on."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, echo=echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        _configure_sqlite(engine)
+        return engine
+    return create_engine(
+        url,
+        echo=echo,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        connect_args={"options": f"-c lock_timeout={PG_LOCK_TIMEOUT_MS}"},
+    )
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        # Take transaction control away from the sqlite3 module so BEGIN is ours (below).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection):  # type: ignore[no-untyped-def]
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    # expire_on_commit=False: a unit of work returns plain values read inside it, and they
+    # must stay readable after the commit without another round trip.
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True when ``exc`` means the transaction lost a race and may simply run again."""
+    if isinstance(exc, StaleDataError):
+        return True
+    if isinstance(exc, DBAPIError):
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        if sqlstate in _RETRYABLE_SQLSTATES:
+            return True
+        message = str(exc.orig).lower()
+        return "database is locked" in message or "database is busy" in message
+    return False
+
+
+def run_in_transaction(
+    session_factory: Callable[[], Session],
+    work: Callable[[Session], T],
+    *,
+    attempts: int = 4,
+) -> T:
+    """Run ``work`` in one transaction, committed when it returns, rolled back if it raises.
+
+    A transaction that lost a race (deadlock, lock timeout, SQLite busy, a concurrent
+    version bump) is run again from the start, up to ``attempts`` times in all, so ``work``
+    must do all its reads inside the transaction. Any other error propagates after rollback.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            with session_factory() as session, session.begin():
+                return work(session)
+        except Exception as exc:
+            if attempt < attempts and is_retryable(exc):
+                delay = random.uniform(0.01, 0.05) * attempt
+                log.info("transaction lost a race (%s); retry %d in %.3fs", type(exc).__name__, attempt, delay)
+                time.sleep(delay)
+                continue
+            raise
+    raise AssertionError("unreachable")
+
+
+def insert_ignore(session: Session, model: type, values: dict) -> bool:
+    """``INSERT ... ON CONFLICT DO NOTHING`` on the model's primary key.
+
+    Returns True when this call inserted the row. On PostgreSQL a concurrent transaction
+    inserting the same key blocks here until the other one commits (then this returns
+    False) or rolls back (then this inserts): the unique key itself is the lock, across
+    processes and hosts.
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    statement = insert(model).values(**values).on_conflict_do_nothing()
+    return session.execute(statement).rowcount == 1
+
+
+def lock_key(session: Session, namespace: str, key: str) -> None:
+    """Hold a transaction-scoped lock on ``namespace:key`` until commit or rollback.
+
+    For races where there is no row to lock yet (a charge and its PaymentIntent arriving
+    at once, each looking for the other). PostgreSQL: an advisory lock. SQLite: nothing to
+    do, every write transaction already holds the database lock (``BEGIN IMMEDIATE``).
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext(:namespace), hashtext(:key))"),
+            {"namespace": namespace, "key": key},
+        )

@@ -1,0 +1,199 @@
+"""The ledger: Stripe events as received, and the orders, charges, refunds, disputes and
+PaymentIntents they describe.
+
+Invariants the schema carries (the services rely on them):
+
+* ``stripe_events.event_id`` is the primary key: an event id is stored at most once, and
+  the row is written in the same transaction as the event's effects, so a stored event
+  always has its effects.
+* Every Stripe object is keyed by Stripe's own id, so every write path (webhook, backfill,
+  our own API calls) upserts the same row.
+* Money is ``BigInteger`` minor units plus a three-letter currency; there is no float
+  column anywhere.
+* ``last_event_created`` on each Stripe object is the Stripe ``created`` time of the newest
+  snapshot applied to it; an older snapshot never overwrites a newer one.
+* Refunds and disputes reference their charge by id without a foreign key: Stripe may
+  tell us about a refund before it tells us about the charge.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from models.base import Base, utcnow
+
+STRIPE_ID = String(255)
+CURRENCY = String(3)
+
+
+class StripeEvent(Base):
+    """One Stripe event, stored once. Its presence means its effects are applied."""
+
+    __tablename__ = "stripe_events"
+
+    event_id: Mapped[str] = mapped_column(STRIPE_ID, primary_key=True)
+    type: Mapped[str] = mapped_column(String(100), index=True)
+    api_version: Mapped[str | None] = mapped_column(String(64))
+    livemode: Mapped[bool] = mapped_column(Boolean)
+    account: Mapped[str | None] = mapped_column(STRIPE_ID)  # Connect account, if any
+    created: Mapped[int] = mapped_column(BigInteger)  # Stripe's unix seconds
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # "processed": a handler applied it; "ignored": a type we store but do not apply.
+    status: Mapped[str] = mapped_column(String(16))
+    object_id: Mapped[str | None] = mapped_column(STRIPE_ID, index=True)
+    payload: Mapped[str] = mapped_column(Text)  # the body exactly as signed
+
+
+class EventFailure(Base):
+    """An event whose application failed, written outside the rolled-back transaction.
+
+    It makes a poison event visible (and alertable) while Stripe keeps redelivering it;
+    ``resolved_at`` is set by the delivery that finally applies it.
+    """
+
+    __tablename__ = "event_failures"
+
+    event_id: Mapped[str] = mapped_column(STRIPE_ID, primary_key=True)
+    type: Mapped[str] = mapped_column(String(100))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text)
+    first_failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Order(Base):
+    """A merchant order. ``amount`` is the order's total when known (from the orders API,
+    an import, or ``metadata.order_total`` on its PaymentIntent); ``None`` means unknown."""
+
+    __tablename__ = "orders"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    amount: Mapped[int | None] = mapped_column(BigInteger)
+    currency: Mapped[str | None] = mapped_column(CURRENCY)
+    # Where the total came from: "api", "import" or "metadata"; None while unknown.
+    amount_source: Mapped[str | None] = mapped_column(String(16))
+    customer: Mapped[str | None] = mapped_column(String(255))
+    # pending | paid | partially_refunded | refunded; derived from the order's charges.
+    status: Mapped[str] = mapped_column(String(24), default="pending")
+    payment_intent_id: Mapped[str | None] = mapped_column(STRIPE_ID)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+    charges: Mapped[list["Charge"]] = relationship(
+        back_populates="order", order_by="(Charge.created, Charge.id)"
+    )
+
+    __mapper_args__ = {"version_id_col": version}
+
+
+class Charge(Base):
+    """A Stripe charge. What it still holds follows from its refunds and dispute."""
+
+    __tablename__ = "charges"
+
+    id: Mapped[str] = mapped_column(STRIPE_ID, primary_key=True)
+    # Indexed by ix_charges_order_currency (order_id first).
+    order_id: Mapped[str | None] = mapped_column(ForeignKey("orders.id"))
+    payment_intent_id: Mapped[str | None] = mapped_column(STRIPE_ID, index=True)
+    customer: Mapped[str | None] = mapped_column(STRIPE_ID)
+    account: Mapped[str | None] = mapped_column(STRIPE_ID)
+    livemode: Mapped[bool] = mapped_column(Boolean, default=False)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    amount_captured: Mapped[int] = mapped_column(BigInteger, default=0)
+    currency: Mapped[str] = mapped_column(CURRENCY)
+    # pending | succeeded | failed (Stripe's charge statuses).
+    status: Mapped[str] = mapped_column(String(16))
+    captured: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Stripe's amount_refunded as of the newest charge snapshot applied (see ledger service).
+    reported_refunded: Mapped[int] = mapped_column(BigInteger, default=0)
+    created: Mapped[int] = mapped_column(BigInteger)
+    card_brand: Mapped[str | None] = mapped_column(String(32))
+    card_last4: Mapped[str | None] = mapped_column(String(4))
+    last_event_created: Mapped[int] = mapped_column(BigInteger)
+    first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+    order: Mapped[Order | None] = relationship(back_populates="charges")
+
+
+class Refund(Base):
+    """A Stripe refund, upserted by its id from every path (webhook, backfill, our calls)."""
+
+    __tablename__ = "refunds"
+
+    id: Mapped[str] = mapped_column(STRIPE_ID, primary_key=True)
+    charge_id: Mapped[str | None] = mapped_column(STRIPE_ID, index=True)
+    payment_intent_id: Mapped[str | None] = mapped_column(STRIPE_ID)
+    account: Mapped[str | None] = mapped_column(STRIPE_ID)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(CURRENCY)
+    # pending | requires_action | succeeded | failed | canceled
+    status: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str | None] = mapped_column(String(64))
+    failure_reason: Mapped[str | None] = mapped_column(String(64))
+    # external (made outside this service), auto (duplicate job), finance (a person here)
+    origin: Mapped[str] = mapped_column(String(16), default="external")
+    created: Mapped[int] = mapped_column(BigInteger)
+    last_event_created: Mapped[int] = mapped_column(BigInteger)
+    first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+
+class Dispute(Base):
+    """A Stripe dispute on a charge (a charge has at most one)."""
+
+    __tablename__ = "disputes"
+
+    id: Mapped[str] = mapped_column(STRIPE_ID, primary_key=True)
+    charge_id: Mapped[str | None] = mapped_column(STRIPE_ID, index=True)
+    account: Mapped[str | None] = mapped_column(STRIPE_ID)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(CURRENCY)
+    # warning_needs_response | warning_under_review | warning_closed | needs_response |
+    # under_review | won | lost (Stripe's dispute statuses)
+    status: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(String(64))
+    created: Mapped[int] = mapped_column(BigInteger)
+    last_event_created: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+
+class PaymentIntent(Base):
+    """A Stripe PaymentIntent, known from webhooks, backfill or the pay endpoint."""
+
+    __tablename__ = "payment_intents"
+
+    id: Mapped[str] = mapped_column(STRIPE_ID, primary_key=True)
+    order_id: Mapped[str | None] = mapped_column(ForeignKey("orders.id"), index=True)
+    account: Mapped[str | None] = mapped_column(STRIPE_ID)
+    livemode: Mapped[bool] = mapped_column(Boolean, default=False)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(CURRENCY)
+    # requires_payment_method | requires_confirmation | requires_action | processing |
+    # requires_capture | canceled | succeeded
+    status: Mapped[str] = mapped_column(String(32))
+    customer: Mapped[str | None] = mapped_column(STRIPE_ID)
+    latest_charge_id: Mapped[str | None] = mapped_column(STRIPE_ID)
+    # metadata.order_total, when the merchant's checkout sets it: the order's known total.
+    order_total: Mapped[int | None] = mapped_column(BigInteger)
+    created: Mapped[int] = mapped_column(BigInteger)
+    last_event_created: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+
+Index("ix_charges_order_currency", Charge.order_id, Charge.currency)

@@ -1,0 +1,70 @@
+"""Money: integer minor units plus an ISO 4217 currency code, never floats.
+
+Stripe expresses every amount in the currency's smallest unit. Most currencies have two
+decimals (4999 USD is 49.99), the zero-decimal ones have none (5000 JPY is 5000), and the
+three-decimal ones (BHD, JOD, KWD, OMR, TND) have three, with Stripe requiring the last
+digit to be 0. This module is the one place that knows it.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+
+ZERO_DECIMAL = frozenset(
+    "bif clp djf gnf jpy kmf krw mga pyg rwf ugx vnd vuv xaf xof xpf".split()
+)
+THREE_DECIMAL = frozenset("bhd jod kwd omr tnd".split())
+# Stripe caps a single amount at 8 digits for most currencies (12 for a few); we accept up
+# to 12 so that a valid Stripe amount is never rejected, and nothing absurd is stored.
+MAX_AMOUNT = 999_999_999_999
+_CURRENCY = re.compile(r"^[a-z]{3}$")
+
+
+class MoneyError(ValueError):
+    """An amount or currency that cannot be money."""
+
+
+def normalise_currency(currency: object) -> str:
+    """Lower-case three-letter code, as Stripe returns it; raise :class:`MoneyError` otherwise."""
+    if not isinstance(currency, str) or not _CURRENCY.match(currency.strip().lower()):
+        raise MoneyError("currency must be a three-letter ISO code")
+    return currency.strip().lower()
+
+
+def check_amount(amount: object, currency: str, *, allow_zero: bool = False) -> int:
+    """Return ``amount`` if it is a valid minor-unit integer for ``currency``.
+
+    ``bool`` is rejected even though it is an ``int`` subclass, and so is every float:
+    a float amount is a bug upstream, not something to round.
+    """
+    amount = check_minor_units(amount)
+    if amount == 0 and not allow_zero:
+        raise MoneyError("amount must be positive")
+    if currency in THREE_DECIMAL and amount % 10 != 0:
+        raise MoneyError(f"{currency.upper()} amounts must end in 0 (Stripe rounds to 2 decimals)")
+    return amount
+
+
+def check_minor_units(amount: object) -> int:
+    """Return ``amount`` if it is a non-negative integer within range; no currency rules."""
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise MoneyError("amount must be an integer in the currency's minor unit")
+    if amount < 0 or amount > MAX_AMOUNT:
+        raise MoneyError("amount is out of range")
+    return amount
+
+
+def decimals(currency: str) -> int:
+    if currency in ZERO_DECIMAL:
+        return 0
+    if currency in THREE_DECIMAL:
+        return 3
+    return 2
+
+
+def format_amount(amount: int, currency: str) -> str:
+    """Human form, e.g. ``format_amount(4999, "usd") == "49.99 USD"``, ``5000 JPY``."""
+    places = decimals(currency)
+    value = Decimal(amount).scaleb(-places)
+    return f"{value:,.{places}f} {currency.upper()}"

@@ -59,12 +59,12 @@ def verify_webhook(
         raise WebhookSignatureError(
             "malformed_signature", "The Stripe-Signature header has no valid t= timestamp."
         )
-    last_error: stripe.SignatureVerificationError | None = None
+    failures: list[str] = []
     for secret in secrets:
         try:
             stripe.WebhookSignature.verify_header(payload, header, secret, tolerance)
         except stripe.SignatureVerificationError as exc:
-            last_error = exc
+            failures.append(str(exc))
             continue
         current = time.time() if now is None else now
         if timestamp > current + tolerance:
@@ -72,7 +72,9 @@ def verify_webhook(
                 "timestamp_outside_tolerance", "The signature timestamp is in the future."
             )
         return
-    message = str(last_error or "")
+    # The SDK checks the signature before the timestamp, so a tolerance failure from any
+    # secret means that secret signed it: the most useful thing to report.
+    message = " ".join(failures)
     if "Timestamp outside the tolerance zone" in message:
         raise WebhookSignatureError(
             "timestamp_outside_tolerance",

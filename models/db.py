@@ -128,8 +128,16 @@ def insert_ignore(session: Session, model: type, values: dict) -> bool:
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    statement = insert(model).values(**values).on_conflict_do_nothing()
-    return session.execute(statement).rowcount == 1
+    # RETURNING, not rowcount: with psycopg 3 SQLAlchemy reports rowcount -1 for this
+    # statement, and a wrong answer here would store an event without its effects.
+    table = model.__table__  # type: ignore[attr-defined]
+    statement = (
+        insert(table)
+        .values(**values)
+        .on_conflict_do_nothing()
+        .returning(*table.primary_key.columns)
+    )
+    return session.execute(statement).first() is not None
 
 
 def lock_key(session: Session, namespace: str, key: str) -> None:

@@ -304,8 +304,8 @@ def apply_payment_intent(
     intent.order_total = intent.order_total or snapshot.order_total
 
     if snapshot.order_id and intent.order_id is None:
+        ensure_order(session, snapshot.order_id)  # before the link: autoflush + FK
         intent.order_id = snapshot.order_id
-        ensure_order(session, snapshot.order_id)
     elif snapshot.order_id and intent.order_id != snapshot.order_id:
         log.warning(
             "PaymentIntent metadata names another order; keeping the first link",

@@ -67,6 +67,8 @@ def serve(host: str, port: int, workers: int | None, migrate: bool | None) -> No
                 "graceful_timeout": 20,
                 "keepalive": 5,
                 "accesslog": "-",
+                # Worker pid and latency on every line: which process answered, how fast.
+                "access_log_format": 'pid=%(p)s %(h)s "%(r)s" %(s)s %(B)s %(M)sms',
                 "errorlog": "-",
                 "proc_name": "reconciler-web",
                 # Each worker builds its own engine after the fork (no shared connections).

@@ -1,0 +1,202 @@
+"""Concurrency on PostgreSQL with real threads, real processes and real commits.
+
+Stripe redelivers, and several web processes on several hosts share one database: the
+copies of an event can arrive at the same instant on different processes. These tests
+check that exactly one of them applies it and every one of them gets a 200.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from app.services import ingest
+from models import Charge, Order, StripeEvent
+from tests import stripe_payloads as p
+from tests.conftest import API_TOKEN, WEBHOOK_SECRET
+
+pytestmark = pytest.mark.postgres
+
+ROOT = Path(__file__).resolve().parents[2]
+COPIES = 50
+THREADS = 10
+
+
+def _post_all(post, bodies: list[bytes], threads: int) -> list[tuple[int, dict]]:  # type: ignore[no-untyped-def]
+    barrier = threading.Barrier(threads)
+
+    def worker(index: int) -> list[tuple[int, dict]]:
+        barrier.wait()  # release every thread at the same instant
+        return [post(body) for body in bodies[index::threads]]
+
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(worker, range(threads)))
+    return [r for chunk in results for r in chunk]
+
+
+def test_fifty_copies_from_ten_threads_apply_once(app, ledger, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    applied: list[str] = []
+    lock = threading.Lock()
+    original = ingest.HANDLERS["charge.succeeded"]
+
+    def slow_counting(session, event):  # type: ignore[no-untyped-def]
+        with lock:
+            applied.append(event.id)
+        time.sleep(0.2)  # hold the transaction open so the other copies pile up on it
+        original(session, event)
+
+    monkeypatch.setitem(ingest.HANDLERS, "charge.succeeded", slow_counting)
+    event = p.event("charge.succeeded", p.charge(amount=4999, metadata={"order_id": "ord_race"}))
+    body = p.encode(event)
+
+    def post(raw: bytes) -> tuple[int, dict]:
+        client = app.test_client()
+        response = client.post("/webhooks/stripe", data=raw, headers={"Stripe-Signature": p.sign(raw, WEBHOOK_SECRET)})
+        return response.status_code, response.get_json()
+
+    results = _post_all(post, [body] * COPIES, THREADS)
+    assert [status for status, _ in results] == [200] * COPIES
+    statuses = sorted(body["status"] for _, body in results)
+    assert statuses == ["duplicate"] * (COPIES - 1) + ["processed"]
+    assert applied == [event["id"]]
+    assert ledger.count(StripeEvent) == 1
+    assert ledger.count(Charge) == 1
+    assert ledger.order("ord_race")["totals"]["usd"]["held"] == 4999
+
+
+def test_a_charge_and_its_payment_intent_at_the_same_instant_always_link(app, ledger) -> None:  # type: ignore[no-untyped-def]
+    """Each event looks for the other; without the PaymentIntent lock one of every few
+    pairs would leave the charge unlinked."""
+    pairs = []
+    for n in range(60):
+        pi_id = p.new_id("pi")
+        charge = p.charge(payment_intent=pi_id)  # no metadata on the charge
+        intent = p.payment_intent(id=pi_id, latest_charge=charge["id"], metadata={"order_id": f"ord_pair_{n}"})
+        pairs.append(p.encode(p.event("charge.succeeded", charge)))
+        pairs.append(p.encode(p.event("payment_intent.succeeded", intent)))
+
+    def post(raw: bytes) -> tuple[int, dict]:
+        response = app.test_client().post("/webhooks/stripe", data=raw, headers={"Stripe-Signature": p.sign(raw, WEBHOOK_SECRET)})
+        return response.status_code, response.get_json()
+
+    # Two threads, each taking one half of every pair, so the halves race.
+    results = _post_all(post, pairs, 2)
+    assert all(status == 200 for status, _ in results), results
+    unlinked = ledger.all(Charge, Charge.order_id.is_(None))
+    assert unlinked == []
+    assert ledger.count(Order) == 60
+
+
+def test_a_storm_of_events_about_one_order_ends_as_if_applied_in_order(app, ledger) -> None:  # type: ignore[no-untyped-def]
+    t0 = 1_763_700_000
+    pi_id = p.new_id("pi")
+    charges = [p.charge(amount=2000, payment_intent=pi_id, created=t0 + i, metadata={"order_id": "ord_storm"}) for i in range(4)]
+    events = []
+    for i, charge in enumerate(charges):
+        events.append(p.event("charge.succeeded", charge, created=t0 + i))
+        events.append(p.event("charge.updated", dict(charge, description="updated"), created=t0 + 100 + i))
+    refund = p.refund(charge=charges[1]["id"], amount=2000, created=t0 + 200)
+    events.append(p.event("refund.created", refund, created=t0 + 200))
+    events.append(p.event("refund.failed", dict(refund, status="failed"), created=t0 + 300))
+    second_refund = p.refund(charge=charges[2]["id"], amount=500, created=t0 + 250)
+    events.append(p.event("refund.created", second_refund, created=t0 + 250))
+    events.append(p.event("payment_intent.succeeded", p.payment_intent(id=pi_id, amount=2000, latest_charge=charges[3]["id"], metadata={"order_id": "ord_storm"}), created=t0 + 400))
+    bodies = [p.encode(e) for e in events] * 3  # every event delivered three times
+    random.Random(7).shuffle(bodies)
+
+    def post(raw: bytes) -> tuple[int, dict]:
+        response = app.test_client().post("/webhooks/stripe", data=raw, headers={"Stripe-Signature": p.sign(raw, WEBHOOK_SECRET)})
+        return response.status_code, response.get_json()
+
+    results = _post_all(post, bodies, 8)
+    assert all(status == 200 for status, _ in results), [r for r in results if r[0] != 200]
+    assert sum(body["status"] == "processed" for _, body in results) == len(events)
+    view = ledger.order("ord_storm")
+    held = {c["id"]: c["held_amount"] for c in view["charges"]}
+    assert held == {charges[0]["id"]: 2000, charges[1]["id"]: 2000, charges[2]["id"]: 1500, charges[3]["id"]: 2000}
+    assert view["totals"]["usd"] == {"charged": 8000, "refunded": 500, "held": 7500}
+
+
+# -- several processes: gunicorn workers ------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def served(database_url, session_factory, tmp_path):  # type: ignore[no-untyped-def]
+    """`reconciler serve` with four worker processes on the test database."""
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "API_TOKEN": API_TOKEN,
+        "LOG_LEVEL": "WARNING",
+    }
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", "4", "--no-migrate"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if requests.get(f"{base}/healthz", timeout=1).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"server did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    yield base, log_path
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def test_fifty_copies_across_four_worker_processes_apply_once(served, ledger) -> None:  # type: ignore[no-untyped-def]
+    base, log_path = served
+    event = p.event("charge.succeeded", p.charge(amount=1250, currency="eur", metadata={"order_id": "ord_procs"}))
+    body = p.encode(event)
+
+    def post(raw: bytes) -> tuple[int, dict]:
+        response = requests.post(
+            f"{base}/webhooks/stripe",
+            data=raw,
+            headers={"Stripe-Signature": p.sign(raw, WEBHOOK_SECRET), "Content-Type": "application/json"},
+            timeout=30,
+        )
+        return response.status_code, response.json()
+
+    results = _post_all(post, [body] * COPIES, THREADS)
+    assert [status for status, _ in results] == [200] * COPIES
+    statuses = sorted(body["status"] for _, body in results)
+    assert statuses == ["duplicate"] * (COPIES - 1) + ["processed"]
+    assert ledger.count(StripeEvent) == 1
+    assert ledger.order("ord_procs")["totals"] == {"eur": {"charged": 1250, "refunded": 0, "held": 1250}}
+    # The access log names the worker pid: more than one process answered.
+    pids = set(re.findall(r'pid=<(\d+)> .*"POST /webhooks/stripe', log_path.read_text()))
+    assert len(pids) >= 2, log_path.read_text()[-2000:]

@@ -7,16 +7,11 @@ check that exactly one of them applies it and every one of them gets a 200.
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
@@ -25,10 +20,10 @@ from app.services import ingest
 from models import Charge, Order, StripeEvent
 from tests import stripe_payloads as p
 from tests.conftest import API_TOKEN, WEBHOOK_SECRET
+from tests.servers import reconciler_serve
 
 pytestmark = pytest.mark.postgres
 
-ROOT = Path(__file__).resolve().parents[2]
 COPIES = 50
 THREADS = 10
 
@@ -131,50 +126,18 @@ def test_a_storm_of_events_about_one_order_ends_as_if_applied_in_order(app, ledg
 # -- several processes: gunicorn workers ------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def served(database_url, session_factory, tmp_path):  # type: ignore[no-untyped-def]
     """`reconciler serve` with four worker processes on the test database."""
-    port = _free_port()
     log_path = tmp_path / "serve.log"
     env = {
-        **os.environ,
         "DATABASE_URL": database_url,
         "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "API_TOKEN": API_TOKEN,
         "LOG_LEVEL": "WARNING",
     }
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", "4", "--no-migrate"],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if requests.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"server did not start:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.2)
-    yield base, log_path
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    with reconciler_serve(["--workers", "4", "--no-migrate"], env, log_path) as base:
+        yield base, log_path
 
 
 def test_fifty_copies_across_four_worker_processes_apply_once(served, ledger) -> None:  # type: ignore[no-untyped-def]

@@ -46,7 +46,7 @@ def create_or_update_order():  # type: ignore[no-untyped-def]
     return jsonify(view), 201 if created else 200
 
 
-@bp.get("/orders/<order_id>")
+@bp.get("/orders/<path:order_id>")
 def get_order(order_id: str):  # type: ignore[no-untyped-def]
     with services().session_factory() as session:
         view = order_view(session, order_id)

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.gateway import WebhookSignatureError, verify_webhook
 from app.services import ledger
 from app.services.stripe_shapes import (
+    MAX_TIMESTAMP,
     ShapeError,
     charge_snapshot,
     dispute_snapshot,
@@ -178,7 +179,7 @@ class WebhookIngestor:
                     "created": event.created,
                     "received_at": utcnow(),
                     "status": "processed" if handler else "ignored",
-                    "object_id": event.object.get("id") if isinstance(event.object.get("id"), str) else None,
+                    "object_id": _object_id(event.object),
                     "payload": text_payload,
                 },
             )
@@ -211,7 +212,7 @@ class WebhookIngestor:
                 },
             )
         log.info(
-            "event %s", outcome, extra={"event_id": event.id, "event_type": event.type, "object_id": event.object.get("id")}
+            "event %s", outcome, extra={"event_id": event.id, "event_type": event.type, "object_id": _object_id(event.object)}
         )
         return IngestResult(200, {"status": outcome, "event_id": event.id})
 
@@ -254,6 +255,11 @@ class WebhookIngestor:
         return attempts
 
 
+def _object_id(stripe_object: Mapping[str, Any]) -> str | None:
+    object_id = stripe_object.get("id")
+    return object_id if isinstance(object_id, str) and len(object_id) <= 255 else None
+
+
 def parse_envelope(payload: bytes) -> EventEnvelope:
     """Parse and validate a Stripe event envelope; :class:`IngestRejected` (400) otherwise."""
     try:
@@ -268,13 +274,13 @@ def parse_envelope(payload: bytes) -> EventEnvelope:
     if not isinstance(event_id, str) or not _EVENT_ID.match(event_id):
         raise IngestRejected(400, "invalid_event", "The event has no valid id.")
     event_type = document.get("type")
-    if not isinstance(event_type, str) or not _EVENT_TYPE.match(event_type):
+    if not isinstance(event_type, str) or len(event_type) > 100 or not _EVENT_TYPE.match(event_type):
         raise IngestRejected(400, "invalid_event", "The event has no valid type.")
     data = document.get("data")
     if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
         raise IngestRejected(400, "invalid_event", "The event has no data.object.")
     created = document.get("created")
-    if isinstance(created, bool) or not isinstance(created, int) or created < 0:
+    if isinstance(created, bool) or not isinstance(created, int) or not 0 <= created <= MAX_TIMESTAMP:
         raise IngestRejected(400, "invalid_event", "The event has no valid created time.")
     livemode = document.get("livemode")
     if not isinstance(livemode, bool):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -18,11 +17,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.services import ledger
+from app.services.stripe_shapes import ORDER_ID
 from models import Charge, EventFailure, Order, StripeEvent
 from models.db import insert_ignore
 from models.money import MoneyError, check_amount, format_amount, normalise_currency
 
-ORDER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:#/-]{0,254}$")
 MAX_CUSTOMER = 255
 
 

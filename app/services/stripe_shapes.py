@@ -18,10 +18,19 @@ Malformed input raises :class:`ShapeError` naming the field.
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from models.money import MoneyError, check_amount, check_minor_units, normalise_currency
+
+log = logging.getLogger(__name__)
+
+MAX_ID_LENGTH = 255
+MAX_TIMESTAMP = 10**11  # unix seconds; year 5138. Anything larger is not a Stripe time.
+# The merchant's order id, as the orders API accepts it.
+ORDER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:#/-]{0,254}$")
 
 
 class ShapeError(ValueError):
@@ -149,7 +158,7 @@ def charge_snapshot(obj: Mapping[str, Any]) -> ChargeSnapshot:
         livemode=_bool(obj, "livemode", default=False),
         payment_intent_id=_ref(obj.get("payment_intent"), "payment_intent"),
         customer_id=_ref(obj.get("customer"), "customer"),
-        order_id=_metadata(obj).get("order_id") or None,
+        order_id=_order_id(_metadata(obj)),
         card_brand=brand,
         card_last4=last4,
         refunds=refunds,
@@ -219,7 +228,7 @@ def payment_intent_snapshot(obj: Mapping[str, Any]) -> PaymentIntentSnapshot:
         created=_int(obj, "created"),
         livemode=_bool(obj, "livemode", default=False),
         customer_id=_ref(obj.get("customer"), "customer"),
-        order_id=metadata.get("order_id") or None,
+        order_id=_order_id(metadata),
         order_total=_order_total(metadata.get("order_total"), currency),
         latest_charge_id=latest_charge_id,
         charges=tuple(charges),
@@ -257,8 +266,8 @@ def _optional_str(obj: Mapping[str, Any], key: str, limit: int = 64) -> str | No
 
 def _int(obj: Mapping[str, Any], key: str) -> int:
     value = obj.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ShapeError(f"{obj.get('object')}.{key} must be a non-negative integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TIMESTAMP:
+        raise ShapeError(f"{obj.get('object')}.{key} must be a unix timestamp")
     return value
 
 
@@ -295,11 +304,11 @@ def _ref(value: Any, name: str) -> str | None:
     """The id of an expandable field: an id string, an expanded object, or null."""
     if value is None:
         return None
-    if isinstance(value, str):
+    if isinstance(value, Mapping):
+        value = value.get("id")
+    if isinstance(value, str) and len(value) <= MAX_ID_LENGTH:
         return value or None
-    if isinstance(value, Mapping) and isinstance(value.get("id"), str):
-        return value["id"]
-    raise ShapeError(f"{name} must be an id or an object with an id")
+    raise ShapeError(f"{name} must be an id (at most {MAX_ID_LENGTH} characters) or an object with one")
 
 
 def _list_data(value: Any, name: str) -> list[Mapping[str, Any]]:
@@ -332,6 +341,17 @@ def _card(obj: Mapping[str, Any]) -> tuple[str | None, str | None]:
     brand = brand[:32].lower() if isinstance(brand, str) and brand else None
     last4 = last4 if isinstance(last4, str) and len(last4) == 4 and last4.isdigit() else None
     return brand, last4
+
+
+def _order_id(metadata: Mapping[str, str]) -> str | None:
+    # Stripe allows 500-character metadata values; our order ids are at most 255. A value
+    # we cannot use as an order id leaves the charge unlinked (and visible) rather than
+    # failing the whole event, which Stripe would then redeliver for days.
+    order_id = metadata.get("order_id") or None
+    if order_id is not None and not ORDER_ID.match(order_id):
+        log.warning("metadata.order_id is not a usable order id; charge left unlinked")
+        return None
+    return order_id
 
 
 def _order_total(raw: str | None, currency: str) -> int | None:

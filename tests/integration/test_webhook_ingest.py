@@ -226,3 +226,47 @@ def test_without_a_configured_secret_every_delivery_is_refused(app, deliver, led
     assert response.status_code == 503
     assert response.get_json()["error"] == "webhook_secret_not_configured"
     assert ledger.count(StripeEvent) == 0
+
+
+# -- signed events with extreme values: never a 5xx (PostgreSQL enforces column sizes) ----
+
+
+def _extreme_events():  # type: ignore[no-untyped-def]
+    def charge_with(**fields):  # type: ignore[no-untyped-def]
+        charge = p.charge()
+        charge.update(fields)
+        return p.event("charge.succeeded", charge)
+
+    yield "huge amount", charge_with(amount=10**30), 422
+    yield "huge created", charge_with(created=10**30), 422
+    yield "long charge id", charge_with(id="ch_" + "x" * 300), 422
+    yield "long payment_intent id", charge_with(payment_intent="pi_" + "x" * 300), 422
+    yield "long customer id", charge_with(customer="cus_" + "x" * 300), 422
+    yield "long order id in metadata", charge_with(metadata={"order_id": "o" * 500}), 200
+    yield "order id with spaces", charge_with(metadata={"order_id": "order 1; DROP TABLE"}), 200
+    yield "long failure message", charge_with(failure_message="m" * 5000), 200
+    yield "long card brand", charge_with(payment_method_details={"type": "card", "card": {"brand": "b" * 500, "last4": "42424"}}), 200
+    yield "unicode everywhere", charge_with(description="☃" * 1000, metadata={"order_id": "ord_☃"}), 200
+    refund = p.refund(charge="ch_" + "y" * 400, amount=100)
+    yield "refund with long charge id", p.event("refund.created", refund), 422
+    long_reason = p.refund(charge="ch_1", amount=100, reason="r" * 300)
+    yield "refund with long reason", p.event("refund.created", long_reason), 200
+    event = p.event("charge.succeeded", p.charge())
+    event["api_version"] = "v" * 64
+    yield "64-char api version", event, 200
+    event = p.event("a" * 50 + "." + "b" * 49, {"id": "x", "object": "thing"})
+    yield "100-char unknown type", event, 200
+    event = p.event("a" * 60 + "." + "b" * 60, {"id": "x", "object": "thing"})
+    yield "over-long type", event, 400
+    huge_id = p.event("charge.succeeded", p.charge())
+    huge_id["id"] = "evt_" + "z" * 300
+    yield "over-long event id", huge_id, 400
+
+
+EXTREMES = list(_extreme_events())
+
+
+@pytest.mark.parametrize(("name", "event", "status"), EXTREMES, ids=[e[0] for e in EXTREMES])
+def test_signed_events_with_extreme_values_never_5xx(deliver, name, event, status) -> None:  # type: ignore[no-untyped-def]
+    response = deliver(event)
+    assert response.status_code == status, response.get_json()

@@ -183,7 +183,9 @@ class StripeGateway:
         is one call we can translate errors for (and so emulators that page oddly still work).
         """
         client = self._require_client()
-        params: dict[str, Any] = {"created": {"gte": created_gte}, "limit": page_size}
+        # created[gt] N-1 rather than created[gte] N: the same set for integer seconds, and
+        # the one form every emulator implements.
+        params: dict[str, Any] = {"created": {"gt": created_gte - 1}, "limit": page_size}
         while True:
             page = self._call(lambda: client.v1.charges.list(params=params))  # type: ignore[arg-type]
             charges = page.get("data", [])

@@ -62,7 +62,7 @@ class LocalStripe:
         self._log_path = Path(self._log_dir.name) / "localstripe.log"
         with open(self._log_path, "wb") as log:
             self._process = subprocess.Popen(
-                [sys.executable, str(SERVER_SCRIPT), "--port", str(self._requested_port or 0)],
+                [sys.executable, str(SERVER_SCRIPT), "--port", str(self._requested_port or 0), "--parent-pid", str(os.getpid())],
                 cwd=self._log_dir.name,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -33,6 +33,7 @@ import sys
 from urllib.parse import urlsplit
 
 READY_PREFIX = "LOCALSTRIPE_READY"
+_PARENT_AT_START = os.getppid()  # read before the slow imports, for the orphan check
 
 
 def _disable_persistence() -> None:
@@ -89,7 +90,7 @@ def build_app():
     return app
 
 
-async def serve(port: int, access_log: bool) -> None:
+async def serve(port: int, access_log: bool, parent_pid: int | None = None) -> None:
     from aiohttp import web
 
     app = build_app()
@@ -110,7 +111,7 @@ async def serve(port: int, access_log: bool) -> None:
 
     print(f"{READY_PREFIX} http://127.0.0.1:{actual_port}", flush=True)
 
-    parent = os.getppid()
+    parent = parent_pid or _PARENT_AT_START
     try:
         while not stop.is_set():
             try:
@@ -126,13 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free port)")
     parser.add_argument("--quiet", action="store_true", help="no access log on stderr")
+    parser.add_argument(
+        "--parent-pid", type=int, default=None, help="exit when no longer a child of this pid (default: the parent at start)"
+    )
     args = parser.parse_args(argv)
 
     if not args.quiet:
         logger = logging.getLogger("aiohttp.access")
         logger.setLevel(logging.DEBUG)
         logger.addHandler(logging.StreamHandler(sys.stderr))
-    asyncio.run(serve(args.port, access_log=not args.quiet))
+    asyncio.run(serve(args.port, access_log=not args.quiet, parent_pid=args.parent_pid))
     return 0
 
 

@@ -61,7 +61,7 @@ def test_list_charges_follows_every_page(gateway: StripeGateway) -> None:
     assert ids == [c["id"] for c in first + second]
     second_query = parse_qs(urlparse(responses.calls[1].request.url).query)
     assert second_query["starting_after"] == [first[-1]["id"]]
-    assert second_query["created[gte]"] == ["1700000000"]
+    assert second_query["created[gt]"] == ["1699999999"]
 
 
 @responses.activate

@@ -19,7 +19,6 @@ postgresql://...`` a fresh database created on that server and dropped afterward
 from __future__ import annotations
 
 import argparse
-import contextlib
 import random
 import resource
 import statistics
@@ -27,23 +26,21 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
-from sqlalchemy import create_engine, func, select, text  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from app import create_app  # noqa: E402
 from config import Settings  # noqa: E402
 from models import Charge, StripeEvent, make_engine, make_session_factory  # noqa: E402
-from models.migrate import upgrade  # noqa: E402
 from tests import stripe_payloads as p  # noqa: E402
+from tests.databases import throwaway_database  # noqa: E402
 from tests.servers import reconciler_serve  # noqa: E402
 
 SECRET = "whsec_bench_0123456789abcdef"
@@ -80,29 +77,6 @@ def event_stream(count: int, seed: int = 1) -> list[bytes]:
     return bodies
 
 
-@contextlib.contextmanager
-def throwaway_database(server_url: str | None) -> Iterator[str]:
-    if server_url is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            url = f"sqlite:///{tmp}/bench.db"
-            upgrade(url)
-            yield url
-        return
-    server_url = Settings.from_env({"DATABASE_URL": server_url}).database_url
-    name = f"reconciler_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
-        upgrade(url)
-        yield url
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def percentile(sorted_values: list[float], q: float) -> float:
     index = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
     return sorted_values[index]
@@ -123,7 +97,7 @@ def main() -> int:
     outcomes: dict[str, int] = {}
     lock = threading.Lock()
 
-    with throwaway_database(args.database_url) as url:
+    with throwaway_database(args.database_url, prefix="reconciler_bench") as url:
         backend = make_url(url).get_backend_name()
         started = time.perf_counter()
         if args.mode == "inprocess":

@@ -14,18 +14,16 @@ back an outer transaction.
 from __future__ import annotations
 
 import os
-import uuid
 from typing import Any, Callable, Iterator
 
 import pytest
-from sqlalchemy import create_engine, func, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import func, select, text
 
 from app import create_app
 from config import Settings
 from models import Base, make_engine, make_session_factory
-from models.migrate import upgrade
 from tests import stripe_payloads as payloads
+from tests.databases import throwaway_database
 
 WEBHOOK_SECRET = "whsec_test_primary_0123456789abcdef"
 ROTATED_SECRET = "whsec_test_rotated_fedcba9876543210"
@@ -33,12 +31,7 @@ API_TOKEN = "test-api-token-0123456789abcdef"
 
 
 def _postgres_url() -> str | None:
-    url = os.environ.get("TEST_DATABASE_URL")
-    if not url:
-        return None
-    if url.startswith("postgres://") or url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url.split("://", 1)[1]
-    return url
+    return os.environ.get("TEST_DATABASE_URL") or None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -56,25 +49,9 @@ def is_postgres() -> bool:
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server_url = _postgres_url()
-    if server_url is None:
-        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
-        upgrade(url)
+def database_url() -> Iterator[str]:
+    with throwaway_database(_postgres_url()) as url:
         yield url
-        return
-    name = f"reconciler_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    try:
-        upgrade(url)
-        yield url
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from app.gateway import StripeGateway
 from app.services.ingest import WebhookIngestor
 from config import Settings
 from models import make_engine, make_session_factory
+from models.db import make_read_session_factory
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ class Services:
 
     settings: Settings
     session_factory: sessionmaker[Session]
+    read_session_factory: sessionmaker[Session]
     gateway: StripeGateway
     ingestor: WebhookIngestor
 
@@ -54,6 +56,7 @@ def create_app(
     app.extensions["reconciler"] = Services(
         settings=settings,
         session_factory=session_factory,
+        read_session_factory=make_read_session_factory(session_factory.kw["bind"]),
         gateway=gateway,
         ingestor=WebhookIngestor(settings, session_factory),
     )

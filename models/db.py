@@ -31,6 +31,7 @@ PG_LOCK_TIMEOUT_MS = 5_000
 # SQLSTATEs that mean "this transaction lost a race; run it again": serialization failure,
 # deadlock detected, lock not available (lock_timeout).
 _RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03"}
+_READ_ONLY = "reconciler_read_only"
 
 
 def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
@@ -67,13 +68,24 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection):  # type: ignore[no-untyped-def]
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Readers (see make_read_session_factory) take no write lock: in WAL mode they
+        # read a snapshot while the writer works.
+        if connection.get_execution_options().get(_READ_ONLY):
+            connection.exec_driver_sql("BEGIN DEFERRED")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     # expire_on_commit=False: a unit of work returns plain values read inside it, and they
     # must stay readable after the commit without another round trip.
     return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def make_read_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for reads only (API views, health). On SQLite they begin DEFERRED, so they
+    never queue behind a writer; elsewhere they are ordinary sessions."""
+    return sessionmaker(bind=engine.execution_options(**{_READ_ONLY: True}), expire_on_commit=False)
 
 
 def is_retryable(exc: BaseException) -> bool:

@@ -48,7 +48,7 @@ def create_or_update_order():  # type: ignore[no-untyped-def]
 
 @bp.get("/orders/<path:order_id>")
 def get_order(order_id: str):  # type: ignore[no-untyped-def]
-    with services().session_factory() as session:
+    with services().read_session_factory() as session:
         view = order_view(session, order_id)
     if view is None:
         return error_response(404, "order_not_found", f"No order {order_id}.")
@@ -57,7 +57,7 @@ def get_order(order_id: str):  # type: ignore[no-untyped-def]
 
 @bp.get("/events/<event_id>")
 def get_event(event_id: str):  # type: ignore[no-untyped-def]
-    with services().session_factory() as session:
+    with services().read_session_factory() as session:
         view = event_view(session, event_id)
     if view is None:
         return error_response(404, "event_not_found", f"No event {event_id} has been received.")

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 @bp.get("/healthz")
 def healthz():  # type: ignore[no-untyped-def]
     try:
-        with services().session_factory() as session:
+        with services().read_session_factory() as session:
             session.execute(text("SELECT 1"))
     except Exception as exc:  # any failure to reach the database is "unhealthy"
         log.warning("health check failed: %s", type(exc).__name__)

@@ -60,3 +60,20 @@ def test_healthz_is_503_when_the_database_is_unreachable(settings) -> None:  # t
 
 def test_healthz_is_200(client) -> None:  # type: ignore[no-untyped-def]
     assert client.get("/healthz").get_json() == {"status": "ok", "database": "ok"}
+
+
+def test_reads_do_not_queue_behind_a_writer(client, api_headers, session_factory) -> None:  # type: ignore[no-untyped-def]
+    """On SQLite every write transaction holds the database lock (BEGIN IMMEDIATE); reads
+    begin DEFERRED and read their WAL snapshot instead of waiting for it."""
+    import time
+
+    from models import Order
+
+    with session_factory() as writer, writer.begin():
+        writer.add(Order(id="ord_locked", status="pending"))
+        writer.flush()  # the write lock is now held until this block ends
+        started = time.monotonic()
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/api/orders/ord_locked", headers=api_headers).status_code == 404  # not committed
+        assert time.monotonic() - started < 2
+    assert client.get("/api/orders/ord_locked", headers=api_headers).status_code == 200

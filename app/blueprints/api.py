@@ -8,7 +8,14 @@ from flask import Blueprint, jsonify, request
 
 from app.errors import error_response
 from app.factory import services
-from app.services.orders import OrderError, OrderInput, event_view, order_view, upsert_order
+from app.services.orders import (
+    OrderError,
+    OrderInput,
+    event_view,
+    order_view,
+    unresolved_failures,
+    upsert_order,
+)
 from models import run_in_transaction
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -62,3 +69,12 @@ def get_event(event_id: str):  # type: ignore[no-untyped-def]
     if view is None:
         return error_response(404, "event_not_found", f"No event {event_id} has been received.")
     return jsonify(view)
+
+
+@bp.get("/events")
+def list_events():  # type: ignore[no-untyped-def]
+    if request.args.get("status") != "failed":
+        return error_response(400, "unsupported_filter", "Only ?status=failed is supported: events that fail to apply.")
+    with services().read_session_factory() as session:
+        failures = unresolved_failures(session)
+    return jsonify({"data": failures})

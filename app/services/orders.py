@@ -266,6 +266,28 @@ def _charge_view(position: ledger.ChargePosition) -> dict[str, Any]:
     }
 
 
+def unresolved_failures(session: Session, *, limit: int = 100) -> list[dict[str, Any]]:
+    """Events whose last delivery failed and that no later delivery has applied yet:
+    the poison events, most recent failure first."""
+    failures = session.scalars(
+        select(EventFailure)
+        .where(EventFailure.resolved_at.is_(None))
+        .order_by(EventFailure.last_failed_at.desc())
+        .limit(limit)
+    )
+    return [
+        {
+            "event_id": f.event_id,
+            "type": f.type,
+            "attempts": f.attempts,
+            "last_error": f.last_error,
+            "first_failed_at": f.first_failed_at.isoformat(),
+            "last_failed_at": f.last_failed_at.isoformat(),
+        }
+        for f in failures
+    ]
+
+
 def event_view(session: Session, event_id: str) -> dict[str, Any] | None:
     """A stored event's status, or its failure record if it has only ever failed."""
     event = session.get(StripeEvent, event_id)

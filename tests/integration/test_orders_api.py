@@ -141,3 +141,9 @@ def test_orders_import_refuses_to_change_a_paid_order(runner, tmp_path, deliver,
     assert result.exit_code != 0 and "nothing imported" in result.output
     assert ledger.get(Order, "ord_new") is None
     assert ledger.get(Order, "ord_paid").amount == 4999
+
+
+def test_event_listing_supports_only_the_failed_filter(client, api_headers) -> None:  # type: ignore[no-untyped-def]
+    assert client.get("/api/events?status=failed", headers=api_headers).get_json() == {"data": []}
+    response = client.get("/api/events", headers=api_headers)
+    assert response.status_code == 400 and response.get_json()["error"] == "unsupported_filter"

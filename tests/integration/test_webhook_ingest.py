@@ -76,7 +76,7 @@ def test_rotated_second_secret_is_accepted(deliver, ledger) -> None:  # type: ig
     assert ledger.count(StripeEvent) == 1
 
 
-def test_handler_failure_rolls_back_records_failure_and_redelivery_applies(deliver, ledger, monkeypatch, client) -> None:  # type: ignore[no-untyped-def]
+def test_handler_failure_rolls_back_records_failure_and_redelivery_applies(deliver, ledger, monkeypatch, client, api_headers) -> None:  # type: ignore[no-untyped-def]
     original = ingest.HANDLERS["charge.refunded"]
 
     def explode_after_partial_work(session, event):  # type: ignore[no-untyped-def]
@@ -98,10 +98,12 @@ def test_handler_failure_rolls_back_records_failure_and_redelivery_applies(deliv
     assert ledger.count(Order) == 0
     failure = ledger.get(EventFailure, event["id"])
     assert failure.attempts == 2 and "ledger exploded" in failure.last_error and failure.resolved_at is None
-    visible = client.get(f"/api/events/{event['id']}", headers={"Authorization": "Bearer test-api-token-0123456789abcdef"})
+    visible = client.get(f"/api/events/{event['id']}", headers=api_headers)
     assert visible.status_code == 200
     assert visible.get_json()["status"] == "failed"
     assert visible.get_json()["failure"]["attempts"] == 2
+    listed = client.get("/api/events?status=failed", headers=api_headers)
+    assert [f["event_id"] for f in listed.get_json()["data"]] == [event["id"]]
 
     monkeypatch.setitem(ingest.HANDLERS, "charge.refunded", original)
     response = deliver(event)
@@ -109,6 +111,8 @@ def test_handler_failure_rolls_back_records_failure_and_redelivery_applies(deliv
     assert ledger.get(Charge, charge["id"]).reported_refunded == 2500
     assert ledger.get(EventFailure, event["id"]).resolved_at is not None
     assert ledger.order("ord_poison")["status"] == "refunded"
+    listed = client.get("/api/events?status=failed", headers=api_headers)
+    assert listed.get_json()["data"] == []
 
 
 def test_malformed_object_in_signed_event_is_422_and_stores_nothing(deliver, ledger) -> None:  # type: ignore[no-untyped-def]

@@ -90,14 +90,27 @@ def refunded_amount(charge: Charge, refunds: Iterable[Refund]) -> int:
     return min(refunded, charge.amount)
 
 
+def captured_refunded_amount(charge: Charge, refunds: Iterable[Refund]) -> int:
+    """What has been refunded out of the money the charge captured.
+
+    A partial capture releases the rest, and Stripe counts the release in
+    ``amount_refunded`` ("any additional amount will be automatically refunded"), so the
+    captured money still held is ``amount - refunded``, never more than was captured.
+    """
+    if charge.status != "succeeded" or not charge.captured:
+        return 0
+    still_held = min(charge.amount_captured, max(0, charge.amount - refunded_amount(charge, refunds)))
+    return charge.amount_captured - still_held
+
+
 def held_amount(charge: Charge, refunds: Iterable[Refund], dispute: Dispute | None) -> int:
-    """Money ``charge`` still holds: captured, successful, minus refunds; a lost dispute
+    """Money ``charge`` still holds: captured and successful, minus refunds; a lost dispute
     holds nothing. An uncaptured authorisation holds nothing (yet)."""
     if charge.status != "succeeded" or not charge.captured:
         return 0
     if dispute is not None and dispute.status == "lost":
         return 0
-    return max(0, charge.amount_captured - refunded_amount(charge, refunds))
+    return charge.amount_captured - captured_refunded_amount(charge, refunds)
 
 
 # -- upserts -------------------------------------------------------------------------------
@@ -374,7 +387,7 @@ def charge_positions(session: Session, charges: list[Charge]) -> list[ChargePosi
             charge=c,
             refunds=tuple(refunds[c.id]),
             dispute=disputes.get(c.id),
-            refunded=refunded_amount(c, refunds[c.id]) if c.status == "succeeded" else 0,
+            refunded=captured_refunded_amount(c, refunds[c.id]),
             held=held_amount(c, refunds[c.id], disputes.get(c.id)),
         )
         for c in charges

@@ -222,3 +222,21 @@ def test_uncaptured_authorisation_holds_nothing_until_captured(deliver, ledger) 
     deliver(charge_event("charge.captured", captured, T0 + 30))
     assert ledger.order("ord_auth")["charges"][0]["held_amount"] == 8000
     assert ledger.order("ord_auth")["status"] == "paid"
+
+
+@pytest.mark.parametrize("release_reported", [True, False])
+def test_partial_capture_holds_what_was_captured(deliver, ledger, release_reported) -> None:  # type: ignore[no-untyped-def]
+    """Capturing 6000 of a 10000 authorisation: Stripe refunds the other 4000 and counts it
+    in amount_refunded. Held is 6000 either way; a later 1000 refund leaves 5000."""
+    charge_id = p.new_id("ch")
+    auth = p.charge(id=charge_id, amount=10000, captured=False, created=T0, metadata={"order_id": "ord_pc"})
+    deliver(charge_event("charge.succeeded", auth, T0))
+    captured = p.charge(id=charge_id, amount=10000, captured=True, created=T0, amount_refunded=4000 if release_reported else 0, metadata={"order_id": "ord_pc"})
+    captured["amount_captured"] = 6000
+    deliver(charge_event("charge.captured", captured, T0 + 60))
+    assert ledger.order("ord_pc")["totals"]["usd"] == {"charged": 6000, "refunded": 0, "held": 6000}
+    assert ledger.order("ord_pc")["status"] == "paid"
+    if release_reported:
+        later = dict(captured, amount_refunded=5000)
+        deliver(charge_event("charge.refunded", later, T0 + 120))
+        assert ledger.order("ord_pc")["totals"]["usd"] == {"charged": 6000, "refunded": 1000, "held": 5000}

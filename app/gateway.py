@@ -66,6 +66,9 @@ def verify_webhook(
         except stripe.SignatureVerificationError as exc:
             failures.append(str(exc))
             continue
+        except (TypeError, ValueError):
+            # e.g. a non-ASCII v1 value makes hmac.compare_digest raise TypeError
+            raise WebhookSignatureError("malformed_signature", "The Stripe-Signature header is not ASCII hex.") from None
         current = time.time() if now is None else now
         if timestamp > current + tolerance:
             raise WebhookSignatureError(

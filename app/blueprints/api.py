@@ -36,7 +36,10 @@ def require_token():  # type: ignore[no-untyped-def]
 
 @bp.post("/orders")
 def create_or_update_order():  # type: ignore[no-untyped-def]
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:
+        body = None
     if not isinstance(body, dict):
         return error_response(400, "invalid_json", "The body must be a JSON object.")
     try:

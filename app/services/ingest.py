@@ -268,6 +268,9 @@ def parse_envelope(payload: bytes) -> EventEnvelope:
         raise IngestRejected(400, "invalid_json", "The body is not valid JSON.") from None
     if not isinstance(document, dict):
         raise IngestRejected(400, "not_an_event", "The body is not a JSON object.")
+    if b"\\u0000" in payload:
+        # PostgreSQL text cannot hold NUL; no Stripe field we store carries one.
+        raise IngestRejected(400, "invalid_event", "The event contains a NUL character.")
     if document.get("object") != "event":
         raise IngestRejected(400, "not_an_event", 'The body is not a Stripe event (object != "event").')
     event_id = document.get("id")

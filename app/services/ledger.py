@@ -199,6 +199,9 @@ def _link_charge(session: Session, charge: Charge, order_id: str) -> None:
         )
         return
     ensure_order(session, order_id)
+    # Lock the order before the link: the FK takes a key-share lock on it, and upgrading
+    # that to FOR UPDATE in refresh_order deadlocks two charges of the same order.
+    _locked(session, Order, order_id)
     charge.order_id = order_id
 
 
@@ -327,6 +330,7 @@ def apply_payment_intent(
     for charge in snapshot.charges:
         apply_charge(session, charge, as_of=as_of, account=account, order_hint=intent.order_id)
     if intent.order_id:
+        _locked(session, Order, intent.order_id)  # before the FK locks of the link below
         linked = session.execute(
             update(Charge)
             .where(Charge.payment_intent_id == intent.id, Charge.order_id.is_(None))

@@ -36,6 +36,15 @@ class OrderError(Exception):
         self.field = field
 
 
+def _storable(value: str) -> bool:
+    """Text every database accepts: valid UTF-8 (no lone surrogates) and no NUL."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in value
+
+
 @dataclass(frozen=True, slots=True)
 class OrderInput:
     """A validated order: id, total in minor units, currency, optional customer."""
@@ -65,7 +74,7 @@ class OrderInput:
         except MoneyError as exc:
             raise OrderError(400, "invalid_amount", str(exc), field="amount") from None
         customer = data.get("customer")
-        if customer is not None and (not isinstance(customer, str) or len(customer) > MAX_CUSTOMER):
+        if customer is not None and (not isinstance(customer, str) or len(customer) > MAX_CUSTOMER or not _storable(customer)):
             raise OrderError(400, "invalid_customer", "customer must be a string of at most 255 characters", field="customer")
         unknown = set(data) - {"id", "order_id", "amount", "currency", "customer"}
         if unknown:
@@ -150,7 +159,7 @@ def parse_order_csv(text: str) -> tuple[list[OrderInput], list[str]]:
             errors.append(f"line {line}: more fields than the header names")
             continue
         raw_amount = cleaned.get("amount", "")
-        if not raw_amount.isdigit():
+        if not (raw_amount.isascii() and raw_amount.isdigit()):
             errors.append(f"line {line}: amount {raw_amount!r} is not an integer in minor units")
             continue
         fields: dict[str, Any] = {
@@ -194,6 +203,8 @@ def import_orders(session: Session, orders: Iterable[OrderInput]) -> ImportRepor
 
 def order_view(session: Session, order_id: str) -> dict[str, Any] | None:
     """The order with its charges, refunds, disputes and money positions, as plain data."""
+    if not _storable(order_id):
+        return None
     order = session.get(Order, order_id)
     if order is None:
         return None
@@ -290,6 +301,8 @@ def unresolved_failures(session: Session, *, limit: int = 100) -> list[dict[str,
 
 def event_view(session: Session, event_id: str) -> dict[str, Any] | None:
     """A stored event's status, or its failure record if it has only ever failed."""
+    if not _storable(event_id):
+        return None
     event = session.get(StripeEvent, event_id)
     failure = session.get(EventFailure, event_id)
     if event is None and failure is None:

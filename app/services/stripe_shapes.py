@@ -357,7 +357,7 @@ def _order_id(metadata: Mapping[str, str]) -> str | None:
 def _order_total(raw: str | None, currency: str) -> int | None:
     # metadata values are strings set by the merchant's checkout; anything that is not a
     # plain positive integer is ignored rather than guessed at (no "49.99", no "1e3").
-    if raw is None or not raw.isdigit():
+    if raw is None or not (raw.isascii() and raw.isdigit()):
         return None
     try:
         return check_amount(int(raw), currency)

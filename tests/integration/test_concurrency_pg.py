@@ -93,6 +93,20 @@ def test_a_charge_and_its_payment_intent_at_the_same_instant_always_link(app, le
     assert ledger.count(Order) == 60
 
 
+def test_many_charges_of_one_order_at_once_do_not_deadlock(app, ledger) -> None:  # type: ignore[no-untyped-def]
+    bodies = [p.encode(p.event("charge.succeeded", p.charge(amount=100, metadata={"order_id": "ord_many"}))) for _ in range(16)]
+
+    def post(raw: bytes) -> tuple[int, dict]:
+        started = time.monotonic()
+        response = app.test_client().post("/webhooks/stripe", data=raw, headers={"Stripe-Signature": p.sign(raw, WEBHOOK_SECRET)})
+        assert time.monotonic() - started < 5, "waited on a lock"
+        return response.status_code, response.get_json()
+
+    results = _post_all(post, bodies, 8)
+    assert [status for status, _ in results] == [200] * 16
+    assert ledger.order("ord_many")["totals"]["usd"]["held"] == 1600
+
+
 def test_a_storm_of_events_about_one_order_ends_as_if_applied_in_order(app, ledger) -> None:  # type: ignore[no-untyped-def]
     t0 = 1_763_700_000
     pi_id = p.new_id("pi")

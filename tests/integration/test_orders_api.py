@@ -73,6 +73,8 @@ def test_unknown_total_of_a_paid_order_can_be_set_once(client, api_headers, deli
         ({"id": "o1", "amount": 100, "currency": "dollars"}, "invalid_currency"),
         ({"id": "o1", "amount": 100, "currency": "usd", "customer": 7}, "invalid_customer"),
         ({"id": "o1", "amount": 100, "currency": "usd", "total": 100}, "unknown_field"),
+        ({"id": "o1", "amount": 100, "currency": "usd", "customer": "a\x00b"}, "invalid_customer"),
+        ({"id": "o1", "amount": 100, "currency": "usd", "customer": "\ud800"}, "invalid_customer"),
     ],
 )
 def test_bad_order_input_is_400_and_changes_nothing(client, api_headers, ledger, body, code) -> None:  # type: ignore[no-untyped-def]
@@ -87,6 +89,17 @@ def test_non_object_body_is_400(client, api_headers, data) -> None:  # type: ign
     response = client.post("/api/orders", data=data, headers={**api_headers, "Content-Type": "application/json"})
     assert response.status_code == 400
     assert response.get_json()["error"] == "invalid_json"
+
+
+def test_deeply_nested_json_is_400(client, api_headers) -> None:  # type: ignore[no-untyped-def]
+    body = b"[" * 20000 + b"]" * 20000
+    response = client.post("/api/orders", data=body, headers={**api_headers, "Content-Type": "application/json"})
+    assert response.status_code == 400
+
+
+def test_nul_in_a_path_is_404(client, api_headers) -> None:  # type: ignore[no-untyped-def]
+    assert client.get("/api/orders/a%00b", headers=api_headers).status_code == 404
+    assert client.get("/api/events/evt_%00", headers=api_headers).status_code == 404
 
 
 def test_unknown_order_and_event_are_404(client, api_headers) -> None:  # type: ignore[no-untyped-def]

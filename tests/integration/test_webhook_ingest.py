@@ -162,6 +162,9 @@ def _cases():  # type: ignore[no-untyped-def]
     yield "no t=", body, {"Stripe-Signature": signature}, 400, "malformed_signature"
     yield "no v1=", body, {"Stripe-Signature": timestamp}, 400, "malformed_signature"
     yield "only v0", body, {"Stripe-Signature": f"{timestamp},v0={signature[3:]}"}, 400, "malformed_signature"
+    yield "non-ascii v1", body, {"Stripe-Signature": f"{timestamp},v1=\u00e9\u00e9".encode().decode("latin-1")}, 400, "malformed_signature"
+    nul = _event_with(account="acct_\u0000x")
+    yield "NUL in a signed event", nul, _signed(nul), 400, "invalid_event"
     yield "garbage header", body, {"Stripe-Signature": "hello world"}, 400, "malformed_signature"
     yield "non-numeric t", body, {"Stripe-Signature": f"t=abc,{signature}"}, 400, "malformed_signature"
     yield "huge t", body, {"Stripe-Signature": f"t={'9' * 40},{signature}"}, 400, "malformed_signature"
@@ -247,6 +250,7 @@ def _extreme_events():  # type: ignore[no-untyped-def]
     yield "long payment_intent id", charge_with(payment_intent="pi_" + "x" * 300), 422
     yield "long customer id", charge_with(customer="cus_" + "x" * 300), 422
     yield "long order id in metadata", charge_with(metadata={"order_id": "o" * 500}), 200
+    yield "superscript digit order_total", p.event("payment_intent.succeeded", p.payment_intent(metadata={"order_id": "ord_sup", "order_total": "\u00b2"})), 200
     yield "order id with spaces", charge_with(metadata={"order_id": "order 1; DROP TABLE"}), 200
     yield "long failure message", charge_with(failure_message="m" * 5000), 200
     yield "long card brand", charge_with(payment_method_details={"type": "card", "card": {"brand": "b" * 500, "last4": "42424"}}), 200

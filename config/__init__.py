@@ -45,6 +45,25 @@ class Settings:
     secret_key: str | None = field(default=None, repr=False)
     api_token: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
+    # Pay endpoint: how long a client Idempotency-Key is replayed, and how long a request
+    # waits for another request's PaymentIntent creation before answering 409.
+    idempotency_key_ttl_hours: int = 24
+    pay_wait_seconds: float = 2.0
+    # Reconciliation.
+    reconcile_cron: str = "0 2 * * *"
+    backfill_days: int = 7
+    refund_mode: str = "review"  # review | auto | dry-run
+    duplicate_window_hours: int = 24
+    auto_refund_unknown_total: bool = False
+    stripe_rate_limit: float = 20.0  # requests per second, client side
+    # Alerts (each channel optional; the log always gets them).
+    alert_slack_webhook_url: str | None = field(default=None, repr=False)
+    smtp_host: str | None = None
+    smtp_port: int = 587
+    smtp_user: str | None = None
+    smtp_password: str | None = field(default=None, repr=False)
+    alert_email_from: str | None = None
+    alert_email_to: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -106,7 +125,40 @@ class Settings:
             secret_key=text("SECRET_KEY"),
             api_token=text("API_TOKEN"),
             log_level=(text("LOG_LEVEL") or "INFO").upper(),
+            idempotency_key_ttl_hours=_parse_int(
+                "IDEMPOTENCY_KEY_TTL_HOURS", text("IDEMPOTENCY_KEY_TTL_HOURS"), 24, minimum=1
+            ),
+            pay_wait_seconds=_parse_float(
+                "PAY_WAIT_SECONDS", text("PAY_WAIT_SECONDS"), 2.0, minimum=0.0
+            ),
+            reconcile_cron=_parse_cron(text("RECONCILE_CRON") or "0 2 * * *"),
+            backfill_days=_parse_int("BACKFILL_DAYS", text("BACKFILL_DAYS"), 7, minimum=1),
+            refund_mode=_parse_choice(
+                "REFUND_MODE", text("REFUND_MODE") or "review", ("review", "auto", "dry-run")
+            ),
+            duplicate_window_hours=_parse_int(
+                "DUPLICATE_WINDOW_HOURS", text("DUPLICATE_WINDOW_HOURS"), 24, minimum=1
+            ),
+            auto_refund_unknown_total=_parse_bool(
+                "AUTO_REFUND_UNKNOWN_TOTAL", text("AUTO_REFUND_UNKNOWN_TOTAL") or "false"
+            ),
+            stripe_rate_limit=_parse_float(
+                "STRIPE_RATE_LIMIT", text("STRIPE_RATE_LIMIT"), 20.0, minimum=0.1
+            ),
+            alert_slack_webhook_url=_parse_http_url(
+                "ALERT_SLACK_WEBHOOK_URL", text("ALERT_SLACK_WEBHOOK_URL")
+            ),
+            smtp_host=text("SMTP_HOST"),
+            smtp_port=_parse_int("SMTP_PORT", text("SMTP_PORT"), 587, minimum=1),
+            smtp_user=text("SMTP_USER"),
+            smtp_password=text("SMTP_PASSWORD"),
+            alert_email_from=text("ALERT_EMAIL_FROM"),
+            alert_email_to=tuple(
+                a.strip() for a in (text("ALERT_EMAIL_TO") or "").split(",") if a.strip()
+            ),
         )
+        if settings.smtp_host and not (settings.alert_email_from and settings.alert_email_to):
+            raise SettingsError("SMTP_HOST needs ALERT_EMAIL_FROM and ALERT_EMAIL_TO")
         if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError("LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR")
         if livemode:
@@ -150,6 +202,40 @@ def _parse_bool(name: str, raw: str) -> bool:
     if value in _FALSE:
         return False
     raise SettingsError(f"{name} must be true or false, not {raw!r}")
+
+
+def _parse_float(name: str, raw: str | None, default: float, *, minimum: float) -> float:
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, not {raw!r}") from None
+    if not value >= minimum or value == float("inf"):
+        raise SettingsError(f"{name} must be a finite number of at least {minimum}")
+    return value
+
+
+def _parse_choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
+    value = raw.strip().lower()
+    if value not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
+    return value
+
+
+def _parse_cron(raw: str) -> str:
+    # Shape only (five fields); APScheduler validates the values when the scheduler starts.
+    if len(raw.split()) != 5:
+        raise SettingsError(f"RECONCILE_CRON must be a five-field cron expression, not {raw!r}")
+    return raw
+
+
+def _parse_http_url(name: str, raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    if not re.match(r"^https?://[^\s/]+", raw):
+        raise SettingsError(f"{name} must be an http(s) URL")
+    return raw
 
 
 def _parse_int(name: str, raw: str | None, default: int, *, minimum: int) -> int:

@@ -15,6 +15,8 @@ from models.ledger import (
     Refund,
     StripeEvent,
 )
+from models import payments as _payments  # noqa: F401  (registers the tables)
+from models import reconciliation as _reconciliation  # noqa: F401
 
 __all__ = [
     "Base",

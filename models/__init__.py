@@ -16,9 +16,24 @@ from models.ledger import (
     StripeEvent,
 )
 from models import payments as _payments  # noqa: F401  (registers the tables)
-from models import reconciliation as _reconciliation  # noqa: F401
+from models.reconciliation import (
+    AlertSent,
+    AuditEntry,
+    CaseCharge,
+    DuplicateCase,
+    ReconciliationRun,
+    RefundAttempt,
+    RunLease,
+)
 
 __all__ = [
+    "AlertSent",
+    "AuditEntry",
+    "CaseCharge",
+    "DuplicateCase",
+    "ReconciliationRun",
+    "RefundAttempt",
+    "RunLease",
     "Base",
     "Charge",
     "Dispute",

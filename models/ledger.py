@@ -197,3 +197,8 @@ class PaymentIntent(Base):
 
 
 Index("ix_charges_order_currency", Charge.order_id, Charge.currency)
+# Incremental reconciliation reads "what changed since the last pass" through these.
+Index("ix_charges_updated_at", Charge.updated_at)
+Index("ix_refunds_updated_at", Refund.updated_at)
+Index("ix_disputes_updated_at", Dispute.updated_at)
+Index("ix_orders_updated_at", Order.updated_at)

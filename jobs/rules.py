@@ -1,0 +1,230 @@
+"""The duplicate rule: which orders hold too much, which charge is the keeper, which charges
+are clear duplicates, and when a refund may happen without a person.
+
+Pure functions over plain facts (no database, no Stripe), so the rule is tested as a table
+and two passes over the same ledger always reach the same answer.
+
+The rule, as the design states it:
+
+* **Held charges** are captured, successful charges that still hold money (amount minus
+  refunds that have not failed; a lost dispute holds nothing).
+* A **case** is opened when an order has two or more held charges and, if its total is
+  known, they hold more than the total, or when its held charges are in more than one
+  currency.
+* **Keeper order**: the charge of the order's current PaymentIntent first, then Stripe
+  ``created``, then charge id.
+* A held charge is a **clear duplicate** when an earlier held charge (in keeper order) has
+  the same currency and the same original amount, within the duplicate window.
+* A case is **automatic** only when the total is known (or unknown totals are allowed by
+  setting), nothing about the order is unusual (partial refunds, open or lost disputes,
+  uncaptured authorisations, other currencies, connected accounts), and refunding clear
+  duplicates in full, latest first, brings what the order holds *exactly* to its total
+  (unknown total: every clear duplicate). Nothing is ever refunded in part automatically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+OPEN_DISPUTES = frozenset(
+    {"warning_needs_response", "warning_under_review", "needs_response", "under_review"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeFacts:
+    """What the rule needs to know about one charge of an order."""
+
+    id: str
+    amount: int  # original amount, minor units
+    currency: str
+    created: int  # Stripe unix seconds
+    status: str = "succeeded"
+    captured: bool = True
+    held: int = 0  # what it still holds (see the ledger's held_amount)
+    refunded: int = 0  # refunded out of what it captured
+    amount_captured: int = 0
+    released: bool = False  # an uncaptured authorisation that has been released/expired
+    dispute_status: str | None = None
+    account: str | None = None
+    payment_intent_id: str | None = None
+
+    @property
+    def paid(self) -> bool:
+        return self.status == "succeeded" and self.captured
+
+    @property
+    def blocks_refund(self) -> bool:
+        """An open or lost dispute: the money is Stripe's to settle, never ours to refund."""
+        return self.dispute_status in OPEN_DISPUTES or self.dispute_status == "lost"
+
+
+@dataclass(frozen=True, slots=True)
+class OrderFacts:
+    id: str
+    amount: int | None  # the order's total; None while unknown
+    currency: str | None
+    payment_intent_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    """The rule's verdict on one order."""
+
+    needs_case: bool
+    keeper_charge_id: str | None = None
+    # Held charges in keeper order, with their role: keeper | duplicate | extra
+    roles: tuple[tuple[str, str], ...] = ()
+    clear_duplicates: tuple[str, ...] = ()
+    # currency -> what the order holds above its total (unknown total: above the keeper)
+    excess: dict[str, int] = field(default_factory=dict)
+    automatic: bool = False
+    review_reasons: tuple[str, ...] = ()
+    # charge id -> amount to refund: the automatic plan, or for review the suggestion
+    proposed_refunds: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def proposed_total(self) -> int:
+        return sum(self.proposed_refunds.values())
+
+
+def keeper_order(order: OrderFacts, charges: Iterable[ChargeFacts]) -> list[ChargeFacts]:
+    """Charges sorted so the first is the one to keep: the current PaymentIntent's charge,
+    then the earliest (Stripe ``created``; ties are normal at one-second resolution), then
+    the smallest charge id. Deterministic: two passes always agree."""
+    return sorted(
+        charges,
+        key=lambda c: (
+            0 if order.payment_intent_id and c.payment_intent_id == order.payment_intent_id else 1,
+            c.created,
+            c.id,
+        ),
+    )
+
+
+def assess(
+    order: OrderFacts,
+    charges: Sequence[ChargeFacts],
+    *,
+    window_seconds: int,
+    auto_refund_unknown_total: bool = False,
+) -> Assessment:
+    """Apply the duplicate rule to one order and all its charges."""
+    held = keeper_order(order, [c for c in charges if c.paid and c.held > 0])
+    currencies = sorted({c.currency for c in held})
+    total_known = order.amount is not None
+    if len(held) < 2:
+        return Assessment(needs_case=False)
+    mixed = len(currencies) > 1
+    foreign = total_known and order.currency is not None and currencies != [order.currency]
+    holds = sum(c.held for c in held)
+    if total_known and not mixed and not foreign and holds <= order.amount:  # type: ignore[operator]
+        return Assessment(needs_case=False)
+
+    keeper = held[0]
+    clear: list[ChargeFacts] = []
+    roles: list[tuple[str, str]] = [(keeper.id, "keeper")]
+    for index, charge in enumerate(held[1:], start=1):
+        earlier_twin = any(
+            e.currency == charge.currency
+            and e.amount == charge.amount
+            and abs(charge.created - e.created) <= window_seconds
+            for e in held[:index]
+        )
+        if earlier_twin:
+            clear.append(charge)
+        roles.append((charge.id, "duplicate" if earlier_twin else "extra"))
+
+    excess = _excess(order, held, keeper)
+    reasons = _unusual(order, charges, currencies, bool(foreign))
+    if not total_known and not auto_refund_unknown_total:
+        reasons.append("total_unknown: the order's total is not known, so no refund is automatic")
+    if not clear:
+        reasons.append(
+            f"no_clear_duplicate: {len(held)} charges hold {holds} {currencies[0] if len(currencies) == 1 else 'in ' + '/'.join(currencies)}"
+            f" but none repeats an earlier charge's amount within the window"
+        )
+
+    plan, lands_exactly = _plan(order, held, clear, total_known)
+    if clear and total_known and not mixed and not foreign and not lands_exactly:
+        after = holds - sum(plan.values())
+        reasons.append(
+            f"refund_leaves_wrong_total: the order holds {holds}, its total is {order.amount}; "
+            f"refunding clear duplicates in full leaves {after} (a full duplicate refund "
+            f"cannot land on the total)"
+        )
+    automatic = not reasons and bool(plan)
+    return Assessment(
+        needs_case=True,
+        keeper_charge_id=keeper.id,
+        roles=tuple(roles),
+        clear_duplicates=tuple(c.id for c in clear),
+        excess=excess,
+        automatic=automatic,
+        review_reasons=tuple(reasons),
+        proposed_refunds=plan,
+    )
+
+
+def _excess(order: OrderFacts, held: list[ChargeFacts], keeper: ChargeFacts) -> dict[str, int]:
+    excess: dict[str, int] = {}
+    for charge in held:
+        excess[charge.currency] = excess.get(charge.currency, 0) + charge.held
+    if order.amount is not None and order.currency in excess:
+        excess[order.currency] = max(0, excess[order.currency] - order.amount)
+    elif order.amount is None:
+        excess[keeper.currency] -= keeper.held
+    return {currency: amount for currency, amount in sorted(excess.items()) if amount > 0}
+
+
+def _unusual(
+    order: OrderFacts, charges: Sequence[ChargeFacts], currencies: list[str], foreign: bool
+) -> list[str]:
+    """Everything that makes a case a person's decision, each with its numbers."""
+    reasons: list[str] = []
+    if len(currencies) > 1:
+        reasons.append(f"mixed_currencies: held charges in {', '.join(currencies)}")
+    elif foreign:
+        reasons.append(
+            f"currency_differs: the order is in {order.currency}, its charges in {currencies[0]}"
+        )
+    for charge in keeper_order(order, charges):
+        if charge.paid and 0 < charge.refunded < charge.amount_captured:
+            reasons.append(
+                f"partial_refund: {charge.id} has {charge.refunded} of {charge.amount_captured} "
+                f"{charge.currency} refunded"
+            )
+        if charge.dispute_status in OPEN_DISPUTES:
+            reasons.append(f"dispute_open: {charge.id} is disputed ({charge.dispute_status})")
+        elif charge.dispute_status == "lost":
+            reasons.append(f"dispute_lost: {charge.id} lost a dispute")
+        if charge.status == "succeeded" and not charge.captured and not charge.released:
+            reasons.append(
+                f"uncaptured_authorization: {charge.id} authorises {charge.amount} "
+                f"{charge.currency} not yet captured"
+            )
+        if charge.account:
+            reasons.append(f"connected_account: {charge.id} is on {charge.account}")
+    return reasons
+
+
+def _plan(
+    order: OrderFacts, held: list[ChargeFacts], clear: list[ChargeFacts], total_known: bool
+) -> tuple[dict[str, int], bool]:
+    """Clear duplicates to refund in full, latest first, never below the total.
+
+    Returns the plan and whether it brings what the order holds exactly to its total (for
+    an unknown total: every clear duplicate, which is then "exact" by definition)."""
+    refundable = [c for c in reversed(clear) if not c.blocks_refund]
+    if not total_known:
+        return {c.id: c.held for c in refundable}, len(refundable) == len(clear)
+    remaining = sum(c.held for c in held if c.currency == order.currency)
+    plan: dict[str, int] = {}
+    for charge in refundable:
+        if charge.currency != order.currency or remaining == order.amount:
+            continue
+        if remaining - charge.held >= order.amount:  # type: ignore[operator]
+            plan[charge.id] = charge.held
+            remaining -= charge.held
+    return plan, remaining == order.amount

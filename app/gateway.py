@@ -101,9 +101,15 @@ def _signature_timestamp(header: str) -> int | None:
 
 
 class GatewayError(Exception):
-    """A Stripe call failed. Subclasses say what to do about it."""
+    """A Stripe call failed. Subclasses say what to do about it; ``code`` and
+    ``http_status`` are Stripe's, when it answered."""
 
     retryable = False
+
+    def __init__(self, message: str, *, code: str | None = None, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.http_status = http_status
 
 
 class StripeUnavailable(GatewayError):
@@ -197,6 +203,67 @@ class StripeGateway:
                 return
             params = {**params, "starting_after": charges[-1]["id"]}
 
+    # --- Refunds and backfill (reconciliation) ---
+
+    def list_refunds(
+        self, *, created_gte: int | None = None, charge_id: str | None = None, page_size: int = 100
+    ) -> Iterator[dict[str, Any]]:
+        """Refunds created at or after ``created_gte`` (or every refund of ``charge_id``),
+        following pages to the end."""
+        client = self._require_client()
+        params: dict[str, Any] = {"limit": page_size}
+        if created_gte is not None:
+            params["created"] = {"gt": created_gte - 1}
+        if charge_id is not None:
+            params["charge"] = charge_id
+        return self._paginate(lambda p: client.v1.refunds.list(params=p), params)  # type: ignore[arg-type]
+
+    def list_disputes(self, *, created_gte: int, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        client = self._require_client()
+        params: dict[str, Any] = {"limit": page_size, "created": {"gt": created_gte - 1}}
+        return self._paginate(lambda p: client.v1.disputes.list(params=p), params)  # type: ignore[arg-type]
+
+    def list_undelivered_events(
+        self, *, created_gte: int, page_size: int = 100
+    ) -> Iterator[dict[str, Any]]:
+        """Events Stripe could not deliver to a webhook endpoint (``delivery_success=false``;
+        the Events API keeps 30 days)."""
+        client = self._require_client()
+        params: dict[str, Any] = {
+            "limit": page_size,
+            "delivery_success": False,
+            "created": {"gt": created_gte - 1},
+        }
+        return self._paginate(lambda p: client.v1.events.list(params=p), params)  # type: ignore[arg-type]
+
+    def create_refund(
+        self,
+        *,
+        charge_id: str,
+        amount: int,
+        idempotency_key: str,
+        metadata: dict[str, str],
+        reason: str = "duplicate",
+        account: str | None = None,
+    ) -> dict[str, Any]:
+        """Refund ``amount`` of ``charge_id`` under our own idempotency key.
+
+        The key comes from our refund attempt row, never from a random value: a retry
+        within Stripe's 24 h replays the first result instead of refunding again."""
+        client = self._require_client()
+        options: dict[str, Any] = {"idempotency_key": idempotency_key, **_options(account)}
+        params = {"charge": charge_id, "amount": amount, "reason": reason, "metadata": metadata}
+        return self._call(lambda: client.v1.refunds.create(params=params, options=options))  # type: ignore[arg-type]
+
+    def _paginate(self, list_page: Any, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        while True:
+            page = self._call(lambda: list_page(params))
+            items = page.get("data", [])
+            yield from items
+            if not page.get("has_more") or not items:
+                return
+            params = {**params, "starting_after": items[-1]["id"]}
+
     def _require_client(self) -> stripe.StripeClient:
         if self._client is None:
             raise StripeNotConfigured("STRIPE_API_KEY is not set")
@@ -206,19 +273,22 @@ class StripeGateway:
     def _call(request: Any) -> dict[str, Any]:
         try:
             result = request()
-        except stripe.RateLimitError as exc:
-            raise StripeRateLimited(str(exc)) from exc
-        except (stripe.APIConnectionError, stripe.APIError) as exc:
-            raise StripeUnavailable(str(exc)) from exc
-        except stripe.InvalidRequestError as exc:
-            if exc.http_status == 404:
-                raise StripeNotFound(str(exc)) from exc
-            raise StripeRejected(str(exc)) from exc
         except stripe.StripeError as exc:
-            if exc.http_status is not None and exc.http_status >= 500:
-                raise StripeUnavailable(str(exc)) from exc
-            raise StripeRejected(str(exc)) from exc
+            raise _translate(exc) from exc
         return result.to_dict()
+
+
+def _translate(exc: stripe.StripeError) -> GatewayError:
+    detail = {"code": getattr(exc, "code", None), "http_status": exc.http_status}
+    if isinstance(exc, stripe.RateLimitError):
+        return StripeRateLimited(str(exc), **detail)
+    if isinstance(exc, (stripe.APIConnectionError, stripe.APIError)):
+        return StripeUnavailable(str(exc), **detail)
+    if exc.http_status == 404:
+        return StripeNotFound(str(exc), **detail)
+    if exc.http_status is not None and exc.http_status >= 500:
+        return StripeUnavailable(str(exc), **detail)
+    return StripeRejected(str(exc), **detail)
 
 
 def _options(account: str | None) -> dict[str, Any]:

@@ -56,8 +56,9 @@ class ChargeFacts:
 
     @property
     def blocks_refund(self) -> bool:
-        """An open or lost dispute: the money is Stripe's to settle, never ours to refund."""
-        return self.dispute_status in OPEN_DISPUTES or self.dispute_status == "lost"
+        """Any dispute, even a won one: a disputed charge is never refunded automatically
+        (Stripe keeps ``disputed`` true after a win, and the refund path refuses it)."""
+        return self.dispute_status is not None
 
 
 @dataclass(frozen=True, slots=True)

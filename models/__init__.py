@@ -17,6 +17,8 @@ from models.ledger import (
 )
 from models import payments as _payments  # noqa: F401  (registers the tables)
 from models.reconciliation import (
+    ACTIVE_CASE_STATUSES,
+    CASE_STATUSES,
     AlertSent,
     AuditEntry,
     CaseCharge,
@@ -27,6 +29,8 @@ from models.reconciliation import (
 )
 
 __all__ = [
+    "ACTIVE_CASE_STATUSES",
+    "CASE_STATUSES",
     "AlertSent",
     "AuditEntry",
     "CaseCharge",

@@ -155,9 +155,15 @@ class WebhookIngestor:
             )
         except WebhookSignatureError as exc:
             raise IngestRejected(400, exc.code, exc.message) from None
+        return self.ingest_trusted(payload)
+
+    def ingest_trusted(self, payload: bytes) -> IngestResult:
+        """Store and apply an event whose origin is already established: a verified
+        webhook, or an event read from Stripe's Events API with our key (backfill of
+        undelivered events). Same dedup, same transaction, same failure record."""
         event = parse_envelope(payload)
 
-        if event.livemode != settings.stripe_livemode:
+        if event.livemode != self._settings.stripe_livemode:
             # A live Connect endpoint also receives test events; a 4xx would make Stripe
             # retry them for days. Acknowledge and leave no trace in the ledger.
             log.info("event of the other mode ignored", extra={"event_id": event.id, "event_type": event.type})

@@ -32,11 +32,14 @@ from app.services.stripe_shapes import (
     PaymentIntentSnapshot,
     RefundSnapshot,
 )
-from models import Charge, Dispute, Order, PaymentIntent, Refund
+from models import AuditEntry, Charge, Dispute, DuplicateCase, Order, PaymentIntent, Refund, RefundAttempt
 from models.db import insert_ignore, lock_key
 
 log = logging.getLogger(__name__)
 
+# Our refunds carry this metadata key (the attempt's idempotency key), so a refund reported
+# by a webhook or backfill before our own call returns is matched to its attempt.
+ATTEMPT_METADATA_KEY = "reconciler_attempt"
 INACTIVE_REFUND_STATUSES = frozenset({"failed", "canceled"})
 OPEN_DISPUTE_STATUSES = frozenset(
     {"warning_needs_response", "warning_under_review", "needs_response", "under_review"}
@@ -245,9 +248,58 @@ def apply_refund(
         refund.last_event_created = as_of
     refund.charge_id = refund.charge_id or snapshot.charge_id
     refund.payment_intent_id = refund.payment_intent_id or snapshot.payment_intent_id
+    settle_refund_attempt(session, refund, snapshot.metadata.get(ATTEMPT_METADATA_KEY))
     if refresh:
         _refresh_order_of_charge(session, refund.charge_id)
     return refund
+
+
+def settle_refund_attempt(session: Session, refund: Refund, attempt_key: str | None) -> None:
+    """Tie a refund to the attempt of ours that asked for it, from whichever path reports
+    it first (our own call, its webhook, backfill): by refund id, else by the attempt key
+    we put in the refund's metadata. The money is counted from the refund row alone, so a
+    refund reported twice is still counted once.
+
+    A refund of ours that fails or is canceled (at once, or days later) fails its attempt
+    and puts its case in ``failed`` for finance; the alert goes out with the next pass.
+    """
+    attempt = session.scalar(
+        select(RefundAttempt).where(RefundAttempt.refund_id == refund.id).with_for_update()
+    )
+    if attempt is None and attempt_key:
+        attempt = session.scalar(
+            select(RefundAttempt)
+            .where(RefundAttempt.idempotency_key == attempt_key, RefundAttempt.refund_id.is_(None))
+            .with_for_update()
+        )
+    if attempt is None:
+        return
+    attempt.refund_id = refund.id
+    refund.origin = attempt.origin
+    if refund.status in INACTIVE_REFUND_STATUSES:
+        if attempt.status != "failed":
+            attempt.status = "failed"
+            attempt.error = f"refund {refund.id} {refund.status}" + (
+                f" ({refund.failure_reason})" if refund.failure_reason else ""
+            )
+            if attempt.case_id is not None:
+                case = session.execute(
+                    select(DuplicateCase).where(DuplicateCase.id == attempt.case_id).with_for_update()
+                ).scalar_one()
+                if case.status in ("refunding", "refunded"):
+                    case.status = "failed"
+                case.failure = attempt.error
+                session.add(
+                    AuditEntry(
+                        actor="stripe",
+                        action="refund_failed",
+                        case_id=case.id,
+                        note=attempt.error,
+                        details={"refund_id": refund.id, "charge_id": refund.charge_id, "amount": refund.amount, "currency": refund.currency},
+                    )
+                )
+    elif attempt.status == "recorded":
+        attempt.status = "succeeded"
 
 
 def apply_dispute(

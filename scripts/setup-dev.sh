@@ -8,3 +8,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[dev]"
+
+# The stripe-stateful-mock emulator for the tests (Node): install it when node_modules is
+# missing or older than the lock file.
+MOCK_DIR=tests/emulator/stateful_mock
+if [ ! -d "$MOCK_DIR/node_modules/stripe-stateful-mock" ] || [ "$MOCK_DIR/package-lock.json" -nt "$MOCK_DIR/node_modules/.package-lock.json" ]; then
+  command -v npm >/dev/null || { echo "setup-dev.sh: npm is needed for $MOCK_DIR (install Node.js 20)" >&2; exit 1; }
+  (cd "$MOCK_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+fi

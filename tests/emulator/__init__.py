@@ -24,7 +24,9 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["LocalStripe", "LocalStripeError"]
+from tests.emulator.stateful_mock_server import StatefulMock
+
+__all__ = ["LocalStripe", "LocalStripeError", "StatefulMock"]
 
 SERVER_SCRIPT = Path(__file__).resolve().with_name("localstripe_server.py")
 READY_PREFIX = "LOCALSTRIPE_READY"

@@ -27,10 +27,11 @@ from __future__ import annotations
 import logging
 import random
 import time
+from datetime import timezone
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.gateway import GatewayError, StripeGateway, StripeRejected
@@ -100,7 +101,7 @@ class RefundService:
         limiter: RateLimiter,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
-        max_tries: int = 4,
+        max_tries: int = 3,
         after_call: Callable[[RefundAttempt, dict[str, Any]], None] | None = None,
     ) -> None:
         self._session_factory = session_factory
@@ -261,12 +262,17 @@ class RefundService:
             problem = "the charge is disputed at Stripe"
         elif charge_obj.get("status") != "succeeded" or not charge_obj.get("captured"):
             problem = f"the charge is {charge_obj.get('status')}, captured={charge_obj.get('captured')}"
-        elif remaining < attempt.amount:
+        elif remaining < attempt.amount and not _may_replay(attempt, self._clock()):
             problem = f"the charge holds {remaining} at Stripe; the attempt wanted {attempt.amount}"
         if problem:
             return self._skip(attempt, problem)
+        # (When the call may already have gone out and the key is young enough, it is sent
+        # again even if Stripe's lists do not show the refund yet: Stripe replays the first
+        # result, or refuses an over-refund. Either way nothing is refunded twice.)
 
-        # Phase 3: the call, under our key.
+        # Phase 3: the call, under our key. Counted before it is made: calls > 0 is the
+        # recovery point that says "this key may have reached Stripe".
+        _count_call(self._session_factory, attempt.id)
         metadata = {
             ledger.ATTEMPT_METADATA_KEY: attempt.idempotency_key,
             "order_id": attempt.order_id or "",
@@ -300,9 +306,8 @@ class RefundService:
             )
             # By key as well as by metadata: an emulator may not echo the metadata back.
             ledger.settle_refund_attempt(session, refund, attempt.idempotency_key)
-            found = session.get(RefundAttempt, attempt.id, populate_existing=True, with_for_update=True)
+            found = session.get(RefundAttempt, attempt.id, populate_existing=True)
             assert found is not None
-            found.calls += 1
             return found
 
         attempt = run_in_transaction(self._session_factory, record_result)
@@ -367,7 +372,6 @@ class RefundService:
             found = session.get(RefundAttempt, attempt.id, with_for_update=True)
             assert found is not None
             found.error = message
-            found.calls += 1
 
         run_in_transaction(self._session_factory, note)
         log.warning("refund left for the next run: %s", message, extra=_log_extra(attempt))
@@ -391,7 +395,6 @@ class RefundService:
             assert found is not None
             found.status = "failed"
             found.error = message
-            found.calls += 1
 
         run_in_transaction(self._session_factory, fail)
         log.error("refund failed: %s", message, extra=_log_extra(attempt))
@@ -425,8 +428,27 @@ def _record_attempt(
         calls=0,
     )
     session.add(attempt)
-    session.flush([attempt])
+    session.flush()
     return attempt
+
+
+# Stripe keeps idempotency keys for at least 24 hours; past this age a repeated key may
+# create a new refund, so it is no longer sent blindly.
+KEY_REPLAY_SECONDS = 23 * 3600
+
+
+def _may_replay(attempt: RefundAttempt, now: float) -> bool:
+    created = attempt.created_at if attempt.created_at.tzinfo else attempt.created_at.replace(tzinfo=timezone.utc)
+    return attempt.calls > 0 and now - created.timestamp() < KEY_REPLAY_SECONDS
+
+
+def _count_call(session_factory: sessionmaker[Session], attempt_id: int) -> None:
+    def count(session: Session) -> None:
+        found = session.get(RefundAttempt, attempt_id, with_for_update=True)
+        assert found is not None
+        found.calls += 1
+
+    run_in_transaction(session_factory, count)
 
 
 def _locked_case(session: Session, case_id: int) -> DuplicateCase:
@@ -487,13 +509,11 @@ def _log_extra(attempt: RefundAttempt) -> dict[str, Any]:
 
 
 def pending_refund_cases(session: Session) -> list[int]:
-    """Cases with attempts still ``recorded`` (a crash, or Stripe was down): the next run
-    resumes them with the same keys."""
+    """Cases still ``refunding``: a crash, an outage, or a refund reported by backfill or a
+    webhook before our own call returned. The next run resumes their ``recorded``
+    attempts with the same keys and settles them."""
     return list(
         session.scalars(
-            select(RefundAttempt.case_id)
-            .where(RefundAttempt.status == "recorded", RefundAttempt.case_id.is_not(None))
-            .group_by(RefundAttempt.case_id)
-            .order_by(func.min(RefundAttempt.id))
+            select(DuplicateCase.id).where(DuplicateCase.status == "refunding").order_by(DuplicateCase.id)
         )
     )

@@ -1,0 +1,271 @@
+"""One reconciliation pass: backfill, resume unfinished refunds, detect, refund the
+automatic cases (auto mode), alert, and record the run.
+
+A plain function taking its dependencies; ``reconciler reconcile`` and the scheduler call
+it. Only one pass runs at a time (:mod:`jobs.lease`); a second one raises
+:class:`RunInProgress` before touching anything.
+
+Modes: ``review`` opens cases and refunds nothing; ``auto`` also refunds the automatic
+cases; ``dry-run`` may backfill the ledger and records its run, but opens no case, calls no
+Stripe write API and sends no alert: it reports what it would do.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.gateway import GatewayError, StripeGateway
+from app.services.ingest import WebhookIngestor
+from app.services.ratelimit import RateLimiter
+from app.services.refunds import RefundRefused, RefundService, pending_refund_cases
+from config import Settings
+from jobs.alerts import Alert, Alerter, pending_alerts
+from jobs.backfill import BackfillSummary, Progress, backfill
+from jobs.detection import DetectionSummary, detect
+from jobs.lease import RunInProgress, exclusive_pass, holder_name
+from models import DuplicateCase, ReconciliationRun, run_in_transaction
+
+log = logging.getLogger(__name__)
+
+# Backfill starts this far before the last watermark: Stripe's lists are eventually
+# consistent for a moment, and one second of resolution makes ties at the edge normal.
+OVERLAP_SECONDS = 3600
+
+__all__ = ["RunInProgress", "RunSummary", "run_reconciliation"]
+
+
+@dataclass
+class RunSummary:
+    run_id: int
+    mode: str
+    status: str
+    full: bool
+    backfill_from: int | None
+    watermark: int | None
+    backfill: dict[str, Any] = field(default_factory=dict)
+    detection: dict[str, Any] = field(default_factory=dict)
+    refunds: list[dict[str, Any]] = field(default_factory=list)
+    alerts_sent: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, Any]:
+        refunded = [r for r in self.refunds if r["result"] in ("refunded", "adopted")]
+        amounts: dict[str, int] = {}
+        for r in refunded:
+            amounts[r["currency"]] = amounts.get(r["currency"], 0) + r["amount"]
+        return {
+            "charges_backfilled": self.backfill.get("charges", 0),
+            "refunds_backfilled": self.backfill.get("refunds", 0),
+            "events_replayed": self.backfill.get("events_applied", 0),
+            "orders_examined": self.detection.get("orders_examined", 0),
+            "cases_opened": len(self.detection.get("cases_opened", [])),
+            "cases_resolved": self.detection.get("cases_resolved", 0),
+            "would_open": len(self.detection.get("would_open", {})),
+            "would_refund_automatically": sum(1 for v in self.detection.get("would_open", {}).values() if v),
+            "refunds_issued": len(refunded),
+            "refunded_amounts": amounts,
+            "refunds_failed": sum(1 for r in self.refunds if r["result"] == "failed"),
+            "refunds_deferred": sum(1 for r in self.refunds if r["result"] == "deferred"),
+            "refunds_skipped": sum(1 for r in self.refunds if r["result"] == "skipped"),
+            "alerts_sent": self.alerts_sent,
+        }
+
+
+def run_reconciliation(
+    session_factory: sessionmaker[Session],
+    gateway: StripeGateway,
+    settings: Settings,
+    *,
+    mode: str | None = None,
+    since: datetime | None = None,
+    full: bool = False,
+    trigger: str = "manual",
+    clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], None] = time.sleep,
+    alerter: Alerter | None = None,
+    refund_service: RefundService | None = None,
+    progress: Progress | None = None,
+) -> RunSummary:
+    """Run one pass now. Raises :class:`RunInProgress` if another pass holds the lock."""
+    mode = mode or settings.refund_mode
+    if mode not in ("review", "auto", "dry-run"):
+        raise ValueError(f"mode must be review, auto or dry-run, not {mode!r}")
+    limiter = RateLimiter(settings.stripe_rate_limit, sleep=sleep)
+    alerter = alerter or Alerter(settings, session_factory)
+    refunds = refund_service or RefundService(session_factory, gateway, limiter=limiter, clock=clock, sleep=sleep)
+    ingestor = WebhookIngestor(settings, session_factory)
+
+    with exclusive_pass(session_factory):
+        previous = _previous_run(session_factory)
+        run_id = _start_run(session_factory, mode, full, trigger)
+        summary = RunSummary(run_id=run_id, mode=mode, status="running", full=full, backfill_from=None, watermark=None)
+        try:
+            _pass(summary, previous, session_factory, gateway, settings, ingestor, refunds, alerter, limiter, since, clock, progress)
+            summary.status = "partial" if summary.errors else "succeeded"
+        except Exception as exc:
+            log.exception("reconciliation pass failed", extra={"run_id": run_id})
+            summary.errors.append(f"{type(exc).__name__}: {exc}")
+            summary.status = "failed"
+            raise
+        finally:
+            _finish_run(session_factory, summary)
+    return summary
+
+
+def _pass(
+    summary: RunSummary,
+    previous: ReconciliationRun | None,
+    session_factory: sessionmaker[Session],
+    gateway: StripeGateway,
+    settings: Settings,
+    ingestor: WebhookIngestor,
+    refunds: RefundService,
+    alerter: Alerter,
+    limiter: RateLimiter,
+    since: datetime | None,
+    clock: Callable[[], float],
+    progress: Progress | None,
+) -> None:
+    dry_run = summary.mode == "dry-run"
+    # -- backfill --------------------------------------------------------------------------
+    if since is not None:
+        backfill_from = int(since.timestamp())
+    elif previous is not None and previous.watermark is not None:
+        backfill_from = previous.watermark - OVERLAP_SECONDS
+    else:
+        backfill_from = int(clock()) - settings.backfill_days * 86400
+    summary.backfill_from = backfill_from
+    summary.watermark = previous.watermark if previous is not None else None
+    if not gateway.configured:
+        message = "backfill skipped: STRIPE_API_KEY is not set; detection ran on what webhooks delivered"
+        log.warning(message)
+        summary.errors.append(message)
+    else:
+        try:
+            result: BackfillSummary = backfill(
+                session_factory, gateway, ingestor, since=backfill_from, limiter=limiter, clock=clock, progress=progress
+            )
+            summary.backfill = asdict(result)
+            summary.watermark = max(filter(None, [summary.watermark, result.watermark]), default=None)
+        except GatewayError as exc:
+            summary.errors.append(f"backfill stopped: {exc}; the watermark stays where it was")
+
+    # -- refunds a crash or an outage left unfinished ------------------------------------
+    if not dry_run and gateway.configured:
+        with session_factory() as session:
+            unfinished = pending_refund_cases(session)
+        for case_id in unfinished:
+            _collect(summary, refunds.execute_case(case_id).outcomes)
+
+    # -- detection -------------------------------------------------------------------------
+    touched_since = None if summary.full or previous is None else previous.started_at
+    found: DetectionSummary = detect(
+        session_factory,
+        window_seconds=settings.duplicate_window_hours * 3600,
+        auto_refund_unknown_total=settings.auto_refund_unknown_total,
+        touched_since=touched_since,
+        dry_run=dry_run,
+        run_id=summary.run_id,
+    )
+    summary.detection = asdict(found)
+
+    # -- automatic refunds -----------------------------------------------------------------
+    if summary.mode == "auto":
+        if not gateway.configured:
+            summary.errors.append("auto mode: no STRIPE_API_KEY, so no refund was issued")
+        else:
+            for case_id in found.automatic_open_cases:
+                try:
+                    refunds.approve(case_id, origin="auto", actor="reconciler")
+                except RefundRefused as exc:
+                    summary.errors.append(f"case {case_id}: {exc.message}")
+                    continue
+                _collect(summary, refunds.execute_case(case_id).outcomes)
+
+    # -- alerts ----------------------------------------------------------------------------
+    if not dry_run:
+        _send_alerts(summary, session_factory, alerter)
+
+
+def _collect(summary: RunSummary, outcomes: Any) -> None:
+    for outcome in outcomes:
+        summary.refunds.append(asdict(outcome))
+        if outcome.result == "deferred":
+            summary.errors.append(f"refund {outcome.attempt_key} left for the next run: {outcome.message}")
+
+
+def _send_alerts(summary: RunSummary, session_factory: sessionmaker[Session], alerter: Alerter) -> None:
+    with session_factory() as session:
+        alerts = pending_alerts(session)
+        opened = summary.detection.get("cases_opened", [])
+        cases = list(session.scalars(select(DuplicateCase).where(DuplicateCase.id.in_(opened)))) if opened else []
+    counts = summary.counts()
+    if cases or summary.refunds or summary.errors:
+        lines = [
+            f"Reconciliation run {summary.run_id} ({summary.mode}): {counts['cases_opened']} case(s) opened, "
+            f"{counts['refunds_issued']} refund(s) issued {_amounts(counts['refunded_amounts'])}, "
+            f"{counts['refunds_failed']} failed, {counts['refunds_deferred']} left for the next run."
+        ]
+        for case in cases:
+            excess = _amounts(case.excess)
+            verdict = "refunded automatically" if case.status in ("refunding", "refunded") else "needs review"
+            lines.append(f"- case {case.id}, order {case.order_id}: holds {excess} too much; {verdict}")
+        lines += [f"- error: {e}" for e in summary.errors]
+        alerts.insert(0, Alert(f"run:{summary.run_id}", f"Reconciliation run {summary.run_id}: duplicates found or errors", "\n".join(lines)))
+    for alert in alerts:
+        try:
+            if alerter.send(alert):
+                summary.alerts_sent += 1
+        except Exception as exc:  # the alert store itself failing must not fail the pass
+            log.exception("alert not sent")
+            summary.errors.append(f"alert {alert.key} not sent: {exc}")
+
+
+def _amounts(amounts: dict[str, int]) -> str:
+    from models.money import format_amount
+
+    return ", ".join(format_amount(v, c) for c, v in sorted(amounts.items())) or "0"
+
+
+def _previous_run(session_factory: sessionmaker[Session]) -> ReconciliationRun | None:
+    """The last pass that finished (with or without errors): where this one starts."""
+    with session_factory() as session:
+        return session.scalars(
+            select(ReconciliationRun)
+            .where(ReconciliationRun.status.in_(("succeeded", "partial")), ReconciliationRun.mode != "dry-run")
+            .order_by(ReconciliationRun.id.desc())
+            .limit(1)
+        ).first()
+
+
+def _start_run(session_factory: sessionmaker[Session], mode: str, full: bool, trigger: str) -> int:
+    def start(session: Session) -> int:
+        run = ReconciliationRun(mode=mode, full=full, trigger=trigger, status="running", host=holder_name(), counts={}, errors=[])
+        session.add(run)
+        session.flush()
+        return run.id
+
+    return run_in_transaction(session_factory, start)
+
+
+def _finish_run(session_factory: sessionmaker[Session], summary: RunSummary) -> None:
+    def finish(session: Session) -> None:
+        run = session.get(ReconciliationRun, summary.run_id, with_for_update=True)
+        assert run is not None
+        run.status = summary.status
+        run.finished_at = datetime.now(timezone.utc)
+        run.backfill_from = summary.backfill_from
+        # A dry run reads but does not move the watermark of the real passes.
+        run.watermark = summary.watermark
+        run.counts = summary.counts()
+        run.errors = summary.errors[:100]
+
+    run_in_transaction(session_factory, finish)
+

@@ -1,0 +1,183 @@
+"""A stateful Stripe double behind `responses`: the real stripe-python SDK talks HTTP to
+it. Charges, refunds, disputes, PaymentIntents and undelivered events in Stripe's real
+shapes (built by tests.stripe_payloads); lists newest first with ``created[gt]`` and
+``starting_after`` paging; refunds honour ``Idempotency-Key`` (replay, 400 on other
+parameters) and reject over-refunds and disputed charges as Stripe does; failures can be
+queued (``fail_refunds_with``) to play 429s and 500s.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import responses
+
+from tests import stripe_payloads as p
+
+API = "http://127.0.0.1:9"  # never reached: responses answers first
+
+JSON = dict[str, Any]
+
+
+class FakeStripe:
+    def __init__(self, mock: responses.RequestsMock, base: str = API) -> None:
+        self.base = base
+        self.charges: dict[str, JSON] = {}
+        self.refunds: dict[str, JSON] = {}
+        self.disputes: dict[str, JSON] = {}
+        self.payment_intents: dict[str, JSON] = {}
+        self.undelivered_events: list[JSON] = []
+        self.events_api = True
+        self.refund_creates = 0  # refunds actually created (not replays)
+        self.refund_requests: list[JSON] = []  # every POST /v1/refunds, parsed
+        self.list_requests: list[str] = []  # every list URL
+        self.fail_refunds_with: list[int] = []  # statuses for the next refund POSTs
+        self.reject_next_refund: str | None = None  # an error code for the next create
+        self.hide_refunds_from_lists = False  # eventual consistency
+        self._idempotency: dict[str, tuple[JSON, int, JSON]] = {}
+        b = re.escape(base)
+        mock.add_callback("GET", re.compile(rf"{b}/v1/charges(\?.*)?$"), self._list("charges"))
+        mock.add_callback("GET", re.compile(rf"{b}/v1/charges/[^/?]+$"), self._retrieve_charge)
+        mock.add_callback("GET", re.compile(rf"{b}/v1/refunds(\?.*)?$"), self._list("refunds"))
+        mock.add_callback("POST", re.compile(rf"{b}/v1/refunds$"), self._create_refund)
+        mock.add_callback("GET", re.compile(rf"{b}/v1/disputes(\?.*)?$"), self._list("disputes"))
+        mock.add_callback("GET", re.compile(rf"{b}/v1/events(\?.*)?$"), self._list_events)
+        mock.add_callback("GET", re.compile(rf"{b}/v1/payment_intents/[^/?]+$"), self._retrieve_intent)
+
+    # -- seeding ---------------------------------------------------------------------------
+
+    def add_charge(self, **fields: Any) -> JSON:
+        charge = p.charge(**fields)
+        self.charges[charge["id"]] = charge
+        return self.charge(charge["id"])
+
+    def add_refund(self, charge_id: str, amount: int, **fields: Any) -> JSON:
+        charge = self.charges[charge_id]
+        refund = p.refund(charge=charge_id, amount=amount, currency=charge["currency"], **fields)
+        self.refunds[refund["id"]] = refund
+        return refund
+
+    def add_dispute(self, charge_id: str, **fields: Any) -> JSON:
+        charge = self.charges[charge_id]
+        dispute = p.dispute(charge=charge_id, amount=charge["amount"], currency=charge["currency"], **fields)
+        self.disputes[dispute["id"]] = dispute
+        charge["disputed"] = True
+        return dispute
+
+    def charge(self, charge_id: str) -> JSON:
+        """The charge as Stripe renders it now: amount_refunded follows its refunds."""
+        charge = dict(self.charges[charge_id])
+        refunded = sum(
+            r["amount"]
+            for r in self.refunds.values()
+            if r["charge"] == charge_id and r["status"] in ("pending", "succeeded", "requires_action")
+        )
+        charge["amount_refunded"] = refunded
+        charge["refunded"] = refunded >= charge["amount"]
+        return charge
+
+    def refunds_of(self, charge_id: str) -> list[JSON]:
+        return [r for r in self.refunds.values() if r["charge"] == charge_id]
+
+    # -- handlers --------------------------------------------------------------------------
+
+    def _list(self, kind: str):  # type: ignore[no-untyped-def]
+        def handler(request):  # type: ignore[no-untyped-def]
+            self.list_requests.append(request.url)
+            query = parse_qs(urlparse(request.url).query)
+            store = {"charges": self.charges, "refunds": self.refunds, "disputes": self.disputes}[kind]
+            items = [self.charge(i) if kind == "charges" else o for i, o in store.items()]
+            if kind == "refunds" and self.hide_refunds_from_lists:
+                items = []
+            if "charge" in query:
+                items = [o for o in items if o.get("charge") == query["charge"][0]]
+            return self._page(items, query, f"/v1/{kind}")
+
+        return handler
+
+    def _page(self, items: list[JSON], query: dict[str, list[str]], url: str) -> tuple[int, dict, str]:
+        if "created[gt]" in query:
+            items = [o for o in items if o["created"] > int(query["created[gt]"][0])]
+        items.sort(key=lambda o: (o["created"], o["id"]), reverse=True)  # newest first
+        if "starting_after" in query:
+            ids = [o["id"] for o in items]
+            items = items[ids.index(query["starting_after"][0]) + 1 :]
+        limit = int(query.get("limit", ["10"])[0])
+        body = {"object": "list", "url": url, "has_more": len(items) > limit, "data": items[:limit]}
+        return 200, {}, json.dumps(body)
+
+    def _list_events(self, request):  # type: ignore[no-untyped-def]
+        self.list_requests.append(request.url)
+        if not self.events_api:
+            return _error(404, "invalid_request_error", "Unrecognized request URL (GET: /v1/events).", None)
+        query = parse_qs(urlparse(request.url).query)
+        return self._page(list(self.undelivered_events), query, "/v1/events")
+
+    def _retrieve_charge(self, request):  # type: ignore[no-untyped-def]
+        charge_id = urlparse(request.url).path.rsplit("/", 1)[1]
+        if charge_id not in self.charges:
+            return _error(404, "invalid_request_error", f"No such charge: '{charge_id}'", "resource_missing")
+        return 200, {}, json.dumps(self.charge(charge_id))
+
+    def _retrieve_intent(self, request):  # type: ignore[no-untyped-def]
+        intent_id = urlparse(request.url).path.rsplit("/", 1)[1]
+        if intent_id not in self.payment_intents:
+            return _error(404, "invalid_request_error", f"No such payment_intent: '{intent_id}'", "resource_missing")
+        return 200, {}, json.dumps(self.payment_intents[intent_id])
+
+    def _create_refund(self, request):  # type: ignore[no-untyped-def]
+        params = {k: v[0] for k, v in parse_qs(request.body if isinstance(request.body, str) else request.body.decode()).items()}
+        key = request.headers.get("Idempotency-Key")
+        self.refund_requests.append({**params, "_idempotency_key": key})
+        if self.fail_refunds_with:
+            status = self.fail_refunds_with.pop(0)
+            if status == 429:
+                return _error(429, "invalid_request_error", "Request rate limit exceeded.", "rate_limit")
+            return _error(status, "api_error", "Something went wrong on Stripe's end.", None)
+        if key and key in self._idempotency:
+            seen, status, body = self._idempotency[key]
+            if seen != params:
+                return _error(400, "idempotency_error", "Keys for idempotent requests can only be used with the same parameters they were first used with.", None)
+            return status, {"Idempotent-Replayed": "true"}, json.dumps(body)
+        status, body = self._refund(params)
+        if key:
+            self._idempotency[key] = (params, status, body)
+        return status, {}, json.dumps(body)
+
+    def _refund(self, params: JSON) -> tuple[int, JSON]:
+        charge_id = params["charge"]
+        if charge_id not in self.charges:
+            return 404, _error_body("invalid_request_error", f"No such charge: '{charge_id}'", "resource_missing")
+        if self.reject_next_refund:
+            code, self.reject_next_refund = self.reject_next_refund, None
+            return 400, _error_body("invalid_request_error", f"Refund refused ({code}).", code)
+        charge = self.charge(charge_id)
+        if charge.get("disputed"):
+            return 400, _error_body("invalid_request_error", f"Charge {charge_id} has been charged back; cannot issue a refund.", "charge_disputed")
+        amount = int(params.get("amount", charge["amount"] - charge["amount_refunded"]))
+        left = charge["amount"] - charge["amount_refunded"]
+        if amount > left:
+            return 400, _error_body(
+                "invalid_request_error",
+                f"Refund amount ({amount}) is greater than unrefunded amount on charge ({left})",
+                "amount_too_large" if charge["amount_refunded"] == 0 else "charge_already_refunded",
+            )
+        metadata = {k[len("metadata[") : -1]: v for k, v in params.items() if k.startswith("metadata[")}
+        refund = p.refund(charge=charge_id, amount=amount, currency=charge["currency"], reason=params.get("reason"), metadata=metadata)
+        self.refunds[refund["id"]] = refund
+        self.refund_creates += 1
+        return 200, refund
+
+
+def _error_body(kind: str, message: str, code: str | None) -> JSON:
+    error: JSON = {"type": kind, "message": message}
+    if code:
+        error["code"] = code
+    return {"error": error}
+
+
+def _error(status: int, kind: str, message: str, code: str | None) -> tuple[int, dict, str]:
+    return status, {}, json.dumps(_error_body(kind, message, code))

@@ -175,5 +175,139 @@ def orders_import(csv_file: Path) -> None:
     click.echo(f"imported {len(rows)} order(s): {report.created} created, {report.updated} updated, {report.unchanged} unchanged")
 
 
+# -- reconciliation --------------------------------------------------------------------
+
+
+def _parse_day(value: str | None) -> "datetime | None":
+    from datetime import datetime, timezone
+
+    if value is None:
+        return None
+    for fmt in ("%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M"):
+        try:
+            return datetime.strptime(value, fmt).replace(tzinfo=timezone.utc)
+        except ValueError:
+            continue
+    raise click.BadParameter(f"{value!r} is not a date (YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS], UTC)")
+
+
+def _job_dependencies(settings: Settings):  # type: ignore[no-untyped-def]
+    from app.gateway import StripeGateway
+    from models import make_engine, make_session_factory
+
+    engine = make_engine(settings.database_url)
+    return engine, make_session_factory(engine), StripeGateway.from_settings(settings)
+
+
+@main.command()
+@click.option("--mode", type=click.Choice(["review", "auto", "dry-run"]), help="Default: REFUND_MODE.")
+@click.option("--since", help="Backfill from this UTC date instead of the last watermark.")
+@click.option("--full", is_flag=True, help="Examine every order, not only those touched since the last pass.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+def reconcile(mode: str | None, since: str | None, full: bool, as_json: bool) -> None:
+    """Run one reconciliation pass now (backfill, detect, refund in auto mode, alert)."""
+    import json
+
+    from jobs.reconcile import RunInProgress, run_reconciliation
+
+    settings = _settings()
+    since_at = _parse_day(since)
+    engine, session_factory, gateway = _job_dependencies(settings)
+    progress = _progress_printer() if sys.stderr.isatty() and not as_json else None
+    try:
+        summary = run_reconciliation(
+            session_factory, gateway, settings, mode=mode, since=since_at, full=full, progress=progress
+        )
+    except RunInProgress as exc:
+        click.echo(f"not started: {exc}", err=True)
+        sys.exit(3)
+    finally:
+        engine.dispose()
+    if progress is not None:
+        click.echo("", err=True)
+    if as_json:
+        click.echo(json.dumps({"run_id": summary.run_id, "status": summary.status, "mode": summary.mode, "counts": summary.counts(), "errors": summary.errors, "warnings": summary.warnings}, indent=2))
+    else:
+        _print_summary(summary)
+    if summary.status != "succeeded":
+        sys.exit(1)
+
+
+def _progress_printer():  # type: ignore[no-untyped-def]
+    seen: dict[str, int] = {}
+
+    def progress(kind: str, count: int) -> None:
+        seen[kind] = seen.get(kind, 0) + count
+        line = "  ".join(f"{k}: {v}" for k, v in seen.items())
+        click.echo(f"\rbackfill  {line}", nl=False, err=True)
+
+    return progress
+
+
+def _print_summary(summary) -> None:  # type: ignore[no-untyped-def]
+    from models.money import format_amount
+
+    counts = summary.counts()
+    amounts = ", ".join(format_amount(v, c) for c, v in sorted(counts["refunded_amounts"].items())) or "nothing"
+    click.echo(f"run {summary.run_id} ({summary.mode}): {summary.status}")
+    click.echo(
+        f"  backfill: {counts['charges_backfilled']} charges, {counts['refunds_backfilled']} refunds, "
+        f"{counts['events_replayed']} undelivered events applied; watermark {summary.watermark}"
+    )
+    click.echo(f"  examined {counts['orders_examined']} orders; {counts['cases_opened']} case(s) opened, {counts['cases_resolved']} resolved outside")
+    if summary.mode == "dry-run":
+        click.echo(f"  would open {counts['would_open']} case(s), {counts['would_refund_automatically']} of them refunded automatically in auto mode")
+    click.echo(f"  refunds: {counts['refunds_issued']} issued ({amounts}), {counts['refunds_failed']} failed, {counts['refunds_deferred']} left for the next pass, {counts['refunds_skipped']} skipped")
+    click.echo(f"  alerts sent: {counts['alerts_sent']}")
+    for warning in summary.warnings:
+        click.echo(f"  warning: {warning}")
+    for error in summary.errors:
+        click.echo(f"  ! {error}")
+
+
+@main.command()
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+def runs(limit: int) -> None:
+    """List recent reconciliation passes."""
+    from sqlalchemy import select
+
+    from models import ReconciliationRun, make_engine, make_session_factory
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            rows = list(session.scalars(select(ReconciliationRun).order_by(ReconciliationRun.id.desc()).limit(limit)))
+    finally:
+        engine.dispose()
+    if not rows:
+        click.echo("no passes yet")
+        return
+    click.echo(f"{'id':>5}  {'started (UTC)':19}  {'secs':>6}  {'mode':8} {'status':9} {'opened':>6} {'refunds':>7} {'failed':>6}  watermark")
+    for run in rows:
+        seconds = f"{(run.finished_at - run.started_at).total_seconds():.1f}" if run.finished_at else "-"
+        counts = run.counts or {}
+        click.echo(
+            f"{run.id:>5}  {run.started_at:%Y-%m-%d %H:%M:%S}  {seconds:>6}  {run.mode:8} {run.status:9} "
+            f"{counts.get('cases_opened', 0):>6} {counts.get('refunds_issued', 0):>7} {counts.get('refunds_failed', 0):>6}  {run.watermark or '-'}"
+        )
+        for error in (run.errors or [])[:3]:
+            click.echo(f"       ! {error}")
+
+
+@main.command()
+def scheduler() -> None:
+    """Run the scheduler process: the nightly pass at RECONCILE_CRON (UTC), and hourly
+    housekeeping. Run exactly one per deployment; the pass lock guards against more."""
+    from jobs.scheduler import run_scheduler
+
+    settings = _settings()
+    engine, session_factory, gateway = _job_dependencies(settings)
+    try:
+        run_scheduler(settings, session_factory, gateway)
+    finally:
+        engine.dispose()
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -54,6 +54,7 @@ class RunSummary:
     refunds: list[dict[str, Any]] = field(default_factory=list)
     alerts_sent: int = 0
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # noted, but the pass did its job
 
     def counts(self) -> dict[str, Any]:
         refunded = [r for r in self.refunds if r["result"] in ("refunded", "adopted")]
@@ -146,7 +147,7 @@ def _pass(
     if not gateway.configured:
         message = "backfill skipped: STRIPE_API_KEY is not set; detection ran on what webhooks delivered"
         log.warning(message)
-        summary.errors.append(message)
+        summary.warnings.append(message)
     else:
         try:
             result: BackfillSummary = backfill(
@@ -265,7 +266,7 @@ def _finish_run(session_factory: sessionmaker[Session], summary: RunSummary) -> 
         # A dry run reads but does not move the watermark of the real passes.
         run.watermark = summary.watermark
         run.counts = summary.counts()
-        run.errors = summary.errors[:100]
+        run.errors = (summary.errors + [f"warning: {w}" for w in summary.warnings])[:100]
 
     run_in_transaction(session_factory, finish)
 

@@ -64,10 +64,12 @@ def create_app(
         log.warning("STRIPE_WEBHOOK_SECRET is not set: webhooks will be refused with 503")
 
     from app.blueprints import api, health, webhooks
+    from app.blueprints import payments as payments_blueprint
 
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(payments_blueprint.bp)  # POST /orders/<id>/pay
     register_error_handlers(app)
     return app
 

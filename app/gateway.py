@@ -277,6 +277,68 @@ class StripeGateway:
             raise _translate(exc) from exc
         return result.to_dict()
 
+    # --- PaymentIntents (pay endpoint) ---
+
+    def create_payment_intent(
+        self,
+        amount: int,
+        currency: str,
+        *,
+        idempotency_key: str,
+        metadata: dict[str, str],
+        customer: str | None = None,
+        payment_method: str | None = None,
+        account: str | None = None,
+    ) -> dict[str, Any]:
+        """Create a PaymentIntent under our own idempotency key (never a random one), so a
+        retry of the same attempt within Stripe's 24 h returns the same PaymentIntent.
+
+        Only parameters every Stripe version (and the emulators) accept are sent; the
+        same attempt must always send the same ones, or Stripe rejects the reused key.
+
+        A definitive refusal raises :class:`StripeRejected` with ``payment_intent`` set to
+        the PaymentIntent Stripe created anyway, if its error names one (a decline while
+        confirming creates the intent and then fails it); ``None`` otherwise.
+        """
+        client = self._require_client()
+        params: dict[str, Any] = {"amount": amount, "currency": currency, "metadata": dict(metadata)}
+        if customer is not None:
+            params["customer"] = customer
+        if payment_method is not None:
+            params["payment_method"] = payment_method
+        options: dict[str, Any] = {"idempotency_key": idempotency_key, **_options(account)}
+        try:
+            return self._call(lambda: client.v1.payment_intents.create(params=params, options=options))  # type: ignore[arg-type]
+        except GatewayError as exc:
+            error = getattr(exc.__cause__, "error", None)
+            intent = getattr(error, "payment_intent", None) if error is not None else None
+            exc.payment_intent = intent.to_dict() if intent is not None else None  # type: ignore[attr-defined]
+            raise
+
+    def list_payment_intents(
+        self,
+        *,
+        created_gte: int,
+        customer: str | None = None,
+        page_size: int = 100,
+        account: str | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Every PaymentIntent created at or after ``created_gte`` (optionally of one
+        customer), following pages to the end. The list API, unlike search, is not
+        eventually consistent: a PaymentIntent that exists is listed."""
+        client = self._require_client()
+        params: dict[str, Any] = {"created": {"gt": created_gte - 1}, "limit": page_size}
+        if customer is not None:
+            params["customer"] = customer
+        options = _options(account)
+        while True:
+            page = self._call(lambda: client.v1.payment_intents.list(params=params, options=options))  # type: ignore[arg-type]
+            intents = page.get("data", [])
+            yield from intents
+            if not page.get("has_more") or not intents:
+                return
+            params = {**params, "starting_after": intents[-1]["id"]}
+
 
 def _translate(exc: stripe.StripeError) -> GatewayError:
     detail = {"code": getattr(exc, "code", None), "http_status": exc.http_status}

@@ -1,6 +1,148 @@
 """Pay endpoint state: PaymentIntent creation attempts and client Idempotency-Key replays.
 
-(Filled in by the prevention work.)
+Tables: ``payment_attempts`` and ``idempotency_keys``.
+
+Invariants the schema carries (the pay service and the ledger rely on them):
+
+* One row per attempt to create a PaymentIntent for an order, numbered ``attempt`` = 1, 2,
+  ... per order (unique ``(order_id, attempt)``), with the Stripe idempotency key
+  ``order-<order_id>-pi-<attempt>`` (unique). The key is derived from our row, never
+  random, so every retry of an attempt sends the same key and Stripe creates at most one
+  PaymentIntent for it.
+* At most one *live* attempt per order: a partial unique index on ``order_id`` over the
+  statuses ``creating``, ``unknown``, ``created`` and ``succeeded`` (on SQLite and on
+  PostgreSQL). Whatever the application code does, our tables can never hold two payable
+  PaymentIntents for one order; a new attempt needs the previous one ``canceled`` or
+  ``failed`` first.
+* A PaymentIntent belongs to at most one attempt (unique ``payment_intent_id``).
+* An Idempotency-Key is stored once per scope (unique ``(scope, key)``) with the SHA-256
+  fingerprint of the request it first came with, and the response to replay.
 """
 
 from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base, utcnow
+from models.ledger import CURRENCY, STRIPE_ID
+
+# -- attempts ----------------------------------------------------------------------------
+
+#: The Stripe call is in flight (phase 2); ``updated_at`` is when it was claimed.
+CREATING = "creating"
+#: The call's outcome is unknown (timeout, connection error, Stripe 5xx or 409, crash):
+#: resolved with the same key or a look-up at Stripe before anything new is created.
+UNKNOWN = "unknown"
+#: Stripe returned the PaymentIntent; it is payable (any status but canceled/succeeded).
+CREATED = "created"
+SUCCEEDED = "succeeded"
+CANCELED = "canceled"
+#: Stripe refused the create definitively and no PaymentIntent exists for the key.
+FAILED = "failed"
+
+#: Statuses that hold the order's one slot (see the partial unique index below).
+LIVE_ATTEMPT_STATUSES = (CREATING, UNKNOWN, CREATED, SUCCEEDED)
+ATTEMPT_STATUSES = (*LIVE_ATTEMPT_STATUSES, CANCELED, FAILED)
+
+_LIVE_SQL = "status IN ('creating', 'unknown', 'created', 'succeeded')"
+
+
+def attempt_key(order_id: str, attempt: int) -> str:
+    """The Stripe idempotency key of an attempt: stable, so a retry replays, never repeats."""
+    return f"order-{order_id}-pi-{attempt}"
+
+
+def attempt_status_for(payment_intent_status: str) -> str:
+    """The attempt status a PaymentIntent status means: Stripe has no ``failed`` status
+    (a declined PaymentIntent goes back to ``requires_payment_method`` and can still be
+    paid), so only ``succeeded`` and ``canceled`` end an attempt."""
+    if payment_intent_status == "succeeded":
+        return SUCCEEDED
+    if payment_intent_status == "canceled":
+        return CANCELED
+    return CREATED
+
+
+class PaymentAttempt(Base):
+    """One attempt to create the PaymentIntent of an order, in rocket-rides phases:
+    recorded ``creating`` and committed before Stripe is called, then updated with the
+    result in a transaction of its own."""
+
+    __tablename__ = "payment_attempts"
+    __table_args__ = (UniqueConstraint("order_id", "attempt", name="uq_payment_attempts_order_attempt"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    idempotency_key: Mapped[str] = mapped_column(String(255), unique=True)
+    # creating | unknown | created | succeeded | canceled | failed (see the constants)
+    status: Mapped[str] = mapped_column(String(16))
+    # The parameters sent to Stripe, kept so a retry with the same key sends exactly the
+    # same request (Stripe rejects a key reused with other parameters).
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(CURRENCY)
+    customer: Mapped[str | None] = mapped_column(STRIPE_ID)
+    payment_method: Mapped[str | None] = mapped_column(STRIPE_ID)
+    payment_intent_id: Mapped[str | None] = mapped_column(STRIPE_ID, unique=True)
+    # Handed back to the checkout backend on every answer for this PaymentIntent.
+    client_secret: Mapped[str | None] = mapped_column(String(512))
+    # How many times phase 2 was entered for this attempt (first call plus resolutions).
+    calls: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # For a ``creating`` attempt: when the Stripe call was (last) claimed.
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+# The backstop: at most one live attempt (so at most one payable PaymentIntent) per order.
+Index(
+    "uq_payment_attempts_one_live_per_order",
+    PaymentAttempt.order_id,
+    unique=True,
+    sqlite_where=text(_LIVE_SQL),
+    postgresql_where=text(_LIVE_SQL),
+)
+
+
+# -- Idempotency-Key replay store ----------------------------------------------------------
+
+IN_FLIGHT = "in_flight"
+DONE = "done"
+
+
+class IdempotencyRecord(Base):
+    """A client ``Idempotency-Key``: the fingerprint of the first request that used it and,
+    once answered, the response to replay. Expires after ``IDEMPOTENCY_KEY_TTL_HOURS``."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("scope", "key", name="uq_idempotency_keys_scope_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # Which endpoint family the key belongs to (e.g. "pay"); keys of different scopes
+    # never collide.
+    scope: Mapped[str] = mapped_column(String(64))
+    key: Mapped[str] = mapped_column(String(255))
+    # sha256 hex of method, path and canonical body.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    # in_flight | done
+    status: Mapped[str] = mapped_column(String(16))
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    response_body: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # For an in-flight key: when the request holding it started (a crashed holder is
+    # taken over after a while).
+    locked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

@@ -152,3 +152,19 @@ class Ledger:
 @pytest.fixture
 def ledger(session_factory) -> Ledger:  # type: ignore[no-untyped-def]
     return Ledger(session_factory)
+
+
+@pytest.fixture(scope="session")
+def stripe_double_server() -> Iterator[Any]:
+    """A Stripe double for PaymentIntents on 127.0.0.1 (see tests/stripe_double.py)."""
+    from tests.stripe_double import StripeDouble
+
+    with StripeDouble() as double:
+        yield double
+
+
+@pytest.fixture
+def stripe_double(stripe_double_server):  # type: ignore[no-untyped-def]
+    """The Stripe double, emptied for this test."""
+    stripe_double_server.reset()
+    return stripe_double_server

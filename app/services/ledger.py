@@ -338,7 +338,8 @@ def apply_payment_intent(
     session: Session, snapshot: PaymentIntentSnapshot, *, as_of: int, account: str | None
 ) -> PaymentIntent:
     """Upsert a PaymentIntent, apply the charges it carries, and link every charge of it
-    that arrived before we knew its order (late linking)."""
+    that arrived before we knew its order (late linking). A succeeded PaymentIntent marks
+    its order paid; the pay endpoint's attempt for it follows its status."""
     lock_key(session, "payment_intent", snapshot.id)
     inserted = insert_ignore(
         session,
@@ -401,8 +402,26 @@ def apply_payment_intent(
             order.amount_source = "metadata"
         if order.payment_intent_id is None:
             order.payment_intent_id = intent.id
-        refresh_order(session, intent.order_id)
+        order = refresh_order(session, intent.order_id)
+        if intent.status == "succeeded" and order.status == "pending":
+            # Current API versions name the charge only by id: until the charge's own
+            # event arrives, the PaymentIntent's success is what says the order is paid.
+            order.status = "paid"
+    _settle_payment_attempt(session, intent)
     return intent
+
+
+def _settle_payment_attempt(session: Session, intent: PaymentIntent) -> None:
+    """The pay endpoint's attempt for this PaymentIntent follows it: ``succeeded`` ends
+    the order's payment, ``canceled`` frees the order for a new attempt (``n + 1``), any
+    other status keeps it payable. An attempt already ended never comes back."""
+    from models.payments import CANCELED, FAILED, SUCCEEDED, PaymentAttempt, attempt_status_for
+
+    attempt = session.execute(
+        select(PaymentAttempt).where(PaymentAttempt.payment_intent_id == intent.id).with_for_update()
+    ).scalar_one_or_none()
+    if attempt is not None and attempt.status not in (SUCCEEDED, CANCELED, FAILED):
+        attempt.status = attempt_status_for(intent.status)
 
 
 # -- orders --------------------------------------------------------------------------------

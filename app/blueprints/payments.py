@@ -1,0 +1,119 @@
+"""``POST /orders/<order_id>/pay``: the order's one payable PaymentIntent (bearer token).
+
+Thin: checks the token, the ``Idempotency-Key`` header and the body, then hands over to
+:mod:`app.services.payments` (the phases) and :mod:`app.services.idempotency` (replay).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from flask import Blueprint, Response, request
+
+from app.blueprints.api import require_token
+from app.errors import error_response
+from app.factory import services
+from app.services import idempotency
+from app.services.payments import PayError, PaymentService, PayRequest
+from app.services.stripe_shapes import ORDER_ID
+
+bp = Blueprint("payments", __name__)
+bp.before_request(require_token)
+
+IDEMPOTENCY_SCOPE = "pay"
+_STRIPE_IDS = {
+    "payment_method": re.compile(r"^(pm|card|src)_[A-Za-z0-9_]{1,250}$"),
+    "customer": re.compile(r"^cus_[A-Za-z0-9_]{1,250}$"),
+}
+# Answers that say "try again", never replayed for an Idempotency-Key.
+_TRANSIENT_CODES = {"payment_in_progress"}
+
+
+@bp.post("/orders/<path:order_id>/pay")
+def pay(order_id: str):  # type: ignore[no-untyped-def]
+    try:
+        key = idempotency.validate_key(request.headers.get("Idempotency-Key"))
+    except idempotency.IdempotencyKeyError as exc:
+        return error_response(exc.http_status, exc.code, exc.message)
+    body, error = _parse_body()
+    if error is not None:
+        return error
+    assert body is not None
+    if not ORDER_ID.match(order_id):
+        # No order can have this id; same answer as an unknown one.
+        return error_response(404, "order_not_found", "No such order.")
+
+    svc = services()
+    held: idempotency.Claim | None = None
+    if key is not None:
+        try:
+            claimed = idempotency.claim(
+                svc.session_factory,
+                scope=IDEMPOTENCY_SCOPE,
+                key=key,
+                request_fingerprint=idempotency.fingerprint(request.method, request.path, body),
+                ttl_hours=svc.settings.idempotency_key_ttl_hours,
+            )
+        except idempotency.IdempotencyKeyError as exc:
+            return error_response(exc.http_status, exc.code, exc.message)
+        if isinstance(claimed, idempotency.Replay):
+            response = Response(claimed.body, status=claimed.status, mimetype="application/json")
+            response.headers["Idempotent-Replayed"] = "true"
+            return response
+        held = claimed
+
+    try:
+        status, payload, retry_after = _pay(svc, order_id, body)
+    except BaseException:
+        if held is not None:
+            idempotency.release(svc.session_factory, held)
+        raise
+    text = json.dumps(payload)
+    if held is not None:
+        if status >= 500 or payload.get("error") in _TRANSIENT_CODES:
+            idempotency.release(svc.session_factory, held)
+        else:
+            idempotency.finish(svc.session_factory, held, status, text)
+    response = Response(text, status=status, mimetype="application/json")
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
+def _pay(svc: Any, order_id: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], int | None]:
+    service = PaymentService(svc.settings, svc.session_factory, svc.gateway)
+    try:
+        result = service.pay(
+            PayRequest(order_id=order_id, customer=body.get("customer"), payment_method=body.get("payment_method"))
+        )
+    except PayError as exc:
+        extra = {k: v for k, v in exc.extra.items() if k != "retry_after"}
+        return exc.http_status, {"error": exc.code, "message": exc.message, **extra}, exc.extra.get("retry_after")
+    return result.http_status, result.body, None
+
+
+def _parse_body() -> tuple[dict[str, Any] | None, Any]:
+    """The JSON body as a dict (empty body: ``{}``), or an error answer."""
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        return {}, None
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None, error_response(400, "invalid_json", "The body must be a JSON object.")
+    if not isinstance(body, dict):
+        return None, error_response(400, "invalid_json", "The body must be a JSON object.")
+    unknown = set(body) - set(_STRIPE_IDS)
+    if unknown:
+        return None, error_response(400, "unknown_field", f"unknown field(s): {', '.join(sorted(unknown))}")
+    for name, pattern in _STRIPE_IDS.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not pattern.match(value):
+            return None, error_response(
+                400, f"invalid_{name}", f"{name} must be a Stripe {name.replace('_', ' ')} id.", field=name
+            )
+    return body, None

@@ -1,0 +1,277 @@
+"""A small Stripe for PaymentIntents, served on 127.0.0.1 by a threaded stdlib HTTP server,
+so the real stripe-python SDK talks to it over real sockets from many threads or processes.
+
+It behaves as Stripe does where the pay endpoint depends on it:
+
+* ``POST /v1/payment_intents`` creates a PaymentIntent in Stripe's real shape
+  (``tests.stripe_payloads.payment_intent``), after ``delay`` seconds (a slow Stripe makes
+  races visible). Idempotency-Key: the first result for a key is stored and replayed for the
+  same parameters, errors included; other parameters get a 400 ``idempotency_error``; a key
+  whose first request is still running gets a 409.
+* ``GET /v1/payment_intents/<id>``, ``POST /v1/payment_intents/<id>/cancel``, and
+  ``GET /v1/payment_intents`` (newest first, ``created[gt|gte]``, ``customer``, ``limit``,
+  ``starting_after``).
+
+``creates`` counts PaymentIntents actually created; ``create_requests`` counts every POST
+to the create endpoint (replays included). ``script`` queues misbehaviour for the next
+create requests (see :meth:`fail_next`).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import stripe
+
+from tests import stripe_payloads as p
+
+API_KEY = "sk_test_unit"
+
+
+class StripeDouble:
+    def __init__(self, *, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.lock = threading.Lock()
+        self.intents: dict[str, dict[str, Any]] = {}
+        self.creates = 0
+        self.create_requests = 0
+        self.requests: list[tuple[str, str]] = []  # (method, path) in arrival order
+        self.keys: dict[str, tuple[str, int, dict[str, Any]]] = {}  # key -> (params, status, body)
+        self.in_progress: set[str] = set()
+        self.script: collections.deque[dict[str, Any]] = collections.deque()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> "StripeDouble":
+        double = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                double._handle(self, "GET")
+
+            def do_POST(self) -> None:  # noqa: N802
+                double._handle(self, "POST")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._server.request_queue_size = 128
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> "StripeDouble":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def reset(self, *, delay: float = 0.0) -> None:
+        with self.lock:
+            self.delay = delay
+            self.intents.clear()
+            self.creates = 0
+            self.create_requests = 0
+            self.requests.clear()
+            self.keys.clear()
+            self.in_progress.clear()
+            self.script.clear()
+
+    def client(self, *, timeout: float = 10.0, max_network_retries: int = 0) -> stripe.StripeClient:
+        return stripe.StripeClient(
+            API_KEY,
+            base_addresses={"api": self.base_url},
+            http_client=stripe.RequestsClient(timeout=timeout),
+            max_network_retries=max_network_retries,
+        )
+
+    # -- test controls -----------------------------------------------------------------------
+
+    def fail_next(self, kind: str, **options: Any) -> None:
+        """Misbehave on the next create request:
+
+        * ``error``: answer ``status`` with ``error`` (Stripe's error object), creating
+          nothing; stored for the key unless ``store=False`` (a 500 from in front of
+          Stripe's API, before execution, is not stored);
+        * ``create_then_error``: create the PaymentIntent, then answer ``status`` (500) and
+          store that answer for the key (Stripe's worst case);
+        * ``slow``: take ``seconds`` (longer than the client's timeout), then create and
+          store the result as usual.
+        """
+        self.script.append({"kind": kind, **options})
+
+    def add_intent(self, **fields: Any) -> dict[str, Any]:
+        """A PaymentIntent that exists at Stripe without any request of ours."""
+        fields.setdefault("status", "requires_payment_method")
+        intent = p.payment_intent(**fields)
+        with self.lock:
+            self.intents[intent["id"]] = intent
+        return intent
+
+    def set_status(self, intent_id: str, status: str) -> None:
+        with self.lock:
+            self.intents[intent_id]["status"] = status
+
+    def count(self, method: str, path_prefix: str) -> int:
+        with self.lock:
+            return sum(1 for m, path in self.requests if m == method and path.startswith(path_prefix))
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    def _handle(self, handler: BaseHTTPRequestHandler, method: str) -> None:
+        url = urlsplit(handler.path)
+        length = int(handler.headers.get("Content-Length") or 0)
+        form = _nested(parse_qsl(handler.rfile.read(length).decode(), keep_blank_values=True)) if length else {}
+        query = _nested(parse_qsl(url.query, keep_blank_values=True))
+        with self.lock:
+            self.requests.append((method, url.path))
+        parts = [part for part in url.path.split("/") if part]
+        status, body, headers = 404, _error("invalid_request_error", "Unrecognized request URL", code="resource_missing"), {}
+        if parts[:2] == ["v1", "payment_intents"]:
+            if method == "POST" and len(parts) == 2:
+                status, body, headers = self._create(form, handler.headers.get("Idempotency-Key"))
+            elif method == "GET" and len(parts) == 2:
+                status, body = 200, self._list(query)
+            elif method == "GET" and len(parts) == 3:
+                status, body = self._retrieve(parts[2])
+            elif method == "POST" and len(parts) == 4 and parts[3] == "cancel":
+                status, body = self._cancel(parts[2])
+        payload = json.dumps(body).encode()
+        try:
+            handler.send_response(status)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(payload)))
+            handler.send_header("Request-Id", p.new_id("req"))
+            for name, value in headers.items():
+                handler.send_header(name, value)
+            handler.end_headers()
+            handler.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (a timeout test)
+
+    def _create(self, form: dict[str, Any], key: str | None) -> tuple[int, dict[str, Any], dict[str, str]]:
+        params = json.dumps(form, sort_keys=True)
+        with self.lock:
+            self.create_requests += 1
+            if key is not None:
+                if key in self.in_progress:
+                    return 409, _error("idempotency_error", "There is currently another in-progress request using this Idempotent Key."), {}
+                if key in self.keys:
+                    stored_params, status, body = self.keys[key]
+                    if stored_params != params:
+                        return 400, _error("idempotency_error", "Keys for idempotent requests can only be used with the same parameters they were first used with."), {}
+                    return status, body, {"Idempotent-Replayed": "true"}
+                self.in_progress.add(key)
+            action = self.script.popleft() if self.script else {"kind": "ok"}
+            delay = self.delay
+        try:
+            time.sleep(action.get("seconds", delay) if action["kind"] == "slow" else delay)
+            store = True
+            if action["kind"] == "error":
+                status, body = action.get("status", 500), {"error": action.get("error") or {"type": "api_error", "message": "boom"}}
+                store = action.get("store", True)
+            else:
+                intent = p.payment_intent(
+                    amount=int(form["amount"]),
+                    currency=form["currency"],
+                    status="requires_payment_method",
+                    customer=form.get("customer"),
+                    metadata=form.get("metadata") or {},
+                )
+                with self.lock:
+                    self.intents[intent["id"]] = intent
+                    self.creates += 1
+                status, body = 200, intent
+                if action["kind"] == "create_then_error":
+                    status, body = action.get("status", 500), {"error": {"type": "api_error", "message": "boom after create"}}
+            with self.lock:
+                if key is not None and store:
+                    self.keys[key] = (params, status, body)
+            return status, body, {}
+        finally:
+            with self.lock:
+                if key is not None:
+                    self.in_progress.discard(key)
+
+    def _list(self, query: dict[str, Any]) -> dict[str, Any]:
+        created = query.get("created") or {}
+        with self.lock:
+            intents = sorted(self.intents.values(), key=lambda i: (i["created"], i["id"]), reverse=True)
+        if "gt" in created:
+            intents = [i for i in intents if i["created"] > int(created["gt"])]
+        if "gte" in created:
+            intents = [i for i in intents if i["created"] >= int(created["gte"])]
+        if query.get("customer"):
+            intents = [i for i in intents if i["customer"] == query["customer"]]
+        if query.get("starting_after"):
+            ids = [i["id"] for i in intents]
+            intents = intents[ids.index(query["starting_after"]) + 1 :]
+        limit = int(query.get("limit") or 10)
+        return {"object": "list", "data": intents[:limit], "has_more": len(intents) > limit, "url": "/v1/payment_intents"}
+
+    def _retrieve(self, intent_id: str) -> tuple[int, dict[str, Any]]:
+        with self.lock:
+            intent = self.intents.get(intent_id)
+        if intent is None:
+            return 404, _error("invalid_request_error", f"No such payment_intent: '{intent_id}'", code="resource_missing")
+        return 200, intent
+
+    def _cancel(self, intent_id: str) -> tuple[int, dict[str, Any]]:
+        with self.lock:
+            intent = self.intents.get(intent_id)
+            if intent is None:
+                return 404, _error("invalid_request_error", f"No such payment_intent: '{intent_id}'", code="resource_missing")
+            intent["status"] = "canceled"
+            intent["canceled_at"] = int(time.time())
+        return 200, intent
+
+
+def card_declined() -> dict[str, Any]:
+    """Stripe's error object for a declined card."""
+    return {
+        "type": "card_error",
+        "code": "card_declined",
+        "decline_code": "generic_decline",
+        "message": "Your card was declined.",
+        "doc_url": "https://stripe.com/docs/error-codes/card-declined",
+    }
+
+
+def _error(kind: str, message: str, *, code: str | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"type": kind, "message": message}
+    if code:
+        error["code"] = code
+    return {"error": error}
+
+
+def _nested(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """``metadata[order_id]=x`` -> ``{"metadata": {"order_id": "x"}}`` (one level, as needed)."""
+    result: dict[str, Any] = {}
+    for name, value in pairs:
+        if "[" in name and name.endswith("]"):
+            outer, inner = name[:-1].split("[", 1)
+            result.setdefault(outer, {})[inner] = value
+        else:
+            result[name] = value
+    return result

@@ -13,6 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.errors import register_error_handlers
 from app.gateway import StripeGateway
 from app.services.ingest import WebhookIngestor
+from app.services.ratelimit import RateLimiter
+from app.services.refunds import RefundService
 from config import Settings
 from models import make_engine, make_session_factory
 from models.db import make_read_session_factory
@@ -29,6 +31,7 @@ class Services:
     read_session_factory: sessionmaker[Session]
     gateway: StripeGateway
     ingestor: WebhookIngestor
+    refunds: RefundService
 
 
 def create_app(
@@ -59,6 +62,8 @@ def create_app(
         read_session_factory=make_read_session_factory(session_factory.kw["bind"]),
         gateway=gateway,
         ingestor=WebhookIngestor(settings, session_factory),
+        # Finance approvals take the same phased refund path as the job.
+        refunds=RefundService(session_factory, gateway, limiter=RateLimiter(settings.stripe_rate_limit)),
     )
     if not settings.stripe_webhook_secrets:
         log.warning("STRIPE_WEBHOOK_SECRET is not set: webhooks will be refused with 503")

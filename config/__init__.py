@@ -64,6 +64,8 @@ class Settings:
     smtp_password: str | None = field(default=None, repr=False)
     alert_email_from: str | None = None
     alert_email_to: tuple[str, ...] = ()
+    # Review page users: (username, role, password hash); role is viewer or approver.
+    review_users: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -156,6 +158,7 @@ class Settings:
             alert_email_to=tuple(
                 a.strip() for a in (text("ALERT_EMAIL_TO") or "").split(",") if a.strip()
             ),
+            review_users=_parse_review_users(text("REVIEW_USERS")),
         )
         if settings.smtp_host and not (settings.alert_email_from and settings.alert_email_to):
             raise SettingsError("SMTP_HOST needs ALERT_EMAIL_FROM and ALERT_EMAIL_TO")
@@ -202,6 +205,28 @@ def _parse_bool(name: str, raw: str) -> bool:
     if value in _FALSE:
         return False
     raise SettingsError(f"{name} must be true or false, not {raw!r}")
+
+
+_USERNAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+
+
+def _parse_review_users(raw: str | None) -> tuple[tuple[str, str, str], ...]:
+    """``name:role:hash`` entries separated by commas or newlines (the hash is what
+    ``reconciler users hash-password`` prints; it may itself contain colons)."""
+    if raw is None:
+        return ()
+    users: list[tuple[str, str, str]] = []
+    for entry in re.split(r"[,\n]", raw):
+        entry = entry.strip()
+        if not entry:
+            continue
+        parts = entry.split(":", 2)
+        if len(parts) != 3 or not _USERNAME.match(parts[0]) or parts[1] not in ("viewer", "approver") or not parts[2]:
+            raise SettingsError("REVIEW_USERS entries are name:viewer|approver:password-hash")
+        if any(u[0] == parts[0] for u in users):
+            raise SettingsError(f"REVIEW_USERS names {parts[0]!r} twice")
+        users.append((parts[0], parts[1], parts[2]))
+    return tuple(users)
 
 
 def _parse_float(name: str, raw: str | None, default: float, *, minimum: float) -> float:

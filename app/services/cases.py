@@ -470,3 +470,15 @@ def report_rows(session: Session, *, since: datetime, until: datetime | None) ->
 def _spreadsheet_safe(text: str) -> str:
     # A cell starting with = + - @ is a formula to a spreadsheet (CSV injection).
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def report_csv(rows: list[dict[str, str]]) -> str:
+    """The report as CSV text (header row first), as the CLI prints it and the page serves it."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=REPORT_COLUMNS, lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()

@@ -295,6 +295,167 @@ def runs(limit: int) -> None:
             click.echo(f"       ! {error}")
 
 
+# -- review ----------------------------------------------------------------------------
+
+
+@main.group()
+def review() -> None:
+    """Duplicate cases: list, show, approve, dismiss."""
+
+
+def _review_services(settings: Settings):  # type: ignore[no-untyped-def]
+    from app.services.ratelimit import RateLimiter
+    from app.services.refunds import RefundService
+
+    engine, session_factory, gateway = _job_dependencies(settings)
+    return engine, session_factory, RefundService(session_factory, gateway, limiter=RateLimiter(settings.stripe_rate_limit))
+
+
+@review.command("list")
+@click.option("--status", type=click.Choice(["open", "refunding", "refunded", "dismissed", "failed"]))
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 200))
+def review_list(status: str | None, limit: int) -> None:
+    """Cases, open and failed first."""
+    from app.services.cases import CaseFilter, list_cases
+
+    settings = _settings()
+    engine, session_factory, _ = _job_dependencies(settings)
+    try:
+        with session_factory() as session:
+            page = list_cases(session, CaseFilter(status=status, per_page=limit))
+    finally:
+        engine.dispose()
+    if not page["cases"]:
+        click.echo("no cases")
+        return
+    click.echo(f"{'case':>5}  {'status':9}  {'order':24}  {'total':>14}  {'excess':>14}  {'proposed':>14}  why")
+    for case in page["cases"]:
+        excess = ", ".join(case["excess_display"].values()) or "-"
+        proposed = ", ".join(case["proposed_refunds_display"].values()) or "-"
+        why = "automatic" if case["automatic"] else (case["review_reasons"][0].split(":")[0] if case["review_reasons"] else "-")
+        click.echo(
+            f"{case['id']:>5}  {case['status']:9}  {case['order_id'][:24]:24}  {case['order_amount_display'] or 'unknown':>14}  "
+            f"{excess:>14}  {proposed:>14}  {why}"
+        )
+    click.echo(f"{page['total']} case(s); totals: " + "; ".join(f"{c.upper()} excess {t['excess_display']}, refunded {t['refunded_display']}" for c, t in page["totals"].items()))
+
+
+@review.command("show")
+@click.argument("case_id", type=int)
+def review_show(case_id: int) -> None:
+    """One case in full: charges, proposal, refunds, audit."""
+    from app.services.cases import case_view
+
+    settings = _settings()
+    engine, session_factory, _ = _job_dependencies(settings)
+    try:
+        with session_factory() as session:
+            view = case_view(session, case_id)
+    finally:
+        engine.dispose()
+    if view is None:
+        raise click.ClickException(f"no case {case_id}")
+    click.echo(f"case {view['id']}: {view['status']}   order {view['order_id']}  total {view['order_amount_display'] or 'unknown'}")
+    click.echo(f"  excess: {', '.join(view['excess_display'].values()) or '-'}   proposed refund: {', '.join(view['proposed_refunds_display'].values()) or '-'}")
+    for reason in view["review_reasons"]:
+        click.echo(f"  why: {reason}")
+    for charge in view["charges"]:
+        mark = "keeper" if charge["keeper"] else charge["role"]
+        card = f"{charge['card_brand'] or ''} {charge['card_last4'] or ''}".strip() or "-"
+        proposal = f"  propose refund {charge['proposed_refund_display']}" if charge["proposed_refund"] else ""
+        click.echo(
+            f"  {charge['id']}  {mark:9}  {charge['amount_display']:>12}  {charge['created_at'][:19]}  {card:12}  "
+            f"refunded {charge['refunded_display']}  held {charge['held_display']}{'  dispute ' + charge['dispute_status'] if charge['dispute_status'] else ''}{proposal}"
+        )
+    for attempt in view["attempts"]:
+        click.echo(f"  attempt {attempt['idempotency_key']}: {attempt['status']} {attempt['refund_id'] or ''} {attempt['error'] or ''}")
+    for entry in view["audit"]:
+        click.echo(f"  {entry['at'][:19]}  {entry['actor']}: {entry['action']}{'  — ' + entry['note'] if entry['note'] else ''}")
+
+
+@review.command("approve")
+@click.argument("case_id", type=int)
+@click.option("--by", "actor", required=True, help="Who approves (recorded in the audit log).")
+@click.option("--note")
+def review_approve(case_id: int, actor: str, note: str | None) -> None:
+    """Refund what the case proposes, through the phased refund path."""
+    from app.services.cases import CaseActionError, approve
+
+    settings = _settings()
+    engine, _, refunds = _review_services(settings)
+    try:
+        result = approve(refunds, case_id, actor=actor, note=note)
+    except CaseActionError as exc:
+        raise click.ClickException(f"{exc.code}: {exc.message}") from None
+    finally:
+        engine.dispose()
+    for outcome in result.outcomes:
+        click.echo(f"{outcome.charge_id}: {outcome.result} {outcome.amount} {outcome.currency} {outcome.refund_id or ''} {outcome.message or ''}".rstrip())
+    click.echo(f"case {case_id}: {result.status}")
+    if result.status not in ("refunded",):
+        sys.exit(1)
+
+
+@review.command("dismiss")
+@click.argument("case_id", type=int)
+@click.option("--by", "actor", required=True, help="Who dismisses (recorded in the audit log).")
+@click.option("--note", required=True, help="Why (required).")
+def review_dismiss(case_id: int, actor: str, note: str) -> None:
+    """Close a case without refunding."""
+    from app.services.cases import CaseActionError, dismiss
+
+    settings = _settings()
+    engine, session_factory, _ = _job_dependencies(settings)
+    try:
+        dismiss(session_factory, case_id, actor=actor, note=note)
+    except CaseActionError as exc:
+        raise click.ClickException(f"{exc.code}: {exc.message}") from None
+    finally:
+        engine.dispose()
+    click.echo(f"case {case_id}: dismissed")
+
+
+@main.command()
+@click.option("--since", required=True, help="Cases opened on or after this UTC date (YYYY-MM-DD).")
+@click.option("--until", help="... and before this UTC date (exclusive).")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
+def report(since: str, until: str | None, fmt: str) -> None:
+    """Cases, their charges and refunds, amounts (major units, with the currency) and who
+    decided, as CSV (opens cleanly in a spreadsheet) or JSON."""
+    import json
+
+    from app.services.cases import report_csv, report_rows
+
+    settings = _settings()
+    since_at, until_at = _parse_day(since), _parse_day(until)
+    engine, session_factory, _ = _job_dependencies(settings)
+    try:
+        with session_factory() as session:
+            rows = report_rows(session, since=since_at, until=until_at)  # type: ignore[arg-type]
+    finally:
+        engine.dispose()
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(report_csv(rows), nl=False)
+
+
+@main.group()
+def users() -> None:
+    """Review page users."""
+
+
+@users.command("hash-password")
+@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
+def users_hash_password(password: str) -> None:
+    """Print a password hash for REVIEW_USERS (name:role:hash)."""
+    from werkzeug.security import generate_password_hash
+
+    if len(password) < 12:
+        raise click.ClickException("use at least 12 characters")
+    click.echo(generate_password_hash(password))
+
+
 @main.command()
 def scheduler() -> None:
     """Run the scheduler process: the nightly pass at RECONCILE_CRON (UTC), and hourly

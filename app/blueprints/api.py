@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import hmac
+from dataclasses import asdict
 
 from flask import Blueprint, jsonify, request
 
 from app.errors import error_response
 from app.factory import services
+from app.services.cases import (
+    CaseActionError,
+    approve,
+    case_view,
+    dismiss,
+    list_cases,
+    parse_filter,
+    parse_refund_plan,
+    run_views,
+)
 from app.services.orders import (
     OrderError,
     OrderInput,
@@ -81,3 +92,88 @@ def list_events():  # type: ignore[no-untyped-def]
     with services().read_session_factory() as session:
         failures = unresolved_failures(session)
     return jsonify({"data": failures})
+
+
+# -- duplicate cases -----------------------------------------------------------------------
+
+
+def _actor() -> str:
+    """Who acts through the API: the ``X-Actor`` header (a finance tool names its user),
+    else "api". Recorded in the audit log; the bearer token is what authorises."""
+    actor = request.headers.get("X-Actor", "").strip()
+    if actor and len(actor) <= 255 and actor.isprintable():
+        return f"api:{actor}"
+    return "api"
+
+
+def _case_error(exc: CaseActionError):  # type: ignore[no-untyped-def]
+    return error_response(exc.http_status, exc.code, exc.message)
+
+
+@bp.get("/duplicates")
+def list_duplicates():  # type: ignore[no-untyped-def]
+    try:
+        case_filter = parse_filter(request.args)
+    except CaseActionError as exc:
+        return _case_error(exc)
+    with services().read_session_factory() as session:
+        return jsonify(list_cases(session, case_filter))
+
+
+@bp.get("/duplicates/<int:case_id>")
+def get_duplicate(case_id: int):  # type: ignore[no-untyped-def]
+    with services().read_session_factory() as session:
+        view = case_view(session, case_id)
+    if view is None:
+        return error_response(404, "case_not_found", f"No case {case_id}.")
+    return jsonify(view)
+
+
+@bp.post("/duplicates/<int:case_id>/refund")
+def refund_duplicate(case_id: int):  # type: ignore[no-untyped-def]
+    """Approve the case's proposed refund (no body, or ``{}``), or refund chosen charges:
+    ``{"refunds": [{"charge_id": "ch_...", "amount": 4999}], "note": "..."}``."""
+    body = _optional_json()
+    if isinstance(body, tuple):
+        return body
+    try:
+        plan = parse_refund_plan(body)
+        note = body.get("note") if isinstance(body, dict) else None
+        result = approve(services().refunds, case_id, actor=_actor(), plan=plan, note=note)
+    except CaseActionError as exc:
+        return _case_error(exc)
+    with services().read_session_factory() as session:
+        view = case_view(session, case_id)
+    return jsonify({"case": view, "outcomes": [asdict(o) for o in result.outcomes]})
+
+
+@bp.post("/duplicates/<int:case_id>/dismiss")
+def dismiss_duplicate(case_id: int):  # type: ignore[no-untyped-def]
+    body = _optional_json()
+    if isinstance(body, tuple):
+        return body
+    try:
+        dismiss(services().session_factory, case_id, actor=_actor(), note=(body or {}).get("note"))
+    except CaseActionError as exc:
+        return _case_error(exc)
+    with services().read_session_factory() as session:
+        return jsonify(case_view(session, case_id))
+
+
+@bp.get("/runs")
+def list_runs():  # type: ignore[no-untyped-def]
+    with services().read_session_factory() as session:
+        return jsonify({"data": run_views(session)})
+
+
+def _optional_json():  # type: ignore[no-untyped-def]
+    """The JSON object body, None when there is none, or a 400 response."""
+    if not request.get_data(cache=True):
+        return None
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:
+        body = None
+    if not isinstance(body, dict):
+        return error_response(400, "invalid_json", "The body must be a JSON object.")
+    return body

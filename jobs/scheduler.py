@@ -8,6 +8,8 @@ Jobs, each with an explicit id, ``coalesce=True`` (a backlog of missed runs runs
   reconcile`` by hand, a second scheduler by mistake) are kept out by the pass lock.
 * ``alerts``: every 10 minutes, alerts for refund failures and poison events that
   arrived since (a refund that fails days later should not wait for the night).
+* ``housekeeping``: hourly, deletes expired client ``Idempotency-Key`` records of the pay
+  endpoint (``IDEMPOTENCY_KEY_TTL_HOURS``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.gateway import StripeGateway
+from app.services.idempotency import purge_expired_idempotency_keys
 from config import Settings
 from jobs.alerts import Alerter, pending_alerts
 from jobs.reconcile import RunInProgress, run_reconciliation
@@ -60,7 +63,22 @@ def build_scheduler(
         replace_existing=True,
         **{**defaults, "misfire_grace_time": 600},
     )
+    scheduler.add_job(
+        housekeeping,
+        IntervalTrigger(hours=1, timezone=timezone.utc),
+        id="housekeeping",
+        name="expired Idempotency-Key records",
+        args=(session_factory,),
+        replace_existing=True,
+        **{**defaults, "misfire_grace_time": 3600},
+    )
     return scheduler
+
+
+def housekeeping(session_factory: sessionmaker[Session]) -> int:
+    removed = purge_expired_idempotency_keys(session_factory)
+    log.info("expired idempotency keys removed", extra={"removed": removed})
+    return removed
 
 
 def nightly_pass(settings: Settings, session_factory: sessionmaker[Session], gateway: StripeGateway) -> None:

@@ -53,6 +53,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.gateway import (
@@ -236,7 +237,16 @@ class PaymentService:
         deadline = self._monotonic() + self._settings.pay_wait_seconds
         rounds = 0
         while True:
-            decision = run_in_transaction(self._session_factory, lambda s: self._decide(s, request))
+            try:
+                decision = run_in_transaction(self._session_factory, lambda s: self._decide(s, request))
+            except IntegrityError:
+                # The unique constraints caught a race the lock should have prevented
+                # (another attempt became live meanwhile): decide again, it will be seen.
+                log.warning("pay: lost a race to the attempt constraints", extra={"order_id": request.order_id})
+                rounds += 1
+                if rounds > MAX_ROUNDS:
+                    raise _in_progress(request.order_id) from None
+                continue
             if isinstance(decision, _Paid):
                 raise PayError(409, "order_already_paid", f"Order {request.order_id} is already paid.")
             if isinstance(decision, _Wait):

@@ -463,3 +463,20 @@ def test_empty_body_and_empty_object_are_the_same_request(pay_client, stripe_dou
     second = pay_client.post("/orders/ord_empty/pay", json={}, headers={**AUTH, "Idempotency-Key": "k-empty"})
     assert first.status_code == second.status_code == 201
     assert second.headers.get("Idempotent-Replayed") == "true"
+
+
+def test_a_race_caught_by_the_constraints_is_decided_again_not_a_500(pay_client, stripe_double, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    new_order(pay_client, "ord_constraint_race")
+    original = payments_service.PaymentService._decide
+    raised: list[bool] = []
+
+    def lose_once(self, session, request):  # type: ignore[no-untyped-def]
+        if not raised:
+            raised.append(True)
+            raise IntegrityError("INSERT INTO payment_attempts", {}, Exception("unique violation"))
+        return original(self, session, request)
+
+    monkeypatch.setattr(payments_service.PaymentService, "_decide", lose_once)
+    response = pay(pay_client, "ord_constraint_race")
+    assert response.status_code == 201 and raised == [True]
+    assert stripe_double.creates == 1

@@ -15,6 +15,7 @@ Jobs, each with an explicit id, ``coalesce=True`` (a backlog of missed runs runs
 from __future__ import annotations
 
 import logging
+import re
 import signal
 from datetime import timezone
 from typing import Any
@@ -47,7 +48,7 @@ def build_scheduler(
     defaults = {"coalesce": True, "max_instances": 1, "misfire_grace_time": MISFIRE_GRACE_SECONDS}
     scheduler.add_job(
         nightly_pass,
-        CronTrigger.from_crontab(settings.reconcile_cron, timezone=timezone.utc),
+        cron_trigger(settings.reconcile_cron),
         id="reconcile",
         name="reconciliation pass",
         args=(settings, session_factory, gateway),
@@ -73,6 +74,23 @@ def build_scheduler(
         **{**defaults, "misfire_grace_time": 3600},
     )
     return scheduler
+
+
+_CRON_DAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+def cron_trigger(expression: str) -> CronTrigger:
+    """A trigger for a standard five-field cron expression, in UTC.
+
+    Trap: APScheduler 3 numbers weekdays from Monday = 0, while cron numbers them from
+    Sunday = 0 (and 7), and ``CronTrigger.from_crontab`` passes the numbers through, so
+    ``1-5`` would run Tuesday to Saturday. Numeric weekdays are turned into names first.
+    """
+    minute, hour, day, month, day_of_week = expression.split()
+    day_of_week = re.sub(r"\d+", lambda m: _CRON_DAYS[int(m.group())] if int(m.group()) < 8 else m.group(), day_of_week)
+    return CronTrigger(
+        minute=minute, hour=hour, day=day, month=month, day_of_week=day_of_week, timezone=timezone.utc
+    )
 
 
 def housekeeping(session_factory: sessionmaker[Session]) -> int:

@@ -26,3 +26,13 @@ def test_jobs_are_scheduled_with_coalesce_one_instance_and_grace() -> None:
         assert fire == datetime(2026, 11, 23, 3, 30, tzinfo=timezone.utc)
     finally:
         scheduler.shutdown(wait=False)
+
+
+def test_cron_weekdays_count_from_sunday_as_in_cron() -> None:
+    from jobs.scheduler import cron_trigger
+
+    saturday_noon = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
+    assert cron_trigger("0 2 * * 0").get_next_fire_time(None, saturday_noon).weekday() == 6  # Sunday
+    assert cron_trigger("0 2 * * 7").get_next_fire_time(None, saturday_noon).weekday() == 6
+    assert cron_trigger("0 2 * * 1").get_next_fire_time(None, saturday_noon).weekday() == 0  # Monday
+    assert cron_trigger("0 2 * * *").get_next_fire_time(None, saturday_noon) == datetime(2026, 11, 22, 2, 0, tzinfo=timezone.utc)

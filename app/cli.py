@@ -55,6 +55,7 @@ def serve(host: str, port: int, workers: int | None, migrate: bool | None) -> No
     """Run the web app under gunicorn."""
     settings = _settings()
     _ensure_schema(settings, migrate=settings.is_sqlite if migrate is None else migrate)
+    metrics_dir = _prepare_metrics_dir()
     from gunicorn.app.base import BaseApplication
 
     class Server(BaseApplication):  # type: ignore[misc]
@@ -73,6 +74,8 @@ def serve(host: str, port: int, workers: int | None, migrate: bool | None) -> No
                 "proc_name": "reconciler-web",
                 # Each worker builds its own engine after the fork (no shared connections).
                 "preload_app": False,
+                # prometheus-client multiprocess mode: a dead worker's live gauges go.
+                "child_exit": lambda server, worker: _metrics_child_exit(metrics_dir, worker.pid),
             }
             for key, value in options.items():
                 self.cfg.set(key, value)
@@ -83,6 +86,27 @@ def serve(host: str, port: int, workers: int | None, migrate: bool | None) -> No
             return create_app(settings)
 
     Server().run()
+
+
+def _prepare_metrics_dir() -> str:
+    """A fresh directory for prometheus-client's multiprocess files, named in
+    ``PROMETHEUS_MULTIPROC_DIR`` before the workers fork (the library reads it from there).
+    Stale files from an earlier run would add old counts, so it starts empty."""
+    import os
+    import shutil
+    import tempfile
+
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.path.join(tempfile.gettempdir(), f"reconciler-metrics-{os.getpid()}")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
+def _metrics_child_exit(path: str, pid: int) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, path)
 
 
 def _ensure_schema(settings: Settings, *, migrate: bool) -> None:

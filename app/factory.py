@@ -76,7 +76,44 @@ def create_app(
     app.register_blueprint(health.bp)
     app.register_blueprint(payments_blueprint.bp)  # POST /orders/<id>/pay
     register_error_handlers(app)
+    _record_request_metrics(app)
     return app
+
+
+def _record_request_metrics(app: Flask) -> None:
+    import time
+
+    from flask import g, request
+
+    from app import metrics
+
+    @app.before_request
+    def _start_timer() -> None:
+        g.request_started = time.perf_counter()
+
+    @app.after_request
+    def _observe(response):  # type: ignore[no-untyped-def]
+        started = g.pop("request_started", None)
+        endpoint = request.endpoint or "unmatched"
+        if started is not None:
+            metrics.REQUEST_SECONDS.labels(endpoint=endpoint, status=f"{response.status_code // 100}xx").observe(
+                time.perf_counter() - started
+            )
+        if endpoint == "payments.pay":
+            metrics.PAY_REQUESTS.labels(outcome=_pay_outcome(response)).inc()
+        return response
+
+
+def _pay_outcome(response) -> str:  # type: ignore[no-untyped-def]
+    if response.headers.get("Idempotent-Replayed") == "true":
+        return "replayed"
+    if response.status_code == 201:
+        return "created"
+    if response.status_code == 200:
+        return "existing"
+    body = response.get_json(silent=True) if response.is_json else None
+    code = body.get("error") if isinstance(body, dict) else None
+    return code if isinstance(code, str) and code.isidentifier() and len(code) < 40 else f"http_{response.status_code}"
 
 
 def services() -> Services:

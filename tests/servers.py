@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -54,3 +55,22 @@ def reconciler_serve(args: list[str], env: dict[str, str], log_path: Path, *, cw
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def wait_for_workers(base: str, log_path: Path, count: int, *, timeout: float = 30.0) -> set[str]:
+    """Keep the server busy with concurrent /healthz requests until ``count`` different
+    worker pids have answered (gunicorn workers load the app one by one; a test that
+    needs several processes must not start while only the first one is up)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    deadline = time.monotonic() + timeout
+    pattern = re.compile(r'pid=<(\d+)> .*"GET /healthz')
+    with ThreadPoolExecutor(max_workers=count * 2) as pool:
+        while True:
+            list(pool.map(lambda _: requests.get(f"{base}/healthz", timeout=5), range(count * 4)))
+            pids = set(pattern.findall(log_path.read_text()))
+            if len(pids) >= count:
+                return pids
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(pids)} of {count} workers answered in {timeout} s")
+            time.sleep(0.2)

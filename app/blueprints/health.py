@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, Response, jsonify
 from sqlalchemy import text
 
 from app.factory import services
@@ -22,3 +22,12 @@ def healthz():  # type: ignore[no-untyped-def]
         log.warning("health check failed: %s", type(exc).__name__)
         return jsonify({"status": "unavailable", "database": "unreachable"}), 503
     return jsonify({"status": "ok", "database": "ok"}), 200
+
+
+@bp.get("/metrics")
+def prometheus_metrics():  # type: ignore[no-untyped-def]
+    """Prometheus exposition: every worker's counters plus series read from the ledger.
+    Unauthenticated, like /healthz: bind the service to a private interface."""
+    from app import metrics
+
+    return Response(metrics.render(services().read_session_factory), mimetype=metrics.CONTENT_TYPE_LATEST)

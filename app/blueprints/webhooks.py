@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
+from app import metrics
 from app.errors import error_response
 from app.factory import services
 from app.services.ingest import IngestRejected
@@ -15,8 +16,13 @@ bp = Blueprint("webhooks", __name__)
 def stripe_webhook():  # type: ignore[no-untyped-def]
     # The signature covers the raw bytes: read them before anything parses the body.
     payload = request.get_data(cache=False)
-    try:
-        result = services().ingestor.ingest(payload, request.headers.get("Stripe-Signature"))
-    except IngestRejected as exc:
-        return error_response(exc.http_status, exc.code, exc.message)
+    with metrics.Timer() as timer:
+        try:
+            result = services().ingestor.ingest(payload, request.headers.get("Stripe-Signature"))
+        except IngestRejected as exc:
+            metrics.EVENTS.labels(type="unknown", outcome="rejected").inc()
+            return error_response(exc.http_status, exc.code, exc.message)
+    metrics.INGEST_SECONDS.observe(timer.seconds)
+    outcome = result.body.get("status") or ("failed" if result.http_status >= 500 else "rejected")
+    metrics.EVENTS.labels(type=result.event_type or "unknown", outcome=outcome).inc()
     return jsonify(result.body), result.http_status

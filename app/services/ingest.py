@@ -66,6 +66,7 @@ class IngestResult:
 
     http_status: int
     body: dict[str, Any] = field(default_factory=dict)
+    event_type: str | None = None  # for metrics and logs; not part of the answer
 
 
 class IngestRejected(Exception):
@@ -167,7 +168,7 @@ class WebhookIngestor:
             # A live Connect endpoint also receives test events; a 4xx would make Stripe
             # retry them for days. Acknowledge and leave no trace in the ledger.
             log.info("event of the other mode ignored", extra={"event_id": event.id, "event_type": event.type})
-            return IngestResult(200, {"status": "ignored", "reason": "livemode_mismatch", "event_id": event.id})
+            return IngestResult(200, {"status": "ignored", "reason": "livemode_mismatch", "event_id": event.id}, event.type)
 
         handler = self._handlers.get(event.type)
         text_payload = payload.decode("utf-8")
@@ -216,11 +217,12 @@ class WebhookIngestor:
                     "event_id": event.id,
                     "attempts": attempts,
                 },
+                event.type,
             )
         log.info(
             "event %s", outcome, extra={"event_id": event.id, "event_type": event.type, "object_id": _object_id(event.object)}
         )
-        return IngestResult(200, {"status": outcome, "event_id": event.id})
+        return IngestResult(200, {"status": outcome, "event_id": event.id}, event.type)
 
     def _record_failure(self, event: EventEnvelope, exc: BaseException) -> int | None:
         """Count the failed attempt outside the rolled-back transaction; never raises."""

@@ -20,7 +20,7 @@ from app.services import ingest
 from models import Charge, Order, StripeEvent
 from tests import stripe_payloads as p
 from tests.conftest import API_TOKEN, WEBHOOK_SECRET
-from tests.servers import reconciler_serve
+from tests.servers import reconciler_serve, wait_for_workers
 
 pytestmark = pytest.mark.postgres
 
@@ -151,6 +151,7 @@ def served(database_url, session_factory, tmp_path):  # type: ignore[no-untyped-
         "LOG_LEVEL": "WARNING",
     }
     with reconciler_serve(["--workers", "4", "--no-migrate"], env, log_path) as base:
+        wait_for_workers(base, log_path, 2)
         yield base, log_path
 
 

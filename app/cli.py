@@ -26,7 +26,7 @@ def _settings() -> Settings:
         raise click.UsageError(f"configuration error: {exc}") from None
     from app.logs import configure_logging
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     return settings
 
 

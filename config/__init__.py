@@ -45,6 +45,7 @@ class Settings:
     secret_key: str | None = field(default=None, repr=False)
     api_token: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
+    log_format: str = "auto"  # json | text | auto (text on a terminal)
     # Pay endpoint: how long a client Idempotency-Key is replayed, and how long a request
     # waits for another request's PaymentIntent creation before answering 409.
     idempotency_key_ttl_hours: int = 24
@@ -127,6 +128,7 @@ class Settings:
             secret_key=text("SECRET_KEY"),
             api_token=text("API_TOKEN"),
             log_level=(text("LOG_LEVEL") or "INFO").upper(),
+            log_format=_parse_choice("LOG_FORMAT", text("LOG_FORMAT") or "auto", ("auto", "json", "text")),
             idempotency_key_ttl_hours=_parse_int(
                 "IDEMPOTENCY_KEY_TTL_HOURS", text("IDEMPOTENCY_KEY_TTL_HOURS"), 24, minimum=1
             ),

@@ -72,7 +72,7 @@ def _clean_environ(env: dict[str, str]) -> dict[str, str]:
 
 @pytest.fixture
 def service(env: dict[str, str], session_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:  # type: ignore[no-untyped-def]
-    # reconciler_serve layers env over os.environ: keep stray alert/Stripe settings out.
+    # reconciler_serve layers env over os.environ: keep stray alert settings out.
     for key in list(os.environ):
         if key.startswith(("ALERT_", "SMTP_")):
             monkeypatch.delenv(key)

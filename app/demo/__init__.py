@@ -1,0 +1,303 @@
+"""``reconciler demo``: the whole flow in a minute, on a throwaway SQLite database.
+
+1. A Stripe on 127.0.0.1: the stripe-stateful-mock emulator when the dev setup installed
+   it (Node.js), else the built-in :mod:`app.demo.simulated_stripe`.
+2. The service under its production server (``reconciler serve``) on a free local port.
+3. Orders through the API; payments at "Stripe": a double click, two tabs, a triple click
+   in yen, a legitimate single payment, a legitimate split payment, and an ambiguous
+   overpayment.
+4. Signed webhooks for those charges, as Stripe sends them, with one delivered twice and
+   one never delivered (backfill must find it).
+5. One reconciliation pass in auto mode, in this process.
+6. A summary read back from the database, and the review page's URL with demo
+   credentials (``--serve`` keeps everything running until Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import requests
+from sqlalchemy import func, select
+
+ROOT = Path(__file__).resolve().parents[2]
+EMULATOR_DIR = ROOT / "tests" / "emulator" / "stateful_mock"
+
+WEBHOOK_SECRET = "whsec_demo_" + "0" * 24
+API_KEY = "sk_test_demo_reconciler"
+
+# (order id, total, currency, charge amounts, what a person should expect)
+SCENARIOS: list[tuple[str, int, str, list[int], str]] = [
+    ("demo-double-click", 4999, "usd", [4999, 4999], "double click: the second charge is refunded (its webhook never arrived)"),
+    ("demo-two-tabs", 12000, "eur", [12000, 12000], "two tabs: the later charge is refunded (one webhook delivered twice)"),
+    ("demo-triple-yen", 5000, "jpy", [5000, 5000, 5000], "triple click in yen: two charges refunded"),
+    ("demo-single", 2500, "usd", [2500], "a normal payment: nothing to do"),
+    ("demo-split", 10000, "usd", [6000, 4000], "deposit and balance: exactly the total, nothing to do"),
+    ("demo-overpaid", 5000, "usd", [5000, 1500], "5000 + 1500 on a 5000 order: not a clear duplicate, flagged for finance"),
+]
+MISSED = ("demo-double-click", 1)  # (order, charge index) whose webhook is never delivered
+REDELIVERED = ("demo-two-tabs", 0)  # delivered twice
+
+
+@dataclass
+class DemoSummary:
+    stripe: str
+    database: str
+    events_sent: int = 0
+    events_processed: int = 0
+    events_duplicate: int = 0
+    charges_in_ledger: int = 0
+    charges_backfilled: int = 0
+    cases: dict[str, str] = field(default_factory=dict)  # order -> case status
+    refunds: list[dict[str, Any]] = field(default_factory=list)
+    refunded_by_currency: dict[str, int] = field(default_factory=dict)
+    review_url: str = ""
+    username: str = "demo"
+    password: str = ""
+
+
+def run_demo(
+    *,
+    out: Callable[[str], None] = print,
+    serve_after: bool = False,
+    database_path: Path | None = None,
+    stripe_choice: str = "auto",
+) -> DemoSummary:
+    from config import Settings
+    from models.migrate import upgrade
+
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reconciler-demo-")))
+        db_path = database_path or workdir / "demo.db"
+        if db_path.exists():
+            db_path.unlink()
+        database_url = f"sqlite:///{db_path}"
+        upgrade(database_url)
+
+        stripe_name, stripe_base = stack.enter_context(_stripe(stripe_choice, workdir))
+        out(f"Stripe: {stripe_name} at {stripe_base}")
+        password = secrets.token_urlsafe(9)
+        token = secrets.token_urlsafe(24)
+        env = {
+            "DATABASE_URL": database_url,
+            "STRIPE_API_KEY": API_KEY,
+            "STRIPE_API_BASE": stripe_base,
+            "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "STRIPE_MAX_NETWORK_RETRIES": "0",
+            "API_TOKEN": token,
+            "SECRET_KEY": secrets.token_hex(32),
+            "REVIEW_USERS": f"demo:approver:{_hash(password)}",
+            "REFUND_MODE": "auto",
+            "LOG_LEVEL": "WARNING",
+            "LOG_FORMAT": "json",
+        }
+        base = stack.enter_context(_service(env, workdir / "serve.log"))
+        out(f"Service: {base} (log: {workdir / 'serve.log'})")
+        summary = DemoSummary(stripe=stripe_name, database=str(db_path), password=password, review_url=f"{base}/review")
+
+        api = requests.Session()
+        api.headers["Authorization"] = f"Bearer {token}"
+        stripe_http = requests.Session()
+        stripe_http.auth = (API_KEY, "")
+        out("\nOrders and payments:")
+        for order_id, total, currency, amounts, story in SCENARIOS:
+            api.post(f"{base}/api/orders", json={"id": order_id, "amount": total, "currency": currency}, timeout=10).raise_for_status()
+            for index, amount in enumerate(amounts):
+                charge = _create_charge(stripe_http, stripe_base, order_id, amount, currency)
+                deliveries = 0 if (order_id, index) == MISSED else 2 if (order_id, index) == REDELIVERED else 1
+                event = _event(charge)
+                for _ in range(deliveries):
+                    status = _deliver(base, event)
+                    summary.events_sent += 1
+                    summary.events_processed += status == "processed"
+                    summary.events_duplicate += status == "duplicate"
+            out(f"  {order_id:18} {_money(total, currency):>12}  charged {' + '.join(_money(a, currency) for a in amounts)}")
+            out(f"  {'':18} {'':>12}  {story}")
+
+        out("\nReconciliation pass (auto mode)...")
+        settings = Settings.from_env(env)
+        run = _reconcile(settings)
+        summary.charges_backfilled = run.backfill.get("charges", 0)
+        _read_back(settings, summary)
+        _print_summary(summary, run, out)
+        if not serve_after:
+            kept = f"kept at {db_path}" if database_path else "deleted now"
+            out(f"(The service and Stripe stop now and the database is {kept}; `reconciler demo --serve` keeps them running.)")
+        if serve_after:
+            out(f"\nThe service keeps running: open {summary.review_url} and log in as demo / {password}")
+            out("Ctrl-C stops it and deletes the demo database.")
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(3600)
+        return summary
+
+
+def _reconcile(settings):  # type: ignore[no-untyped-def]
+    from app.gateway import StripeGateway
+    from jobs.reconcile import run_reconciliation
+    from models import make_engine, make_session_factory
+
+    engine = make_engine(settings.database_url)
+    try:
+        return run_reconciliation(make_session_factory(engine), StripeGateway.from_settings(settings), settings, mode="auto")
+    finally:
+        engine.dispose()
+
+
+def _read_back(settings, summary: DemoSummary) -> None:  # type: ignore[no-untyped-def]
+    """The summary's figures, from the database (not from what the demo thinks it did)."""
+    from models import Charge, DuplicateCase, RefundAttempt, StripeEvent, make_engine, make_session_factory
+
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            summary.charges_in_ledger = session.scalar(select(func.count()).select_from(Charge)) or 0
+            summary.cases = {c.order_id: c.status for c in session.scalars(select(DuplicateCase).order_by(DuplicateCase.id))}
+            for attempt in session.scalars(select(RefundAttempt).where(RefundAttempt.status == "succeeded").order_by(RefundAttempt.id)):
+                summary.refunds.append({"order_id": attempt.order_id, "charge_id": attempt.charge_id, "amount": attempt.amount, "currency": attempt.currency, "refund_id": attempt.refund_id})
+                summary.refunded_by_currency[attempt.currency] = summary.refunded_by_currency.get(attempt.currency, 0) + attempt.amount
+            stored = session.scalar(select(func.count()).select_from(StripeEvent)) or 0
+            assert stored == summary.events_processed, "every processed delivery is one stored event"
+    finally:
+        engine.dispose()
+
+
+def _print_summary(summary: DemoSummary, run, out: Callable[[str], None]) -> None:  # type: ignore[no-untyped-def]
+    out("\nWhat happened:")
+    out(f"  webhooks: {summary.events_sent} deliveries, {summary.events_processed} events stored and applied, {summary.events_duplicate} duplicate delivery acknowledged and ignored")
+    out(f"  backfill: {summary.charges_backfilled} charges read from Stripe; the ledger now holds {summary.charges_in_ledger} (one only Stripe knew about)")
+    refunded = ", ".join(_money(v, c) for c, v in sorted(summary.refunded_by_currency.items())) or "nothing"
+    out(f"  refunded automatically: {len(summary.refunds)} duplicate charge(s), {refunded}")
+    for refund in summary.refunds:
+        out(f"    {refund['order_id']:18} {refund['charge_id']}  {_money(refund['amount'], refund['currency'])}  ({refund['refund_id']})")
+    flagged = [o for o, s in summary.cases.items() if s == "open"]
+    out(f"  flagged for finance: {', '.join(flagged) or 'none'}")
+    out(f"  run {run.run_id}: {run.status}" + (f" ({'; '.join(run.errors)})" if run.errors else ""))
+    out(f"\nReview page: {summary.review_url}   user: demo   password: {summary.password}")
+    out(f"Database: {summary.database}")
+
+
+@contextlib.contextmanager
+def _stripe(choice: str, workdir: Path) -> Iterator[tuple[str, str]]:
+    node = shutil.which("node")
+    emulator_ready = node is not None and (EMULATOR_DIR / "node_modules" / "stripe-stateful-mock").is_dir()
+    if choice == "emulator" and not emulator_ready:
+        raise RuntimeError("stripe-stateful-mock is not installed: run scripts/setup-dev.sh (needs Node.js)")
+    if choice in ("auto", "emulator") and emulator_ready:
+        log = open(workdir / "stripe.log", "wb")
+        process = subprocess.Popen(
+            [node, str(EMULATOR_DIR / "launch.js"), "--port", "0", "--parent-pid", str(os.getpid())],  # type: ignore[list-item]
+            cwd=str(EMULATOR_DIR), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+        )
+        try:
+            line = process.stdout.readline().decode().strip()  # type: ignore[union-attr]
+            if not line.startswith("STATEFUL_MOCK_READY "):
+                raise RuntimeError(f"the Stripe emulator did not start: {line!r}")
+            yield "stripe-stateful-mock emulator", line.split(" ", 1)[1]
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+            log.close()
+        return
+    from app.demo.simulated_stripe import SimulatedStripe
+
+    with SimulatedStripe() as simulated:
+        yield "built-in simulated Stripe", simulated.base_url
+
+
+@contextlib.contextmanager
+def _service(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2", "--no-migrate"],
+            cwd=str(ROOT), env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the service did not start; see {log_path}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _create_charge(http: requests.Session, stripe_base: str, order_id: str, amount: int, currency: str) -> dict[str, Any]:
+    """What the merchant's checkout does: charge the card (the emulator's test token)."""
+    response = http.post(
+        f"{stripe_base}/v1/charges",
+        data={"amount": amount, "currency": currency, "source": "tok_visa", "metadata[order_id]": order_id},
+        timeout=10,
+    )
+    response.raise_for_status()
+    return response.json()
+
+
+def _event(charge: dict[str, Any]) -> bytes:
+    """A ``charge.succeeded`` event around Stripe's own charge object, as Stripe sends it."""
+    event = {
+        "id": f"evt_demo{secrets.token_hex(10)}",
+        "object": "event",
+        # The emulators render charges with their refunds embedded: the older shape.
+        "api_version": "2020-08-27",
+        "created": int(charge["created"]),
+        "data": {"object": charge},
+        "livemode": False,
+        "pending_webhooks": 1,
+        "request": {"id": f"req_demo{secrets.token_hex(6)}", "idempotency_key": None},
+        "type": "charge.succeeded",
+    }
+    return json.dumps(event, indent=2).encode()
+
+
+def _deliver(base: str, body: bytes) -> str:
+    """Post ``body`` signed as Stripe signs webhooks (``t=...,v1=HMAC-SHA256``)."""
+    timestamp = int(time.time())
+    signature = hmac.new(WEBHOOK_SECRET.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    response = requests.post(
+        f"{base}/webhooks/stripe",
+        data=body,
+        headers={"Stripe-Signature": f"t={timestamp},v1={signature}", "Content-Type": "application/json"},
+        timeout=10,
+    )
+    response.raise_for_status()
+    return response.json()["status"]
+
+
+def _hash(password: str) -> str:
+    from werkzeug.security import generate_password_hash
+
+    return generate_password_hash(password)
+
+
+def _money(amount: int, currency: str) -> str:
+    from models.money import format_amount
+
+    return format_amount(amount, currency)

@@ -411,6 +411,12 @@ def _record_attempt(
     )
     for attempt in existing:
         if attempt.status == "recorded":
+            if attempt.amount != amount:
+                # Its call may have reached Stripe: it must finish before another amount.
+                raise RefundRefused(
+                    "refund_in_flight",
+                    f"{charge.id} has an unfinished refund of {attempt.amount} ({attempt.idempotency_key})",
+                )
             attempt.case_id = case.id
             return attempt
     n = (existing[-1].n + 1) if existing else 1

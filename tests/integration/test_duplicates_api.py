@@ -212,3 +212,19 @@ def test_report_cells_cannot_become_formulas(api, auth, open_cases, run_cli) -> 
     rows = list(csv.DictReader(io.StringIO(run_cli("report", "--since", "2000-01-01").output)))
     note = next(r["note"] for r in rows if r["order_id"] == "ord_over")
     assert note.startswith("'=")
+
+
+def test_cli_reconcile_runs_and_a_second_pass_is_refused(run_cli, stripe_api, session_factory, ledger) -> None:  # type: ignore[no-untyped-def]
+    from jobs.lease import exclusive_pass
+
+    _double_click(stripe_api, session_factory)
+    with exclusive_pass(session_factory):
+        refused = run_cli("reconcile", "--mode", "auto")
+    assert refused.exit_code == 3 and "another reconcile pass is running" in refused.output
+    assert stripe_api.refund_requests == []
+    ran = run_cli("reconcile", "--mode", "auto", "--json")
+    assert ran.exit_code == 0, ran.output
+    report = json.loads(ran.output)
+    assert report["status"] == "succeeded" and report["counts"]["refunds_issued"] == 1
+    runs = run_cli("runs")
+    assert "auto" in runs.output and "succeeded" in runs.output

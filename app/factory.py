@@ -68,13 +68,14 @@ def create_app(
     if not settings.stripe_webhook_secrets:
         log.warning("STRIPE_WEBHOOK_SECRET is not set: webhooks will be refused with 503")
 
-    from app.blueprints import api, health, webhooks
+    from app.blueprints import api, health, review, webhooks
     from app.blueprints import payments as payments_blueprint
 
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(payments_blueprint.bp)  # POST /orders/<id>/pay
+    app.register_blueprint(review.bp)  # /review: the finance review page (HTML, login)
     register_error_handlers(app)
     _record_request_metrics(app)
     return app

@@ -1,0 +1,473 @@
+"""The finance review page under ``/review``: server-rendered HTML for people, no JavaScript.
+
+Thin on purpose: reading and deciding are :mod:`app.services.cases`, users and roles are
+:mod:`app.services.auth`. This module owns the web-only parts and guarantees:
+
+* Every route but the login form needs a logged-in user; anyone else gets a 302 to the
+  login page with a ``next`` that can only be a local ``/review`` path (no open redirect).
+* Every POST (login and logout included) carries the session's CSRF token, compared with
+  :func:`hmac.compare_digest`; a missing or wrong token is a 400 page and nothing changes.
+* Decisions (approve, refund, dismiss, reopen) need the ``approver`` role (a viewer gets a
+  403 page); the actor in the audit log is the logged-in username.
+* Pages are HTML, errors included (404, 400, 422, 500), with a strict Content-Security-Policy,
+  ``X-Frame-Options: DENY``, ``Referrer-Policy: same-origin`` and ``Cache-Control: no-store``.
+
+The session cookie (Flask's signed cookie, key ``SECRET_KEY``) is HttpOnly and
+SameSite=Lax, and Secure except when the app is testing, when
+``REVIEW_INSECURE_COOKIES`` is set, or when the request itself is plain http to a
+loopback host (127.0.0.1, localhost, ::1): a browser never sends a Secure cookie over
+http, so without that exception nobody could log in to ``reconciler serve`` on
+http://127.0.0.1, and such traffic never leaves the machine. Behind a TLS-terminating
+proxy the Host is the public name, so the cookie is Secure there.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import secrets
+import time
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    flash,
+    g,
+    has_request_context,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from flask.sessions import SecureCookieSessionInterface
+from werkzeug.exceptions import HTTPException
+
+from app.factory import services
+from app.services.auth import ReviewUser, UserDirectory
+from app.services.cases import (
+    CaseActionError,
+    approve,
+    case_view,
+    dismiss,
+    list_cases,
+    parse_filter,
+    reopen,
+    report_csv,
+    report_rows,
+)
+from app.services.refunds import PlannedRefund
+from models import CASE_STATUSES
+from models.money import MoneyError, check_amount, decimals, format_amount
+
+bp = Blueprint("review", __name__, url_prefix="/review")
+
+CSRF_FIELD = "csrf_token"
+# A login lasts a working day; after that the next request asks again.
+SESSION_MAX_AGE = 12 * 3600
+_LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+_MAJOR_AMOUNT = re.compile(r"^\d{1,15}(\.\d{1,6})?$")
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; style-src 'self' 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
+
+
+# -- session cookie ------------------------------------------------------------------------
+
+
+class ReviewSessionInterface(SecureCookieSessionInterface):
+    """Flask's signed-cookie session, Secure unless the request is plain http to loopback
+    (or the app is testing, or ``REVIEW_INSECURE_COOKIES`` is set)."""
+
+    def get_cookie_secure(self, app: Flask) -> bool:  # type: ignore[override]
+        if app.testing or app.config.get("REVIEW_INSECURE_COOKIES"):
+            return False
+        if has_request_context() and request.scheme == "http" and _request_hostname() in _LOOPBACK_HOSTS:
+            return False
+        return True
+
+
+def _request_hostname() -> str:
+    host = request.host.lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if ":" in host else host
+
+
+@bp.record_once
+def _configure_app(state: Any) -> None:
+    app: Flask = state.app
+    app.config.update(SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Lax")
+    app.session_interface = ReviewSessionInterface()
+    app.extensions["review_users"] = UserDirectory(services_for(app).settings.review_users)
+
+
+def services_for(app: Flask):  # type: ignore[no-untyped-def]
+    return app.extensions["reconciler"]
+
+
+def _directory() -> UserDirectory:
+    from flask import current_app
+
+    return current_app.extensions["review_users"]
+
+
+# -- login, CSRF, roles --------------------------------------------------------------------
+
+
+def csrf_token() -> str:
+    """The session's CSRF token, made on first use; every form carries it."""
+    token = session.get("csrf")
+    if not isinstance(token, str) or len(token) < 32:
+        token = secrets.token_urlsafe(32)
+        session["csrf"] = token
+    return token
+
+
+def _csrf_ok() -> bool:
+    expected = session.get("csrf")
+    sent = request.form.get(CSRF_FIELD, "")
+    if not isinstance(expected, str) or not expected or not sent:
+        return False
+    return hmac.compare_digest(sent.encode(), expected.encode())
+
+
+def current_user() -> ReviewUser | None:
+    """The logged-in user as configured now, or None (never logged in, expired, removed)."""
+    if "review_user" in g:
+        return g.review_user
+    user = None
+    logged_in_at = session.get("login_at")
+    if isinstance(logged_in_at, (int, float)) and 0 <= time.time() - logged_in_at < SESSION_MAX_AGE:
+        user = _directory().get(session.get("user"))
+    g.review_user = user
+    return user
+
+
+def _safe_next(target: str | None) -> str:
+    """``target`` when it is a local /review path, else the list page."""
+    default = url_for("review.cases")
+    if not target or len(target) > 2000 or "\\" in target or any(ord(c) < 32 for c in target):
+        return default
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith("/review") or target.startswith("//"):
+        return default
+    return target
+
+
+@bp.before_request
+def _guard():  # type: ignore[no-untyped-def]
+    public = request.endpoint in ("review.login", "review.login_form")
+    if not public and current_user() is None:
+        target = request.full_path if request.method == "GET" else request.path
+        return redirect(url_for("review.login_form", next=target.rstrip("?")), 302)
+    if request.method == "POST" and not _csrf_ok():
+        return _page("error.html", 400, title="Form expired", message="The form was missing its security token or it did not match. Reload the page and try again; nothing was changed.")
+    return None
+
+
+def _require_approver():  # type: ignore[no-untyped-def]
+    user = current_user()
+    if user is None or not user.can_decide:
+        return _page("error.html", 403, title="Not allowed", message="Only approvers can take decisions on cases. Nothing was changed.")
+    return None
+
+
+@bp.after_request
+def _security_headers(response: Response) -> Response:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers[name] = value
+    response.vary.add("Cookie")
+    return response
+
+
+@bp.app_template_filter("money")
+def _money(amount: int | None, currency: str) -> str:
+    return "—" if amount is None else format_amount(amount, currency)
+
+
+@bp.app_template_global("csrf_token")
+def _csrf_token_global() -> str:
+    return csrf_token()
+
+
+def _page(template: str, status: int = 200, **context: Any):  # type: ignore[no-untyped-def]
+    return render_template(f"review/{template}", user=current_user(), statuses=CASE_STATUSES, **context), status
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(exc: HTTPException):  # type: ignore[no-untyped-def]
+    status = exc.code or 500
+    return _page("error.html", status, title=exc.name, message=exc.description or exc.name)
+
+
+@bp.errorhandler(Exception)
+def _unexpected(exc: Exception):  # type: ignore[no-untyped-def]
+    import logging
+
+    logging.getLogger(__name__).exception("review page error")
+    return _page("error.html", 500, title="Something went wrong", message="Something went wrong on our side. Nothing you did caused it; try again in a moment.")
+
+
+@bp.get("/login")
+def login_form():  # type: ignore[no-untyped-def]
+    if current_user() is not None:
+        return redirect(_safe_next(request.args.get("next")), 302)
+    return _page("login.html", next=_safe_next(request.args.get("next")), configured=bool(_directory()))
+
+
+@bp.post("/login")
+def login():  # type: ignore[no-untyped-def]
+    user = _directory().authenticate(request.form.get("username"), request.form.get("password"))
+    target = _safe_next(request.form.get("next"))
+    if user is None:
+        return _page(
+            "login.html",
+            401,
+            error="Invalid username or password",
+            next=target,
+            username=(request.form.get("username") or "")[:255],
+            configured=bool(_directory()),
+        )
+    # A new session on login: nothing from before (a planted token or id) survives.
+    session.clear()
+    session["user"] = user.username
+    session["login_at"] = int(time.time())
+    session["csrf"] = secrets.token_urlsafe(32)
+    g.pop("review_user", None)
+    return redirect(target, 303)
+
+
+@bp.post("/logout")
+def logout():  # type: ignore[no-untyped-def]
+    session.clear()
+    g.pop("review_user", None)
+    flash("You are logged out.")
+    return redirect(url_for("review.login_form"), 303)
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+@bp.get("/", endpoint="cases_slash")
+@bp.get("")
+def cases():  # type: ignore[no-untyped-def]
+    try:
+        case_filter = parse_filter(request.args)
+    except CaseActionError as exc:
+        return _page("error.html", exc.http_status, title="Check the filters", message=exc.message, back=url_for("review.cases"))
+    with services().read_session_factory() as db:
+        listing = list_cases(db, case_filter)
+    pages = max(1, -(-listing["total"] // listing["per_page"]))
+    filters = {k: (request.args.get(k) or "").strip() for k in ("status", "currency", "from", "until")}
+    kept = {k: v for k, v in filters.items() if v}
+    if case_filter.per_page != 25:
+        kept["per_page"] = str(case_filter.per_page)
+
+    def page_url(number: int) -> str:
+        return url_for("review.cases") + "?" + urlencode({**kept, "page": number})
+
+    today = datetime.now(timezone.utc).date()
+    return _page(
+        "list.html",
+        listing=listing,
+        filters=filters,
+        pages=pages,
+        page_url=page_url,
+        report_since=filters["from"] or (today - timedelta(days=30)).isoformat(),
+        report_until=filters["until"] or today.isoformat(),
+    )
+
+
+@bp.get("/cases/<int:case_id>")
+def case_page(case_id: int):  # type: ignore[no-untyped-def]
+    return _render_case(case_id)
+
+
+def _render_case(case_id: int, status: int = 200, *, error: str | None = None, form: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    with services().read_session_factory() as db:
+        view = case_view(db, case_id)
+    if view is None:
+        return _page("error.html", 404, title="No such case", message=f"There is no case {case_id}.", back=url_for("review.cases"))
+    return _page("case.html", status, case=view, error=error, form=form or {})
+
+
+@bp.route("/<path:anything>", methods=["GET", "POST"])
+def not_found(anything: str):  # type: ignore[no-untyped-def]
+    return _page("error.html", 404, title="Not found", message="There is no such page.", back=url_for("review.cases"))
+
+
+@bp.get("/report.csv")
+def report():  # type: ignore[no-untyped-def]
+    try:
+        since = _day(request.args.get("since"), "since", required=True)
+        until = _day(request.args.get("until"), "until", required=False)
+    except CaseActionError as exc:
+        return _page("error.html", 400, title="Check the report dates", message=exc.message, back=url_for("review.cases"))
+    assert since is not None
+    # "until" is inclusive on the page, as in the list filters: the whole day.
+    until_exclusive = until + timedelta(days=1) if until is not None else None
+    with services().read_session_factory() as db:
+        text = report_csv(report_rows(db, since=since, until=until_exclusive))
+    name = f"duplicate-cases-{since.date().isoformat()}" + (f"-to-{until.date().isoformat()}" if until else "") + ".csv"
+    return Response(
+        text,
+        mimetype="text/csv",
+        headers={"Content-Type": "text/csv; charset=utf-8", "Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
+def _day(raw: str | None, name: str, *, required: bool) -> datetime | None:
+    text = (raw or "").strip()
+    if not text:
+        if required:
+            raise CaseActionError(400, "invalid_date", f"{name} is required: a date YYYY-MM-DD")
+        return None
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+    except ValueError:
+        raise CaseActionError(400, "invalid_date", f"{name} must be a date YYYY-MM-DD") from None
+
+
+# -- deciding ------------------------------------------------------------------------------
+
+
+def _actor() -> str:
+    user = current_user()
+    assert user is not None  # _guard let the request through
+    return user.username
+
+
+def _done(case_id: int, message: str):  # type: ignore[no-untyped-def]
+    flash(message)
+    return redirect(url_for("review.case_page", case_id=case_id), 303)
+
+
+def _failed(case_id: int, exc: CaseActionError, form: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return _render_case(case_id, exc.http_status, error=exc.message, form=form)
+
+
+@bp.post("/cases/<int:case_id>/approve")
+def approve_case(case_id: int):  # type: ignore[no-untyped-def]
+    """Refund what the case proposes, through the same phased path as the job."""
+    refused = _require_approver()
+    if refused:
+        return refused
+    try:
+        result = approve(services().refunds, case_id, actor=_actor(), note=request.form.get("note"))
+    except CaseActionError as exc:
+        return _failed(case_id, exc)
+    return _done(case_id, _outcome_message("Approved", result))
+
+
+@bp.post("/cases/<int:case_id>/refund")
+def refund_case(case_id: int):  # type: ignore[no-untyped-def]
+    """Refund the amounts typed per charge (major units, e.g. ``49.99``); blank = none."""
+    refused = _require_approver()
+    if refused:
+        return refused
+    form = {k: v for k, v in request.form.items() if k.startswith("amount-") or k == "note"}
+    with services().read_session_factory() as db:
+        view = case_view(db, case_id)
+    if view is None:
+        return _render_case(case_id)
+    try:
+        plan = parse_major_plan(view["charges"], request.form)
+        result = approve(services().refunds, case_id, actor=_actor(), plan=plan, note=request.form.get("note"))
+    except CaseActionError as exc:
+        return _failed(case_id, exc, form)
+    return _done(case_id, _outcome_message("Refund approved", result))
+
+
+@bp.post("/cases/<int:case_id>/dismiss")
+def dismiss_case(case_id: int):  # type: ignore[no-untyped-def]
+    refused = _require_approver()
+    if refused:
+        return refused
+    try:
+        dismiss(services().session_factory, case_id, actor=_actor(), note=request.form.get("note"))
+    except CaseActionError as exc:
+        return _failed(case_id, exc, {"dismiss_note": request.form.get("note", "")})
+    return _done(case_id, "Case dismissed. Nothing was refunded.")
+
+
+@bp.post("/cases/<int:case_id>/reopen")
+def reopen_case(case_id: int):  # type: ignore[no-untyped-def]
+    refused = _require_approver()
+    if refused:
+        return refused
+    try:
+        reopen(services().session_factory, case_id, actor=_actor(), note=request.form.get("note"))
+    except CaseActionError as exc:
+        return _failed(case_id, exc)
+    return _done(case_id, "Case reopened.")
+
+
+def parse_major_plan(charges: list[dict[str, Any]], form: Any) -> list[PlannedRefund]:
+    """The refund plan from per-charge fields ``amount-<charge id>`` typed in major units.
+
+    Decimal arithmetic, never floats; more decimals than the currency has, negatives,
+    zero and anything that is not a plain number are refused (422) before anything is
+    asked of Stripe. Whether a charge may be refunded (keeper, dispute, more than it holds)
+    is the service's decision.
+    """
+    plan: list[PlannedRefund] = []
+    for charge in charges:
+        raw = (form.get(f"amount-{charge['id']}") or "").strip().replace(" ", "")
+        if not raw:
+            continue
+        currency = charge["currency"]
+        label = f"The amount for charge {charge['id']}"
+        if raw.startswith("-"):
+            raise CaseActionError(422, "invalid_amount", f"{label} cannot be negative.")
+        if not _MAJOR_AMOUNT.match(raw):
+            raise CaseActionError(422, "invalid_amount", f"{label} must be a number such as {_example(currency)}.")
+        places = decimals(currency)
+        try:
+            value = Decimal(raw)
+        except InvalidOperation:  # pragma: no cover - the pattern already rules this out
+            raise CaseActionError(422, "invalid_amount", f"{label} must be a number.") from None
+        fraction = raw.partition(".")[2]
+        if len(fraction) > places:
+            raise CaseActionError(
+                422,
+                "invalid_amount",
+                f"{label} has more decimals than {currency.upper()} allows ({places}).",
+            )
+        minor = int(value.scaleb(places))
+        if minor <= 0:
+            raise CaseActionError(422, "invalid_amount", f"{label} must be more than zero; leave it blank to refund nothing.")
+        try:
+            check_amount(minor, currency)
+        except MoneyError as exc:
+            raise CaseActionError(422, "invalid_amount", f"{label}: {exc}.") from None
+        plan.append(PlannedRefund(charge["id"], minor))
+    if not plan:
+        raise CaseActionError(422, "invalid_refunds", "Enter an amount for at least one charge.")
+    return plan
+
+
+def _example(currency: str) -> str:
+    places = decimals(currency)
+    return "49" if places == 0 else "49." + "9" * places
+
+
+def _outcome_message(prefix: str, result: Any) -> str:
+    done = [o for o in result.outcomes if o.result in ("refunded", "adopted")]
+    other = [o for o in result.outcomes if o.result not in ("refunded", "adopted")]
+    text = f"{prefix}: {len(done)} refund(s) issued; case is now {result.status}."
+    if other:
+        text += " Not done: " + "; ".join(f"{o.charge_id} {o.result}" + (f" ({o.message})" if o.message else "") for o in other)
+    return text

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Iterator
 
 from sqlalchemy import func, select, union
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from app.services import ledger
 from jobs.rules import Assessment, ChargeFacts, OrderFacts, assess
@@ -143,15 +143,18 @@ def detect(
 
         def work(session: Session) -> DetectionSummary:
             part = DetectionSummary()
+            # The chunk's cases in one query (charges included), locked: no query per
+            # order, and no plan that degrades as the cases table grows during the pass.
+            cases = _cases_of(session, chunk, lock=not dry_run)
             for order, positions, verdict in assess_orders(
                 session, chunk, window_seconds=window_seconds, auto_refund_unknown_total=auto_refund_unknown_total
             ):
                 part.orders_examined += 1
                 if dry_run:
-                    if verdict.needs_case and _would_open(session, order.id, verdict):
+                    if verdict.needs_case and _would_open(cases.get(order.id, []), verdict):
                         part.would_open[order.id] = verdict.automatic
                     continue
-                sync_case(session, order, positions, verdict, run_id=run_id, summary=part)
+                sync_case(session, order, positions, verdict, run_id=run_id, summary=part, cases=cases.get(order.id, []))
             return part
 
         if dry_run:
@@ -169,6 +172,21 @@ def detect(
     return summary
 
 
+def _cases_of(session: Session, order_ids: list[str], *, lock: bool) -> dict[str, list[DuplicateCase]]:
+    statement = (
+        select(DuplicateCase)
+        .where(DuplicateCase.order_id.in_(order_ids))
+        .order_by(DuplicateCase.id)
+        .options(selectinload(DuplicateCase.charges))
+    )
+    if lock:
+        statement = statement.with_for_update()
+    cases: dict[str, list[DuplicateCase]] = {}
+    for case in session.scalars(statement):
+        cases.setdefault(case.order_id, []).append(case)
+    return cases
+
+
 def sync_case(
     session: Session,
     order: Order,
@@ -177,6 +195,7 @@ def sync_case(
     *,
     run_id: int | None,
     summary: DetectionSummary,
+    cases: list[DuplicateCase],
 ) -> None:
     """Make the order's cases agree with the verdict.
 
@@ -187,11 +206,7 @@ def sync_case(
       alone; otherwise a new case opens unless the latest closed case already covered
       every extra charge (a dismissal stands until another duplicate appears).
     """
-    active = session.execute(
-        select(DuplicateCase)
-        .where(DuplicateCase.order_id == order.id, DuplicateCase.status.in_(ACTIVE_CASE_STATUSES))
-        .with_for_update()
-    ).scalar_one_or_none()
+    active = next((c for c in cases if c.status in ACTIVE_CASE_STATUSES), None)
     if not verdict.needs_case:
         if active is not None and active.status == "open":
             active.status = "refunded"
@@ -215,7 +230,7 @@ def sync_case(
             if active.automatic:
                 summary.automatic_open_cases.append(active.id)
         return
-    if not _would_open(session, order.id, verdict):
+    if not _would_open(cases, verdict):
         return
     case = DuplicateCase(order_id=order.id, status="open", opened_by_run_id=run_id)
     _fill(case, order, positions, verdict)
@@ -234,15 +249,14 @@ def sync_case(
         summary.automatic_open_cases.append(case.id)
 
 
-def _would_open(session: Session, order_id: str, verdict: Assessment) -> bool:
-    latest = session.scalars(
-        select(DuplicateCase)
-        .where(DuplicateCase.order_id == order_id)
-        .order_by(DuplicateCase.id.desc())
-        .limit(1)
-    ).first()
-    if latest is None or latest.status in ACTIVE_CASE_STATUSES:
-        return latest is None
+def _would_open(cases: list[DuplicateCase], verdict: Assessment) -> bool:
+    """No case yet, or the latest closed case did not cover every extra charge (a new
+    duplicate after a dismissal). ``cases``: the order's cases, oldest first."""
+    if not cases:
+        return True
+    latest = cases[-1]
+    if latest.status in ACTIVE_CASE_STATUSES:
+        return False
     covered = {cc.charge_id for cc in latest.charges}
     extras = {cid for cid, role in verdict.roles if role != "keeper"}
     return not extras <= covered

@@ -63,7 +63,9 @@ def create_app(
         gateway=gateway,
         ingestor=WebhookIngestor(settings, session_factory),
         # Finance approvals take the same phased refund path as the job.
-        refunds=RefundService(session_factory, gateway, limiter=RateLimiter(settings.stripe_rate_limit)),
+        # One try per call inside a web request (no backoff sleeps holding a worker): an
+        # attempt Stripe did not answer stays recorded and the next pass resumes its key.
+        refunds=RefundService(session_factory, gateway, limiter=RateLimiter(settings.stripe_rate_limit), max_tries=1),
     )
     if not settings.stripe_webhook_secrets:
         log.warning("STRIPE_WEBHOOK_SECRET is not set: webhooks will be refused with 503")

@@ -375,6 +375,7 @@ def reopen(session_factory: sessionmaker[Session], case_id: int, *, actor: str, 
         case.decision = None
         case.decided_by = None
         case.decided_at = None
+        case.note = text  # the dismissal note stays in the audit log, not on the open case
         session.add(AuditEntry(actor=actor, action="reopen", case_id=case.id, note=text))
 
     run_in_transaction(session_factory, work)

@@ -49,14 +49,17 @@ class DetectionSummary:
 
 
 def candidate_orders(session: Session, *, touched_since: datetime | None) -> list[str]:
-    """Orders with two or more paid charges (touched since ``touched_since`` when given),
-    plus every order with an active case. Sorted, so passes are deterministic."""
+    """Orders with two or more paid charges, plus orders with an active case; on an
+    incremental pass (``touched_since``) only those whose order, charges, refunds or
+    disputes changed since then, so the cost follows the day's volume. Sorted, so passes
+    are deterministic."""
     paid = (
         select(Charge.order_id)
         .where(Charge.order_id.is_not(None), Charge.status == "succeeded", Charge.captured.is_(True))
         .group_by(Charge.order_id)
         .having(func.count() > 1)
     )
+    active = select(DuplicateCase.order_id).where(DuplicateCase.status.in_(ACTIVE_CASE_STATUSES))
     if touched_since is not None:
         touched = union(
             select(Charge.order_id).where(Charge.updated_at >= touched_since, Charge.order_id.is_not(None)),
@@ -67,12 +70,12 @@ def candidate_orders(session: Session, *, touched_since: datetime | None) -> lis
             select(Charge.order_id)
             .join(Dispute, Dispute.charge_id == Charge.id)
             .where(Dispute.updated_at >= touched_since, Charge.order_id.is_not(None)),
+            select(DuplicateCase.order_id).where(DuplicateCase.updated_at >= touched_since),
         ).subquery()
         paid = paid.where(Charge.order_id.in_(select(touched.c[0])))
+        active = active.where(DuplicateCase.order_id.in_(select(touched.c[0])))
     ids = set(session.scalars(paid))
-    ids.update(
-        session.scalars(select(DuplicateCase.order_id).where(DuplicateCase.status.in_(ACTIVE_CASE_STATUSES)))
-    )
+    ids.update(session.scalars(active))
     return sorted(ids)
 
 

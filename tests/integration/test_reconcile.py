@@ -398,3 +398,25 @@ def test_undelivered_events_are_replayed_once(stripe_api, reconcile, session_fac
     second = reconcile(mode="review")
     assert first.backfill["events_applied"] == 1 and second.backfill["events_applied"] == 0
     assert ledger.order("ord_evt")["status"] == "paid"
+
+
+def test_incremental_pass_examines_only_what_changed(stripe_api, reconcile, session_factory, ledger) -> None:  # type: ignore[no-untyped-def]
+    for order_id, created in (("ord_old", NOW - 7200), ("ord_new", NOW - 30)):
+        make_order(session_factory, order_id, 4999)
+        for _ in range(2):
+            stripe_api.add_charge(metadata={"order_id": order_id}, created=created)
+    first = reconcile(mode="review")
+    assert first.detection["orders_examined"] == 2 and len(cases(ledger)) == 2
+    # Nothing new. The pass after the one that opened the cases looks at their orders once
+    # more (a case changed since it started); after that, only what backfill's overlap (the
+    # last hour before the watermark) re-reads: at most ord_new (only if the re-read changed
+    # its row, i.e. the clock moved to another second), never the two-hour-old ord_old.
+    reconcile(mode="review")
+    quiet = reconcile(mode="review")
+    assert quiet.detection["orders_examined"] <= 1
+    assert reconcile(mode="review", full=True).detection["orders_examined"] == 2
+    # a refund made elsewhere on ord_old touches it: it is examined (and its case closed)
+    duplicate = max((c for c in stripe_api.charges.values() if c["metadata"]["order_id"] == "ord_old"), key=lambda c: c["id"])
+    stripe_api.add_refund(duplicate["id"], 4999, created=NOW + 30)
+    touched = reconcile(mode="review")
+    assert touched.detection["orders_examined"] in (1, 2) and touched.detection["cases_resolved"] == 1

@@ -92,6 +92,9 @@ def is_retryable(exc: BaseException) -> bool:
     """True when ``exc`` means the transaction lost a race and may simply run again."""
     if isinstance(exc, StaleDataError):
         return True
+    if not isinstance(exc, DBAPIError) and type(exc).__module__.startswith("psycopg"):
+        # Raised by statements sent on the driver connection itself (the lean ingest path).
+        return getattr(exc, "sqlstate", None) in _RETRYABLE_SQLSTATES
     if isinstance(exc, DBAPIError):
         sqlstate = getattr(exc.orig, "sqlstate", None)
         if sqlstate in _RETRYABLE_SQLSTATES:

@@ -30,6 +30,7 @@ from app.gateway import WebhookSignatureError, verify_webhook
 from app.services import ledger
 from app.services.stripe_shapes import (
     MAX_TIMESTAMP,
+    ChargeSnapshot,
     ShapeError,
     charge_snapshot,
     dispute_snapshot,
@@ -128,10 +129,15 @@ class WebhookIngestor:
         settings: Settings,
         session_factory: sessionmaker[Session],
         handlers: Mapping[str, Handler] | None = None,
+        *,
+        lean: bool = True,
     ) -> None:
         self._settings = settings
         self._session_factory = session_factory
         self._handlers = HANDLERS if handlers is None else handlers
+        bind = getattr(session_factory, "kw", {}).get("bind")
+        # The lean path for new charges speaks PostgreSQL through psycopg's pipeline mode.
+        self.lean = lean and bind is not None and bind.dialect.name == "postgresql" and bind.dialect.driver == "psycopg"
 
     def ingest(self, payload: bytes, signature_header: str | None) -> IngestResult:
         """Verify, store and apply one delivery. Raises :class:`IngestRejected` for input
@@ -172,6 +178,11 @@ class WebhookIngestor:
 
         handler = self._handlers.get(event.type)
         text_payload = payload.decode("utf-8")
+        lean = self._lean_charge(event, handler)
+        if lean is not None:
+            work = self._lean_apply(event, text_payload, lean)
+        else:
+            work = None
 
         def apply(session: Session) -> str:
             inserted = insert_ignore(
@@ -202,7 +213,9 @@ class WebhookIngestor:
             return "processed" if handler else "ignored"
 
         try:
-            outcome = run_in_transaction(self._session_factory, apply)
+            outcome = run_in_transaction(self._session_factory, work or apply)
+        except _Duplicate:
+            outcome = "duplicate"
         except ShapeError as exc:
             self._record_failure(event, exc)
             raise IngestRejected(422, "invalid_event_object", str(exc)) from None
@@ -223,6 +236,56 @@ class WebhookIngestor:
             "event %s", outcome, extra={"event_id": event.id, "event_type": event.type, "object_id": _object_id(event.object)}
         )
         return IngestResult(200, {"status": outcome, "event_id": event.id}, event.type)
+
+    def _lean_charge(self, event: EventEnvelope, handler: Handler | None) -> ChargeSnapshot | None:
+        """The charge snapshot when this event may take the lean path, else None."""
+        if not self.lean or handler is not _charge_event:
+            return None
+        try:
+            snapshot = charge_snapshot(event.object)
+        except ShapeError:
+            return None  # the general path raises it where it always has
+        return snapshot if ledger.lean_charge_applicable(snapshot) else None
+
+    def _lean_apply(self, event: EventEnvelope, text_payload: str, snapshot: ChargeSnapshot) -> Callable[[Session], str]:
+        """The unit of work of a charge event on PostgreSQL: the event insert (resolving
+        its failure record when it inserted), the PaymentIntent lock and the charge insert
+        go out in one pipeline; a new charge is then linked and its order refreshed in one
+        more (ledger.finish_new_charge). A duplicate rolls everything back; a charge we
+        already hold goes through ledger.apply_charge in the same transaction."""
+
+        def work(session: Session) -> str:
+            connection = session.connection().connection.driver_connection
+            now = utcnow()
+            with connection.pipeline():
+                stored = connection.execute(
+                    _EVENT_INSERT_SQL,
+                    {
+                        "event_id": event.id,
+                        "type": event.type,
+                        "api_version": event.api_version,
+                        "livemode": event.livemode,
+                        "account": event.account,
+                        "created": event.created,
+                        "received_at": now,
+                        "object_id": _object_id(event.object),
+                        "payload": text_payload,
+                    },
+                )
+                cursor = None
+                for sql, params in ledger.new_charge_statements(snapshot, as_of=event.created, account=event.account, now=now):
+                    cursor = connection.execute(sql, params)
+            if stored.fetchone() is None:
+                raise _Duplicate()  # undoes the charge insert that went out with it
+            assert cursor is not None
+            inserted, order_id = cursor.fetchone()
+            if inserted:
+                ledger.finish_new_charge(connection, snapshot.id, order_id, now)
+            else:
+                ledger.apply_charge(session, snapshot, as_of=event.created, account=event.account)
+            return "processed"
+
+        return work
 
     def _record_failure(self, event: EventEnvelope, exc: BaseException) -> int | None:
         """Count the failed attempt outside the rolled-back transaction; never raises."""
@@ -261,6 +324,27 @@ class WebhookIngestor:
             extra={"event_id": event.id, "event_type": event.type, "attempts": attempts, "error": error},
         )
         return attempts
+
+
+class _Duplicate(Exception):
+    """The lean path met an event id already stored: roll back, answer duplicate."""
+
+
+# The event row, and the resolution of its failure record when (and only when) the row is
+# new: what the general path does at the end of its transaction, in one statement.
+_EVENT_INSERT_SQL = """
+WITH e AS (
+    INSERT INTO stripe_events (event_id, type, api_version, livemode, account, created, received_at, status, object_id, payload)
+    VALUES (%(event_id)s, %(type)s, %(api_version)s, %(livemode)s, %(account)s, %(created)s, %(received_at)s,
+            'processed', %(object_id)s, %(payload)s)
+    ON CONFLICT DO NOTHING
+    RETURNING event_id
+), f AS (
+    UPDATE event_failures SET resolved_at = %(received_at)s
+    WHERE event_id IN (SELECT event_id FROM e) AND resolved_at IS NULL
+)
+SELECT event_id FROM e
+"""
 
 
 def _object_id(stripe_object: Mapping[str, Any]) -> str | None:

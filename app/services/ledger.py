@@ -518,3 +518,147 @@ def _locked(session: Session, model: type, key: str):  # type: ignore[no-untyped
         .with_for_update()
         .execution_options(populate_existing=True)
     ).scalar_one()
+
+
+# -- the lean path for a charge seen for the first time (PostgreSQL) ------------------------
+#
+# The same rules as apply_charge, for its most common case: a charge we have never seen,
+# carrying no refunds. Plain SQL on the driver connection, statements sent in pipelines:
+# three round trips instead of a dozen, and no ORM identity map or flush. Everything
+# else (a charge we already hold, embedded refunds, a lost insert race) goes through
+# apply_charge. tests/integration/test_lean_ingest.py checks both give the same rows.
+
+_NEW_CHARGE_SQL = """
+WITH c AS (
+    INSERT INTO charges (id, payment_intent_id, customer, account, livemode, amount, amount_captured,
+                         currency, status, captured, reported_refunded, created, card_brand, card_last4,
+                         last_event_created, first_seen_at, updated_at)
+    VALUES (%(id)s, %(pi)s, %(customer)s, %(account)s, %(livemode)s, %(amount)s, %(amount_captured)s,
+            %(currency)s, %(status)s, %(captured)s, %(reported_refunded)s, %(created)s, %(card_brand)s,
+            %(card_last4)s, %(as_of)s, %(now)s, %(now)s)
+    ON CONFLICT DO NOTHING
+    RETURNING id
+), target AS (
+    SELECT COALESCE(%(order_id)s::varchar, (SELECT order_id FROM payment_intents WHERE id = %(pi)s::varchar)) AS order_id
+    FROM c
+), o AS (
+    INSERT INTO orders (id, status, version, created_at, updated_at)
+    SELECT order_id, 'pending', 1, %(now)s, %(now)s FROM target WHERE order_id IS NOT NULL
+    ON CONFLICT DO NOTHING
+)
+SELECT EXISTS (SELECT 1 FROM c), (SELECT order_id FROM target)
+"""
+_LOCK_ORDER_SQL = "SELECT status FROM orders WHERE id = %(order_id)s FOR UPDATE"
+_LINK_SQL = "UPDATE charges SET order_id = %(order_id)s, updated_at = %(now)s WHERE id = %(id)s"
+_ORDER_CHARGES_SQL = (
+    "SELECT id, status, captured, amount, amount_captured, reported_refunded, last_event_created "
+    "FROM charges WHERE order_id = %(order_id)s ORDER BY created, id"
+)
+_ORDER_REFUNDS_SQL = (
+    "SELECT charge_id, amount, status, last_event_created FROM refunds "
+    "WHERE charge_id IN (SELECT id FROM charges WHERE order_id = %(order_id)s) ORDER BY created, id"
+)
+_ORDER_DISPUTES_SQL = (
+    "SELECT charge_id, status FROM disputes "
+    "WHERE charge_id IN (SELECT id FROM charges WHERE order_id = %(order_id)s) ORDER BY created"
+)
+_ORDER_STATUS_SQL = (
+    "UPDATE orders SET status = %(status)s, version = version + 1, updated_at = %(now)s WHERE id = %(order_id)s"
+)
+
+
+@dataclass(slots=True)
+class _Row:
+    """The columns of a charge, refund or dispute that the status rules read."""
+
+    id: str | None = None
+    charge_id: str | None = None
+    status: str = ""
+    captured: bool = False
+    amount: int = 0
+    amount_captured: int = 0
+    reported_refunded: int = 0
+    last_event_created: int = 0
+
+
+def lean_charge_applicable(snapshot: ChargeSnapshot) -> bool:
+    """The lean path only takes charges that embed no refunds."""
+    return not snapshot.refunds
+
+
+def new_charge_statements(snapshot: ChargeSnapshot, *, as_of: int, account: str | None, now) -> list[tuple[str, dict]]:  # type: ignore[no-untyped-def]
+    """The statements that open the lean path, to be pipelined after the event insert:
+    the PaymentIntent lock (as apply_charge takes it first), then the charge insert that,
+    when it inserted, makes sure its order row exists. The last one's row says whether the
+    charge was new and which order it belongs to (see :func:`finish_new_charge`)."""
+    statements: list[tuple[str, dict]] = []
+    if snapshot.payment_intent_id:
+        statements.append(
+            ("SELECT pg_advisory_xact_lock(hashtext(%(namespace)s), hashtext(%(key)s))",
+             {"namespace": "payment_intent", "key": snapshot.payment_intent_id})
+        )
+    statements.append(
+        (
+            _NEW_CHARGE_SQL,
+            {
+                "id": snapshot.id,
+                "pi": snapshot.payment_intent_id,
+                "customer": snapshot.customer_id,
+                "account": account,
+                "livemode": snapshot.livemode,
+                "amount": snapshot.amount,
+                "amount_captured": snapshot.amount_captured,
+                "currency": snapshot.currency,
+                "status": snapshot.status,
+                "captured": snapshot.captured,
+                "reported_refunded": snapshot.amount_refunded,
+                "created": snapshot.created,
+                "card_brand": snapshot.card_brand,
+                "card_last4": snapshot.card_last4,
+                "as_of": as_of,
+                "now": now,
+                "order_id": snapshot.order_id,
+            },
+        )
+    )
+    return statements
+
+
+def finish_new_charge(connection, charge_id: str, order_id: str | None, now) -> None:  # type: ignore[no-untyped-def]
+    """Link a charge just inserted by the lean path to its order and recompute the order's
+    status, as _link_charge and refresh_order do: order row locked (after the charge),
+    link, the order's charges, refunds and disputes read in one round trip."""
+    if order_id is None:
+        return
+    params = {"order_id": order_id, "id": charge_id, "now": now}
+    with connection.pipeline():
+        current = connection.execute(_LOCK_ORDER_SQL, params)
+        connection.execute(_LINK_SQL, params)
+        charges_cursor = connection.execute(_ORDER_CHARGES_SQL, params)
+        refunds_cursor = connection.execute(_ORDER_REFUNDS_SQL, params)
+        disputes_cursor = connection.execute(_ORDER_DISPUTES_SQL, params)
+    (current_status,) = current.fetchone()
+    charges = [
+        _Row(id=i, status=s, captured=c, amount=a, amount_captured=ac, reported_refunded=rr, last_event_created=lec)
+        for i, s, c, a, ac, rr, lec in charges_cursor.fetchall()
+    ]
+    refunds: dict[str, list[_Row]] = {c.id: [] for c in charges}  # type: ignore[misc]
+    for cid, amount, status, lec in refunds_cursor.fetchall():
+        refunds[cid].append(_Row(charge_id=cid, amount=amount, status=status, last_event_created=lec))
+    disputes: dict[str, _Row] = {}
+    for cid, status in disputes_cursor.fetchall():
+        disputes[cid] = _Row(charge_id=cid, status=status)
+    positions = [
+        ChargePosition(
+            charge=c,  # type: ignore[arg-type]
+            refunds=tuple(refunds[c.id]),  # type: ignore[index, arg-type]
+            dispute=disputes.get(c.id),  # type: ignore[arg-type]
+            refunded=captured_refunded_amount(c, refunds[c.id]),  # type: ignore[arg-type, index]
+            held=held_amount(c, refunds[c.id], disputes.get(c.id)),  # type: ignore[arg-type, index]
+        )
+        for c in charges
+    ]
+    status = order_status(positions)
+    if status != current_status:
+        connection.execute(_ORDER_STATUS_SQL, {"status": status, "order_id": order_id, "now": now})
+

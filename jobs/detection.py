@@ -46,6 +46,7 @@ class DetectionSummary:
     # dry-run: what would have been opened (order id -> automatic?)
     would_open: dict[str, bool] = field(default_factory=dict)
     automatic_open_cases: list[int] = field(default_factory=list)
+    new_cases: list[DuplicateCase] = field(default_factory=list, repr=False)  # not yet flushed
 
 
 def candidate_orders(session: Session, *, touched_since: datetime | None) -> list[str]:
@@ -158,6 +159,7 @@ def detect(
                         part.would_open[order.id] = verdict.automatic
                     continue
                 sync_case(session, order, positions, verdict, run_id=run_id, summary=part, cases=cases.get(order.id, []))
+            _record_opened(session, part)
             return part
 
         if dry_run:
@@ -238,18 +240,29 @@ def sync_case(
     case = DuplicateCase(order_id=order.id, status="open", opened_by_run_id=run_id)
     _fill(case, order, positions, verdict)
     session.add(case)
+    # Not flushed here: the chunk's new cases go in one batched INSERT ... RETURNING
+    # (see _record_opened), not one round trip each.
+    summary.new_cases.append(case)
+
+
+def _record_opened(session: Session, summary: DetectionSummary) -> None:
+    """Flush the chunk's new cases at once, then their audit entries and ids."""
+    if not summary.new_cases:
+        return
     session.flush()
-    session.add(
-        AuditEntry(
-            actor="reconciler",
-            action="case_opened",
-            case_id=case.id,
-            details={"automatic": verdict.automatic, "reasons": list(verdict.review_reasons)},
+    for case in summary.new_cases:
+        session.add(
+            AuditEntry(
+                actor="reconciler",
+                action="case_opened",
+                case_id=case.id,
+                details={"automatic": case.automatic, "reasons": list(case.review_reasons)},
+            )
         )
-    )
-    summary.cases_opened.append(case.id)
-    if case.automatic:
-        summary.automatic_open_cases.append(case.id)
+        summary.cases_opened.append(case.id)
+        if case.automatic:
+            summary.automatic_open_cases.append(case.id)
+    summary.new_cases = []
 
 
 def _would_open(cases: list[DuplicateCase], verdict: Assessment) -> bool:

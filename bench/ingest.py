@@ -278,13 +278,12 @@ def http_run(url: str, args: argparse.Namespace, tag: str) -> dict:
 
 
 def _server_config(log: str) -> str:
+    match = re.search(r"server config: workers=(\d+) worker_class=(\S+) threads=(\d+) keepalive=(\d+)", log)
+    if match:
+        return f"{match.group(1)} workers x {match.group(3)} threads, {match.group(2).rsplit('.', 1)[-1]}, keepalive {match.group(4)} s"
     workers = len(set(re.findall(r"Booting worker with pid: (\d+)", log)))
     klass = re.search(r"Using worker: (\S+)", log)
-    threads = re.search(r"threads=(\d+)", log)
-    parts = [f"{workers} worker process(es)", f"class {klass.group(1) if klass else '?'}"]
-    if threads:
-        parts.append(f"{threads.group(1)} threads each")
-    return ", ".join(parts)
+    return f"{workers} workers, {klass.group(1) if klass else '?'}"
 
 
 def report(result: dict, args: argparse.Namespace) -> bool:

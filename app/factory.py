@@ -13,8 +13,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.errors import register_error_handlers
 from app.gateway import StripeGateway
 from app.services.ingest import WebhookIngestor
+from app.services.alerts import Alerter
 from app.services.ratelimit import RateLimiter
 from app.services.refunds import RefundService
+from app.services.signature_watch import SignatureFailureWatch
 from config import Settings
 from models import make_engine, make_session_factory
 from models.db import make_read_session_factory
@@ -32,6 +34,7 @@ class Services:
     gateway: StripeGateway
     ingestor: WebhookIngestor
     refunds: RefundService
+    signature_watch: SignatureFailureWatch
 
 
 def create_app(
@@ -66,6 +69,11 @@ def create_app(
         # One try per call inside a web request (no backoff sleeps holding a worker): an
         # attempt Stripe did not answer stays recorded and the next pass resumes its key.
         refunds=RefundService(session_factory, gateway, limiter=RateLimiter(settings.stripe_rate_limit), max_tries=1),
+        signature_watch=SignatureFailureWatch(
+            Alerter(settings, session_factory).send,
+            threshold=settings.signature_alert_threshold,
+            window_seconds=settings.signature_alert_window_seconds,
+        ),
     )
     if not settings.stripe_webhook_secrets:
         log.warning("STRIPE_WEBHOOK_SECRET is not set: webhooks will be refused with 503")

@@ -65,6 +65,9 @@ class Settings:
     smtp_password: str | None = field(default=None, repr=False)
     alert_email_from: str | None = None
     alert_email_to: tuple[str, ...] = ()
+    # Webhook signature failures per web process that raise an alert, within the window.
+    signature_alert_threshold: int = 20
+    signature_alert_window_seconds: int = 300
     # Review page users: (username, role, password hash); role is viewer or approver.
     review_users: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)
 
@@ -161,6 +164,12 @@ class Settings:
                 a.strip() for a in (text("ALERT_EMAIL_TO") or "").split(",") if a.strip()
             ),
             review_users=_parse_review_users(text("REVIEW_USERS")),
+            signature_alert_threshold=_parse_int(
+                "SIGNATURE_ALERT_THRESHOLD", text("SIGNATURE_ALERT_THRESHOLD"), 20, minimum=1
+            ),
+            signature_alert_window_seconds=_parse_int(
+                "SIGNATURE_ALERT_WINDOW_SECONDS", text("SIGNATURE_ALERT_WINDOW_SECONDS"), 300, minimum=10
+            ),
         )
         if settings.smtp_host and not (settings.alert_email_from and settings.alert_email_to):
             raise SettingsError("SMTP_HOST needs ALERT_EMAIL_FROM and ALERT_EMAIL_TO")

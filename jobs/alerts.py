@@ -1,113 +1,15 @@
-"""Alerts: the log always, a Slack incoming webhook and e-mail over SMTP when configured.
-
-Each alert has a key (``run:<id>``, ``refund-failed:<attempt key>``,
-``poison-event:<event id>``). The key is claimed in ``alerts_sent`` before anything is
-sent, so an alert goes out once however many passes see the same problem, and two passes
-never both send it. A channel that fails is logged and recorded; it never fails the pass.
-"""
+"""Which alerts are due: refund failures and poison events not alerted yet. Sending (the
+channels, once per key) is :mod:`app.services.alerts`, shared with the web app."""
 
 from __future__ import annotations
 
-import logging
-import smtplib
-from dataclasses import dataclass
-from email.message import EmailMessage
-from typing import Any, Callable
-
-import requests
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from config import Settings
-from models import AlertSent, EventFailure, RefundAttempt, run_in_transaction
-from models.db import insert_ignore
+from app.services.alerts import Alert, Alerter
+from models import AlertSent, EventFailure, RefundAttempt
 
-log = logging.getLogger(__name__)
-
-CHANNEL_TIMEOUT = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class Alert:
-    key: str
-    subject: str
-    body: str
-
-
-class Alerter:
-    """Sends each alert once to every configured channel."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        session_factory: sessionmaker[Session],
-        *,
-        http_post: Callable[..., Any] = requests.post,
-        smtp_factory: Callable[..., smtplib.SMTP] = smtplib.SMTP,
-    ) -> None:
-        self._settings = settings
-        self._session_factory = session_factory
-        self._http_post = http_post
-        self._smtp_factory = smtp_factory
-
-    def send(self, alert: Alert) -> bool:
-        """Send ``alert`` unless its key was sent before. True when it went out now."""
-        claimed = run_in_transaction(
-            self._session_factory,
-            lambda session: insert_ignore(
-                session, AlertSent, {"key": alert.key, "subject": alert.subject[:1000], "channels": {}}
-            ),
-        )
-        if not claimed:
-            return False
-        results = {"log": "ok"}
-        log.warning("ALERT %s: %s\n%s", alert.key, alert.subject, alert.body)
-        if self._settings.alert_slack_webhook_url:
-            results["slack"] = self._try("slack", lambda: self._slack(alert))
-        if self._settings.smtp_host:
-            results["email"] = self._try("email", lambda: self._email(alert))
-
-        def record(session: Session) -> None:
-            row = session.get(AlertSent, alert.key, with_for_update=True)
-            if row is not None:
-                row.channels = results
-
-        run_in_transaction(self._session_factory, record)
-        return True
-
-    @staticmethod
-    def _try(channel: str, send: Callable[[], None]) -> str:
-        try:
-            send()
-            return "ok"
-        except Exception as exc:  # a broken channel must never fail the pass
-            log.error("alert channel %s failed: %s", channel, exc)
-            return f"error: {type(exc).__name__}: {exc}"[:500]
-
-    def _slack(self, alert: Alert) -> None:
-        response = self._http_post(
-            self._settings.alert_slack_webhook_url,
-            json={"text": f"*{alert.subject}*\n{alert.body}"},
-            timeout=CHANNEL_TIMEOUT,
-        )
-        if response.status_code >= 300:
-            raise RuntimeError(f"Slack answered {response.status_code}: {response.text[:200]}")
-
-    def _email(self, alert: Alert) -> None:
-        settings = self._settings
-        message = EmailMessage()
-        message["Subject"] = f"[reconciler] {alert.subject}"
-        message["From"] = settings.alert_email_from
-        message["To"] = ", ".join(settings.alert_email_to)
-        message.set_content(alert.body)
-        with self._smtp_factory(settings.smtp_host, settings.smtp_port, timeout=CHANNEL_TIMEOUT) as smtp:
-            smtp.ehlo()
-            if smtp.has_extn("starttls"):
-                smtp.starttls()
-                smtp.ehlo()
-            if settings.smtp_user:
-                smtp.login(settings.smtp_user, settings.smtp_password or "")
-            smtp.send_message(message)
+__all__ = ["Alert", "Alerter", "pending_alerts"]
 
 
 def pending_alerts(session: Session) -> list[Alert]:

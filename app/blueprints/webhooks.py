@@ -21,6 +21,7 @@ def stripe_webhook():  # type: ignore[no-untyped-def]
             result = services().ingestor.ingest(payload, request.headers.get("Stripe-Signature"))
         except IngestRejected as exc:
             metrics.EVENTS.labels(type="unknown", outcome="rejected").inc()
+            services().signature_watch.record(exc.code)
             return error_response(exc.http_status, exc.code, exc.message)
     metrics.INGEST_SECONDS.observe(timer.seconds)
     outcome = result.body.get("status") or ("failed" if result.http_status >= 500 else "rejected")

@@ -213,6 +213,50 @@ def run_pgbench(url: str, payload: str, clients: int, seconds: int, protocol: st
     return float(match.group(1))
 
 
+# -- CPU accounting ------------------------------------------------------------------------
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_snapshot() -> dict[str, float]:
+    """CPU seconds used so far: the whole machine (busy time from /proc/stat), and by
+    process group: the server (``app.cli serve`` and its workers), PostgreSQL backends,
+    this client. Linux only; empty elsewhere. Per-event CPU is a steadier figure than
+    throughput on a shared machine."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        out["machine"] = (sum(fields[:8]) - fields[3] - fields[4]) / _TICK  # minus idle, iowait
+    except OSError:
+        return out
+    me = os.getpid()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        rest = stat.rsplit(")", 1)[1].split()
+        used = (int(rest[11]) + int(rest[12])) / _TICK  # utime + stime
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        if int(pid) == me:
+            group = "client"
+        elif comm == "postgres" or cmdline.startswith(b"postgres"):
+            group = "postgres"
+        elif b"app.cli\x00serve" in cmdline or b"reconciler-web" in cmdline or comm.startswith("reconciler"):
+            group = "server"
+        else:
+            continue
+        out[group] = out.get(group, 0.0) + used
+    return out
+
+
 # -- runs ------------------------------------------------------------------------------------
 
 
@@ -256,7 +300,9 @@ def http_run(url: str, args: argparse.Namespace, tag: str) -> dict:
                 post_all(port, warm, args.concurrency)
             if args.pause:
                 input(f"server on {base}; press Enter to start the timed run ")
+            cpu_before = cpu_snapshot()
             tally, elapsed = post_all(port, timed, args.concurrency)
+            cpu_after = cpu_snapshot()
         banner = next((line for line in log_path.read_text().splitlines() if "server config" in line or "Using worker" in line), "")
         config = _server_config(log_path.read_text())
     stored, charges = check_ledger(url)
@@ -270,6 +316,7 @@ def http_run(url: str, args: argparse.Namespace, tag: str) -> dict:
         "stored": stored,
         "charges": charges,
         "expected": len(signed),
+        "cpu": {k: cpu_after[k] - cpu_before.get(k, 0.0) for k in cpu_after},
     }
     if backend == "postgresql" and not args.no_pgbench:
         payload = bodies[0].decode()
@@ -298,6 +345,12 @@ def report(result: dict, args: argparse.Namespace) -> bool:
         lat[-1] * 1000, statistics.fmean(lat) * 1000))
     print(f"  errors            {tally.errors}   answers {tally.statuses}   reconnects {tally.reconnects}"
           + (f"   first error: {tally.first_error}" if tally.first_error else ""))
+    cpu = result.get("cpu") or {}
+    if cpu.get("machine"):
+        per_event = {k: v / result["events"] * 1000 for k, v in cpu.items()}
+        print("  cpu ms/event      machine {:.2f} (server {:.2f}, postgres {:.2f}, client {:.2f}); machine busy {:.0%} of {} cores".format(
+            per_event["machine"], per_event.get("server", 0), per_event.get("postgres", 0), per_event.get("client", 0),
+            cpu["machine"] / result["elapsed"] / (os.cpu_count() or 1), os.cpu_count()))
     ok_ledger = result["stored"] == result["expected"] and result["charges"] == result["expected"]
     print(f"  ledger            {result['stored']} events stored, {result['charges']} charges "
           f"(expected {result['expected']} each: {'ok' if ok_ledger else 'MISMATCH'})")

@@ -11,8 +11,10 @@ of hanging a web worker.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
+import select
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -32,6 +34,8 @@ PG_LOCK_TIMEOUT_MS = 5_000
 # deadlock detected, lock not available (lock_timeout).
 _RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03"}
 _READ_ONLY = "reconciler_read_only"
+_PQ_OK = 0  # psycopg.pq.ConnStatus.OK
+_PQ_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE
 
 
 def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
@@ -44,7 +48,7 @@ def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
         engine = create_engine(url, echo=echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         _configure_sqlite(engine)
         return engine
-    return create_engine(
+    engine = create_engine(
         url,
         echo=echo,
         pool_size=pool_size,
@@ -52,6 +56,26 @@ def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
         pool_pre_ping=True,
         connect_args={"options": f"-c lock_timeout={PG_LOCK_TIMEOUT_MS}"},
     )
+    if engine.dialect.driver == "psycopg":
+        engine.dialect.do_ping = functools.partial(_ping_unless_quiet, engine.dialect.do_ping)  # type: ignore[method-assign]
+    return engine
+
+
+def _ping_unless_quiet(ping: Callable[[object], bool], dbapi_connection) -> bool:  # type: ignore[no-untyped-def]
+    """The pool's pre-ping, without its round trip when the socket says the connection is
+    alive: an idle connection in a healthy state has nothing to read. A server that
+    closed it (restart, pg_terminate_backend, idle timeouts, a failover) has sent a FATAL
+    message or EOF, which makes the socket readable; then, or when anything else is off,
+    the full ping runs and a dead connection is replaced as before."""
+    try:
+        pgconn = dbapi_connection.pgconn
+        if pgconn.status == _PQ_OK and pgconn.transaction_status == _PQ_IDLE:
+            readable, _, _ = select.select((pgconn.socket,), (), (), 0)
+            if not readable:
+                return True
+    except Exception:  # noqa: BLE001 - any doubt: ask the server
+        pass
+    return ping(dbapi_connection)
 
 
 def _configure_sqlite(engine: Engine) -> None:

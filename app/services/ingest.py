@@ -251,7 +251,8 @@ class WebhookIngestor:
         """The unit of work of a charge event on PostgreSQL: the event insert (resolving
         its failure record when it inserted), the PaymentIntent lock and the charge insert
         go out in one pipeline; a new charge is then linked and its order refreshed in one
-        more (ledger.finish_new_charge). A duplicate rolls everything back; a charge we
+        more (ledger.finish_new_charge), and the order's status update, when there is one,
+        goes out with the COMMIT. A duplicate rolls everything back; a charge we
         already hold goes through ledger.apply_charge in the same transaction."""
 
         def work(session: Session) -> str:
@@ -280,7 +281,16 @@ class WebhookIngestor:
             assert cursor is not None
             inserted, order_id = cursor.fetchone()
             if inserted:
-                ledger.finish_new_charge(connection, snapshot.id, order_id, now)
+                status_update = ledger.finish_new_charge(connection, snapshot.id, order_id, now)
+                if status_update is not None:
+                    # The last statement travels with the COMMIT: one round trip for both
+                    # (connection.commit() in a pipeline would sync twice). The unit of
+                    # work ends committed; run_in_transaction's own commit then finds no
+                    # transaction open and sends nothing. A failed COMMIT raises here,
+                    # before anything is answered, as it would there.
+                    with connection.pipeline():
+                        connection.execute(*status_update)
+                        connection.execute("COMMIT", prepare=False)
             else:
                 ledger.apply_charge(session, snapshot, as_of=event.created, account=event.account)
             return "processed"

@@ -624,12 +624,15 @@ def new_charge_statements(snapshot: ChargeSnapshot, *, as_of: int, account: str 
     return statements
 
 
-def finish_new_charge(connection, charge_id: str, order_id: str | None, now) -> None:  # type: ignore[no-untyped-def]
+def finish_new_charge(connection, charge_id: str, order_id: str | None, now) -> tuple[str, dict] | None:  # type: ignore[no-untyped-def]
     """Link a charge just inserted by the lean path to its order and recompute the order's
     status, as _link_charge and refresh_order do: order row locked (after the charge),
-    link, the order's charges, refunds and disputes read in one round trip."""
+    link, the order's charges, refunds and disputes read in one round trip.
+
+    Returns the order's status update when the status changed, for the caller to send in
+    this transaction (the ingest path sends it together with its COMMIT); None otherwise."""
     if order_id is None:
-        return
+        return None
     params = {"order_id": order_id, "id": charge_id, "now": now}
     with connection.pipeline():
         current = connection.execute(_LOCK_ORDER_SQL, params)
@@ -659,6 +662,7 @@ def finish_new_charge(connection, charge_id: str, order_id: str | None, now) -> 
         for c in charges
     ]
     status = order_status(positions)
-    if status != current_status:
-        connection.execute(_ORDER_STATUS_SQL, {"status": status, "order_id": order_id, "now": now})
+    if status == current_status:
+        return None
+    return _ORDER_STATUS_SQL, {"status": status, "order_id": order_id, "now": now}
 

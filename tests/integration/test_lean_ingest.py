@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -173,4 +175,72 @@ def test_copies_of_a_new_charge_racing_on_the_lean_path_apply_once() -> None:
             assert len(charges) == 3 and {c.order_id for c in charges} == {order}
             placed = session.get(Order, order)
             assert placed.status == "paid" and placed.version == 2  # one status change
+        engine.dispose()
+
+
+def _protocol_trace(raw_connection, run) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    """(direction, message type) of every protocol message ``run()`` exchanges on
+    ``raw_connection`` (libpq's trace)."""
+    with tempfile.TemporaryFile("w+") as trace:
+        raw_connection.pgconn.trace(trace.fileno())
+        try:
+            run()
+        finally:
+            raw_connection.pgconn.untrace()
+        trace.seek(0)
+        rows = [line.split("\t") for line in trace.read().splitlines()]
+    return [(r[1], r[3]) for r in rows if len(r) > 3]
+
+
+def test_a_new_charge_costs_four_round_trips_and_no_ping() -> None:
+    """What the lean path sends for a new charge whose order changes status: BEGIN; the
+    event, PaymentIntent lock and charge; the order lock, link and reads; the status
+    update with the COMMIT. The pool's pre-ping sends nothing on a healthy connection."""
+    server = os.environ["TEST_DATABASE_URL"]
+    with throwaway_database(server, prefix="reconciler_lean") as url:
+        engine = make_engine(url, pool_size=1)
+        factory = make_session_factory(engine)
+        ingestor = WebhookIngestor(_settings(url), factory)
+        bodies = [
+            p.encode(p.event("charge.succeeded", p.charge(amount=1000, payment_intent=f"pi_rt_{i}", metadata={"order_id": f"ord_rt_{i}"}), created=T))
+            for i in range(8)
+        ]
+        for body in bodies[:7]:  # past psycopg's prepare threshold
+            assert ingestor.ingest(body, p.sign(body, SECRET)).body["status"] == "processed"
+        with engine.connect() as connection:
+            raw = connection.connection.driver_connection
+        answers = []
+        messages = _protocol_trace(raw, lambda: answers.append(ingestor.ingest(bodies[7], p.sign(bodies[7], SECRET))))
+        assert answers[0].body["status"] == "processed"
+        sent = [kind for direction, kind in messages if direction == "F"]
+        round_trips = sum(1 for i, (d, _) in enumerate(messages) if d == "F" and (i == 0 or messages[i - 1][0] == "B"))
+        assert round_trips == 4, messages
+        assert "Query" not in sent  # neither the ping (";") nor a separate COMMIT
+        with factory() as session:
+            assert session.get(Order, "ord_rt_7").status == "paid"
+            assert session.get(StripeEvent, json.loads(bodies[7])["id"]) is not None
+        engine.dispose()
+
+
+def test_a_connection_the_server_closed_is_replaced_at_checkout() -> None:
+    """The pre-ping skips its round trip only while the socket is quiet: a backend the
+    server terminated is detected and replaced, and the event is applied."""
+    server = os.environ["TEST_DATABASE_URL"]
+    with throwaway_database(server, prefix="reconciler_lean") as url:
+        engine = make_engine(url, pool_size=1)
+        ingestor = WebhookIngestor(_settings(url), make_session_factory(engine))
+        first = p.encode(p.event("charge.succeeded", p.charge(amount=500, metadata={"order_id": "ord_kill_1"}), created=T))
+        assert ingestor.ingest(first, p.sign(first, SECRET)).body["status"] == "processed"
+        with engine.connect() as connection:
+            pid = connection.connection.driver_connection.info.backend_pid
+        admin = make_engine(url)
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+        admin.dispose()
+        time.sleep(0.2)
+        second = p.encode(p.event("charge.succeeded", p.charge(amount=500, metadata={"order_id": "ord_kill_2"}), created=T))
+        result = ingestor.ingest(second, p.sign(second, SECRET))
+        assert result.http_status == 200 and result.body["status"] == "processed"
+        with engine.connect() as connection:
+            assert connection.connection.driver_connection.info.backend_pid != pid
         engine.dispose()

@@ -188,18 +188,7 @@ class WebhookIngestor:
             inserted = insert_ignore(
                 session,
                 StripeEvent,
-                {
-                    "event_id": event.id,
-                    "type": event.type,
-                    "api_version": event.api_version,
-                    "livemode": event.livemode,
-                    "account": event.account,
-                    "created": event.created,
-                    "received_at": utcnow(),
-                    "status": "processed" if handler else "ignored",
-                    "object_id": _object_id(event.object),
-                    "payload": text_payload,
-                },
+                {**_event_row(event, text_payload, utcnow()), "status": "processed" if handler else "ignored"},
             )
             if not inserted:
                 return "duplicate"
@@ -259,20 +248,7 @@ class WebhookIngestor:
             connection = session.connection().connection.driver_connection
             now = utcnow()
             with connection.pipeline():
-                stored = connection.execute(
-                    _EVENT_INSERT_SQL,
-                    {
-                        "event_id": event.id,
-                        "type": event.type,
-                        "api_version": event.api_version,
-                        "livemode": event.livemode,
-                        "account": event.account,
-                        "created": event.created,
-                        "received_at": now,
-                        "object_id": _object_id(event.object),
-                        "payload": text_payload,
-                    },
-                )
+                stored = connection.execute(_EVENT_INSERT_SQL, _event_row(event, text_payload, now))
                 cursor = None
                 for sql, params in ledger.new_charge_statements(snapshot, as_of=event.created, account=event.account, now=now):
                     cursor = connection.execute(sql, params)
@@ -355,6 +331,21 @@ WITH e AS (
 )
 SELECT event_id FROM e
 """
+
+
+def _event_row(event: EventEnvelope, text_payload: str, received_at: Any) -> dict[str, Any]:
+    """The columns of a stored event but its status (both insert paths use it)."""
+    return {
+        "event_id": event.id,
+        "type": event.type,
+        "api_version": event.api_version,
+        "livemode": event.livemode,
+        "account": event.account,
+        "created": event.created,
+        "received_at": received_at,
+        "object_id": _object_id(event.object),
+        "payload": text_payload,
+    }
 
 
 def _object_id(stripe_object: Mapping[str, Any]) -> str | None:

@@ -133,27 +133,7 @@ def apply_charge(
     """
     if snapshot.payment_intent_id:
         lock_key(session, "payment_intent", snapshot.payment_intent_id)
-    inserted = insert_ignore(
-        session,
-        Charge,
-        {
-            "id": snapshot.id,
-            "payment_intent_id": snapshot.payment_intent_id,
-            "customer": snapshot.customer_id,
-            "account": account,
-            "livemode": snapshot.livemode,
-            "amount": snapshot.amount,
-            "amount_captured": snapshot.amount_captured,
-            "currency": snapshot.currency,
-            "status": snapshot.status,
-            "captured": snapshot.captured,
-            "reported_refunded": snapshot.amount_refunded,
-            "created": snapshot.created,
-            "card_brand": snapshot.card_brand,
-            "card_last4": snapshot.card_last4,
-            "last_event_created": as_of,
-        },
-    )
+    inserted = insert_ignore(session, Charge, charge_row(snapshot, as_of=as_of, account=account))
     charge = _locked(session, Charge, snapshot.id)
     if not inserted:
         _merge_charge(charge, snapshot, as_of)
@@ -171,6 +151,27 @@ def apply_charge(
     if charge.order_id:
         refresh_order(session, charge.order_id)
     return charge
+
+
+def charge_row(snapshot: ChargeSnapshot, *, as_of: int, account: str | None) -> dict:
+    """The columns of a charge first seen in ``snapshot`` (both insert paths use it)."""
+    return {
+        "id": snapshot.id,
+        "payment_intent_id": snapshot.payment_intent_id,
+        "customer": snapshot.customer_id,
+        "account": account,
+        "livemode": snapshot.livemode,
+        "amount": snapshot.amount,
+        "amount_captured": snapshot.amount_captured,
+        "currency": snapshot.currency,
+        "status": snapshot.status,
+        "captured": snapshot.captured,
+        "reported_refunded": snapshot.amount_refunded,
+        "created": snapshot.created,
+        "card_brand": snapshot.card_brand,
+        "card_last4": snapshot.card_last4,
+        "last_event_created": as_of,
+    }
 
 
 def _merge_charge(charge: Charge, snapshot: ChargeSnapshot, as_of: int) -> None:
@@ -533,13 +534,13 @@ WITH c AS (
     INSERT INTO charges (id, payment_intent_id, customer, account, livemode, amount, amount_captured,
                          currency, status, captured, reported_refunded, created, card_brand, card_last4,
                          last_event_created, first_seen_at, updated_at)
-    VALUES (%(id)s, %(pi)s, %(customer)s, %(account)s, %(livemode)s, %(amount)s, %(amount_captured)s,
+    VALUES (%(id)s, %(payment_intent_id)s, %(customer)s, %(account)s, %(livemode)s, %(amount)s, %(amount_captured)s,
             %(currency)s, %(status)s, %(captured)s, %(reported_refunded)s, %(created)s, %(card_brand)s,
-            %(card_last4)s, %(as_of)s, %(now)s, %(now)s)
+            %(card_last4)s, %(last_event_created)s, %(now)s, %(now)s)
     ON CONFLICT DO NOTHING
     RETURNING id
 ), target AS (
-    SELECT COALESCE(%(order_id)s::varchar, (SELECT order_id FROM payment_intents WHERE id = %(pi)s::varchar)) AS order_id
+    SELECT COALESCE(%(order_id)s::varchar, (SELECT order_id FROM payment_intents WHERE id = %(payment_intent_id)s::varchar)) AS order_id
     FROM c
 ), o AS (
     INSERT INTO orders (id, status, version, created_at, updated_at)
@@ -598,28 +599,7 @@ def new_charge_statements(snapshot: ChargeSnapshot, *, as_of: int, account: str 
              {"namespace": "payment_intent", "key": snapshot.payment_intent_id})
         )
     statements.append(
-        (
-            _NEW_CHARGE_SQL,
-            {
-                "id": snapshot.id,
-                "pi": snapshot.payment_intent_id,
-                "customer": snapshot.customer_id,
-                "account": account,
-                "livemode": snapshot.livemode,
-                "amount": snapshot.amount,
-                "amount_captured": snapshot.amount_captured,
-                "currency": snapshot.currency,
-                "status": snapshot.status,
-                "captured": snapshot.captured,
-                "reported_refunded": snapshot.amount_refunded,
-                "created": snapshot.created,
-                "card_brand": snapshot.card_brand,
-                "card_last4": snapshot.card_last4,
-                "as_of": as_of,
-                "now": now,
-                "order_id": snapshot.order_id,
-            },
-        )
+        (_NEW_CHARGE_SQL, {**charge_row(snapshot, as_of=as_of, account=account), "now": now, "order_id": snapshot.order_id})
     )
     return statements
 

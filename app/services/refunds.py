@@ -232,10 +232,9 @@ class RefundService:
         return CaseRefundResult(case_id=case_id, status=status, outcomes=outcomes)
 
     def execute_attempt(self, attempt_id: int) -> RefundOutcome:
-        attempt = _read_attempt(self._session_factory, attempt_id)
+        attempt, account = _read_attempt(self._session_factory, attempt_id)
         if attempt.status != "recorded":
             return _outcome(attempt, "refunded" if attempt.status == "succeeded" else attempt.status)
-        account = _read_account(self._session_factory, attempt.charge_id)
 
         # Phase 2: what Stripe says the charge holds now, and whether our refund exists.
         try:
@@ -368,35 +367,17 @@ class RefundService:
         raise AssertionError("unreachable")
 
     def _defer(self, attempt: RefundAttempt, message: str) -> RefundOutcome:
-        def note(session: Session) -> None:
-            found = session.get(RefundAttempt, attempt.id, with_for_update=True)
-            assert found is not None
-            found.error = message
-
-        run_in_transaction(self._session_factory, note)
+        _update_attempt(self._session_factory, attempt.id, error=message)
         log.warning("refund left for the next run: %s", message, extra=_log_extra(attempt))
         return _outcome(attempt, "deferred", message)
 
     def _skip(self, attempt: RefundAttempt, message: str) -> RefundOutcome:
-        def skip(session: Session) -> None:
-            found = session.get(RefundAttempt, attempt.id, with_for_update=True)
-            assert found is not None
-            if found.status == "recorded":
-                found.status = "skipped"
-                found.error = message
-
-        run_in_transaction(self._session_factory, skip)
+        _update_attempt(self._session_factory, attempt.id, only_if_recorded=True, status="skipped", error=message)
         log.warning("refund not sent: %s", message, extra=_log_extra(attempt))
         return _outcome(attempt, "skipped", message)
 
     def _fail(self, attempt: RefundAttempt, message: str) -> RefundOutcome:
-        def fail(session: Session) -> None:
-            found = session.get(RefundAttempt, attempt.id, with_for_update=True)
-            assert found is not None
-            found.status = "failed"
-            found.error = message
-
-        run_in_transaction(self._session_factory, fail)
+        _update_attempt(self._session_factory, attempt.id, status="failed", error=message)
         log.error("refund failed: %s", message, extra=_log_extra(attempt))
         return _outcome(attempt, "failed", message)
 
@@ -449,12 +430,30 @@ def _may_replay(attempt: RefundAttempt, now: float) -> bool:
 
 
 def _count_call(session_factory: sessionmaker[Session], attempt_id: int) -> None:
-    def count(session: Session) -> None:
+    _update_attempt(session_factory, attempt_id, count_call=True)
+
+
+def _update_attempt(
+    session_factory: sessionmaker[Session],
+    attempt_id: int,
+    *,
+    only_if_recorded: bool = False,
+    count_call: bool = False,
+    **changes: Any,
+) -> None:
+    """One short unit of work on an attempt, under its row lock."""
+
+    def update(session: Session) -> None:
         found = session.get(RefundAttempt, attempt_id, with_for_update=True)
         assert found is not None
-        found.calls += 1
+        if only_if_recorded and found.status != "recorded":
+            return
+        if count_call:
+            found.calls += 1
+        for name, value in changes.items():
+            setattr(found, name, value)
 
-    run_in_transaction(session_factory, count)
+    run_in_transaction(session_factory, update)
 
 
 def _locked_case(session: Session, case_id: int) -> DuplicateCase:
@@ -469,17 +468,14 @@ def _locked_case(session: Session, case_id: int) -> DuplicateCase:
     return case
 
 
-def _read_attempt(session_factory: sessionmaker[Session], attempt_id: int) -> RefundAttempt:
+def _read_attempt(session_factory: sessionmaker[Session], attempt_id: int) -> tuple[RefundAttempt, str | None]:
+    """The attempt (detached) and its charge's Connect account, in one read."""
     with session_factory() as session:
         attempt = session.get(RefundAttempt, attempt_id)
         assert attempt is not None
+        account = session.scalar(select(Charge.account).where(Charge.id == attempt.charge_id))
         session.expunge(attempt)
-        return attempt
-
-
-def _read_account(session_factory: sessionmaker[Session], charge_id: str) -> str | None:
-    with session_factory() as session:
-        return session.scalar(select(Charge.account).where(Charge.id == charge_id))
+        return attempt, account
 
 
 def _stripe_remaining(charge_obj: dict[str, Any]) -> int:

@@ -73,62 +73,38 @@ def backfill(
         if isinstance(created, int) and (summary.watermark is None or created > summary.watermark):
             summary.watermark = created
 
-    for page in _pages(gateway.list_charges(created_gte=since, page_size=PAGE), limiter):
-        as_of = int(clock())
-
-        def apply_charges(session: Session, page: list[dict[str, Any]] = page, as_of: int = as_of) -> int:
-            applied = 0
-            for obj in page:
-                try:
-                    snapshot = charge_snapshot(obj)
-                except ShapeError as exc:
-                    log.warning("charge from the API skipped: %s", exc, extra={"charge_id": obj.get("id")})
-                    summary.skipped_objects += 1
-                    continue
-                ledger.apply_charge(session, snapshot, as_of=as_of, account=None)
-                applied += 1
-            return applied
-
-        summary.charges += run_in_transaction(session_factory, apply_charges)
-        for obj in page:
-            seen(obj.get("created"))
-        if progress:
-            progress("charges", len(page))
-
-    summary.payment_intents = _link_through_payment_intents(session_factory, gateway, limiter, clock)
-
-    for page in _pages(gateway.list_refunds(created_gte=since, page_size=PAGE), limiter):
-        as_of = int(clock())
-
-        def apply_refunds(session: Session, page: list[dict[str, Any]] = page, as_of: int = as_of) -> int:
-            applied = 0
-            for obj in page:
-                try:
-                    ledger.apply_refund(session, refund_snapshot(obj), as_of=as_of, account=None)
-                    applied += 1
-                except ShapeError as exc:
-                    log.warning("refund from the API skipped: %s", exc, extra={"refund_id": obj.get("id")})
-                    summary.skipped_objects += 1
-            return applied
-
-        summary.refunds += run_in_transaction(session_factory, apply_refunds)
-        for obj in page:
-            seen(obj.get("created"))
-        if progress:
-            progress("refunds", len(page))
-
-    try:
-        for page in _pages(gateway.list_disputes(created_gte=since, page_size=PAGE), limiter):
+    def apply_listing(kind: str, listing: Iterable[dict[str, Any]], apply_one: Callable[..., Any], *, watermark: bool) -> int:
+        """Apply a listing page by page, one transaction a page; an object whose shape we
+        cannot read is logged and skipped, never a reason to stop the backfill."""
+        applied = 0
+        for page in _pages(listing, limiter):
             as_of = int(clock())
+            readable: list[Any] = []
+            for obj in page:
+                try:
+                    readable.append(_SNAPSHOTS[kind](obj))
+                except ShapeError as exc:
+                    log.warning("%s from the API skipped: %s", kind, exc, extra={"object_id": obj.get("id")})
+                    summary.skipped_objects += 1
 
-            def apply_disputes(session: Session, page: list[dict[str, Any]] = page, as_of: int = as_of) -> int:
+            def apply_page(session: Session, readable: list[Any] = readable, as_of: int = as_of) -> None:
+                for snapshot in readable:
+                    apply_one(session, snapshot, as_of=as_of, account=None)
+
+            run_in_transaction(session_factory, apply_page)
+            applied += len(readable)
+            if watermark:
                 for obj in page:
-                    ledger.apply_dispute(session, dispute_snapshot(obj), as_of=as_of, account=None)
-                return len(page)
-
-            summary.disputes += run_in_transaction(session_factory, apply_disputes)
+                    seen(obj.get("created"))
             if progress:
-                progress("disputes", len(page))
+                progress(f"{kind}s", len(page))
+        return applied
+
+    summary.charges = apply_listing("charge", gateway.list_charges(created_gte=since, page_size=PAGE), ledger.apply_charge, watermark=True)
+    summary.payment_intents = _link_through_payment_intents(session_factory, gateway, limiter, clock)
+    summary.refunds = apply_listing("refund", gateway.list_refunds(created_gte=since, page_size=PAGE), ledger.apply_refund, watermark=True)
+    try:
+        summary.disputes = apply_listing("dispute", gateway.list_disputes(created_gte=since, page_size=PAGE), ledger.apply_dispute, watermark=False)
     except StripeNotFound:
         summary.notes.append("the disputes API is not available here; disputes come from webhooks only")
 
@@ -144,6 +120,9 @@ def backfill(
     except StripeNotFound:
         summary.notes.append("the Events API is not available here; undelivered events not replayed")
     return summary
+
+
+_SNAPSHOTS = {"charge": charge_snapshot, "refund": refund_snapshot, "dispute": dispute_snapshot}
 
 
 def _pages(items: Iterable[dict[str, Any]], limiter: RateLimiter) -> Iterator[list[dict[str, Any]]]:

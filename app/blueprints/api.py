@@ -47,11 +47,10 @@ def require_token():  # type: ignore[no-untyped-def]
 
 @bp.post("/orders")
 def create_or_update_order():  # type: ignore[no-untyped-def]
-    try:
-        body = request.get_json(silent=True)
-    except RecursionError:
-        body = None
-    if not isinstance(body, dict):
+    body = _optional_json()
+    if isinstance(body, tuple):
+        return body
+    if body is None:
         return error_response(400, "invalid_json", "The body must be a JSON object.")
     try:
         order_input = OrderInput.parse(body)

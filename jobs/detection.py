@@ -46,7 +46,6 @@ class DetectionSummary:
     # dry-run: what would have been opened (order id -> automatic?)
     would_open: dict[str, bool] = field(default_factory=dict)
     automatic_open_cases: list[int] = field(default_factory=list)
-    new_cases: list[DuplicateCase] = field(default_factory=list, repr=False)  # not yet flushed
 
 
 def candidate_orders(session: Session, *, touched_since: datetime | None) -> list[str]:
@@ -150,6 +149,7 @@ def detect(
             # The chunk's cases in one query (charges included), locked: no query per
             # order, and no plan that degrades as the cases table grows during the pass.
             cases = _cases_of(session, chunk, lock=not dry_run)
+            opened: list[DuplicateCase] = []
             for order, positions, verdict in assess_orders(
                 session, chunk, window_seconds=window_seconds, auto_refund_unknown_total=auto_refund_unknown_total
             ):
@@ -158,8 +158,10 @@ def detect(
                     if verdict.needs_case and _would_open(cases.get(order.id, []), verdict):
                         part.would_open[order.id] = verdict.automatic
                     continue
-                sync_case(session, order, positions, verdict, run_id=run_id, summary=part, cases=cases.get(order.id, []))
-            _record_opened(session, part)
+                new_case = sync_case(session, order, positions, verdict, run_id=run_id, summary=part, cases=cases.get(order.id, []))
+                if new_case is not None:
+                    opened.append(new_case)
+            _record_opened(session, opened, part)
             return part
 
         if dry_run:
@@ -201,7 +203,7 @@ def sync_case(
     run_id: int | None,
     summary: DetectionSummary,
     cases: list[DuplicateCase],
-) -> None:
+) -> DuplicateCase | None:
     """Make the order's cases agree with the verdict.
 
     * No case needed: an ``open`` case is closed as ``refunded`` (decision ``external``:
@@ -210,6 +212,8 @@ def sync_case(
     * Case needed: an ``open`` case is refreshed; a ``refunding``/``failed`` one is left
       alone; otherwise a new case opens unless the latest closed case already covered
       every extra charge (a dismissal stands until another duplicate appears).
+
+    Returns the new case, unflushed (the caller flushes a chunk's new cases at once).
     """
     active = next((c for c in cases if c.status in ACTIVE_CASE_STATUSES), None)
     if not verdict.needs_case:
@@ -227,30 +231,30 @@ def sync_case(
                 )
             )
             summary.cases_resolved += 1
-        return
+        return None
     if active is not None:
         if active.status == "open":
             _fill(active, order, positions, verdict)
             summary.cases_updated += 1
             if active.automatic:
                 summary.automatic_open_cases.append(active.id)
-        return
+        return None
     if not _would_open(cases, verdict):
-        return
+        return None
     case = DuplicateCase(order_id=order.id, status="open", opened_by_run_id=run_id)
     _fill(case, order, positions, verdict)
     session.add(case)
     # Not flushed here: the chunk's new cases go in one batched INSERT ... RETURNING
     # (see _record_opened), not one round trip each.
-    summary.new_cases.append(case)
+    return case
 
 
-def _record_opened(session: Session, summary: DetectionSummary) -> None:
+def _record_opened(session: Session, opened: list[DuplicateCase], summary: DetectionSummary) -> None:
     """Flush the chunk's new cases at once, then their audit entries and ids."""
-    if not summary.new_cases:
+    if not opened:
         return
     session.flush()
-    for case in summary.new_cases:
+    for case in opened:
         session.add(
             AuditEntry(
                 actor="reconciler",
@@ -262,7 +266,6 @@ def _record_opened(session: Session, summary: DetectionSummary) -> None:
         summary.cases_opened.append(case.id)
         if case.automatic:
             summary.automatic_open_cases.append(case.id)
-    summary.new_cases = []
 
 
 def _would_open(cases: list[DuplicateCase], verdict: Assessment) -> bool:

@@ -104,7 +104,7 @@ def run_demo(
             "LOG_LEVEL": "WARNING",
             "LOG_FORMAT": "json",
         }
-        base = stack.enter_context(_service(env, workdir / "serve.log"))
+        base = stack.enter_context(serve_process(["--workers", "2", "--no-migrate"], env, workdir / "serve.log"))
         out(f"Service: {base} (log: {workdir / 'serve.log'})")
         summary = DemoSummary(stripe=stripe_name, database=str(db_path), password=password, review_url=f"{base}/review")
 
@@ -219,7 +219,10 @@ def _stripe(choice: str, workdir: Path) -> Iterator[tuple[str, str]]:
 
 
 @contextlib.contextmanager
-def _service(env: dict[str, str], log_path: Path) -> Iterator[str]:
+def serve_process(args: list[str], env: dict[str, str], log_path: Path, *, cwd: Path = ROOT) -> Iterator[str]:
+    """Run ``reconciler serve ARGS`` on a free 127.0.0.1 port until the block ends; yields
+    its base URL once ``/healthz`` answers 200 (the tests start the service the same way).
+    Fails with the server's log if it does not start in 60 s."""
     import socket
 
     with socket.socket() as sock:
@@ -227,8 +230,8 @@ def _service(env: dict[str, str], log_path: Path) -> Iterator[str]:
         port = sock.getsockname()[1]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2", "--no-migrate"],
-            cwd=str(ROOT), env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+            cwd=str(cwd), env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=log, stderr=subprocess.STDOUT,
         )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -238,7 +241,7 @@ def _service(env: dict[str, str], log_path: Path) -> Iterator[str]:
                 if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
                     break
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the service did not start; see {log_path}")
+                raise RuntimeError(f"the service did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
             time.sleep(0.2)
         yield base
     finally:

@@ -17,6 +17,7 @@ import os
 from typing import Any, Callable, Iterator
 
 import pytest
+import responses
 from sqlalchemy import func, select, text
 
 from app import create_app
@@ -147,6 +148,21 @@ class Ledger:
 
         with self._session_factory() as session:
             return order_view(session, order_id)
+
+
+@pytest.fixture
+def mock() -> Iterator[responses.RequestsMock]:
+    """`responses` intercepting the SDK's HTTP traffic for one test."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        yield rsps
+
+
+@pytest.fixture
+def stripe_api(mock):  # type: ignore[no-untyped-def]
+    """A stateful Stripe behind `mock` (tests/fake_stripe.py), at fake_stripe.API."""
+    from tests.fake_stripe import FakeStripe
+
+    return FakeStripe(mock)
 
 
 @pytest.fixture

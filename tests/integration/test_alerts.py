@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
-import time
-from typing import Iterator
 
 import pytest
-import responses
 from aiosmtpd.controller import Controller
 
 from app.gateway import StripeGateway
@@ -48,12 +45,6 @@ def smtp() -> Iterator[tuple[Inbox, int]]:
         yield inbox, port
     finally:
         controller.stop()
-
-
-@pytest.fixture
-def mock() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        yield rsps
 
 
 def _alert_settings(settings: Settings, smtp_port: int) -> Settings:

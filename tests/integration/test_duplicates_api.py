@@ -8,10 +8,8 @@ import io
 import json
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Iterator
 
 import pytest
-import responses
 from click.testing import CliRunner
 
 from app import create_app
@@ -21,24 +19,13 @@ from app.gateway import StripeGateway
 from app.services.cases import REPORT_COLUMNS
 from models import AuditEntry, DuplicateCase
 from tests.conftest import API_TOKEN
-from tests.fake_stripe import API, FakeStripe
+from tests.fake_stripe import API
 from tests.integration.test_reconcile import NOW, _double_click, make_order
-
-
-@pytest.fixture
-def mock() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        yield rsps
 
 
 @pytest.fixture
 def review_settings(settings):  # type: ignore[no-untyped-def]
     return settings.with_overrides(stripe_api_base=API, stripe_max_network_retries=0, refund_mode="review")
-
-
-@pytest.fixture
-def stripe_api(mock) -> FakeStripe:  # type: ignore[no-untyped-def]
-    return FakeStripe(mock)
 
 
 @pytest.fixture

@@ -7,11 +7,9 @@ from __future__ import annotations
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-import responses
-from sqlalchemy import select
 
 from app.gateway import StripeGateway
 from app.services.orders import OrderInput, upsert_order
@@ -22,20 +20,9 @@ from jobs.lease import exclusive_pass
 from jobs.reconcile import RunInProgress, run_reconciliation
 from models import AlertSent, AuditEntry, DuplicateCase, ReconciliationRun, Refund, RefundAttempt, run_in_transaction
 from tests import stripe_payloads as p
-from tests.fake_stripe import API, FakeStripe
+from tests.fake_stripe import API
 
 NOW = int(time.time())
-
-
-@pytest.fixture
-def mock() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        yield rsps
-
-
-@pytest.fixture
-def stripe_api(mock) -> FakeStripe:  # type: ignore[no-untyped-def]
-    return FakeStripe(mock)
 
 
 @pytest.fixture

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Iterator
 
 import pytest
-import responses
 from sqlalchemy import update
 from werkzeug.security import generate_password_hash
 
@@ -25,7 +23,7 @@ from app.services.auth import UserDirectory
 from app.services.cases import CaseActionError
 from jobs.reconcile import run_reconciliation
 from models import AuditEntry, CaseCharge, Charge, DuplicateCase, Order, RefundAttempt, run_in_transaction
-from tests.fake_stripe import API, FakeStripe
+from tests.fake_stripe import API
 from tests.integration.test_reconcile import NOW, _double_click, make_order
 
 PASSWORD = "correct horse battery staple"
@@ -37,17 +35,6 @@ IMG = '"><img src=x onerror=alert(1)>'
 
 def _hash(password: str) -> str:
     return generate_password_hash(password, method="pbkdf2:sha256:1000")
-
-
-@pytest.fixture
-def mock() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        yield rsps
-
-
-@pytest.fixture
-def stripe_api(mock) -> FakeStripe:  # type: ignore[no-untyped-def]
-    return FakeStripe(mock)
 
 
 @pytest.fixture

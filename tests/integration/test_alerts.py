@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+from typing import Iterator
 
 import pytest
 from aiosmtpd.controller import Controller

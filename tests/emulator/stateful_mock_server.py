@@ -60,31 +60,23 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from types import TracebackType
+from typing import Any
+
+from tests.emulator.process import EmulatorProcess
 
 __all__ = ["StatefulMock", "StatefulMockError"]
 
 PACKAGE_DIR = Path(__file__).resolve().with_name("stateful_mock")
 LAUNCHER = PACKAGE_DIR / "launch.js"
-READY_PREFIX = "STATEFUL_MOCK_READY"
-START_TIMEOUT = 20.0
-
-# No ProxyHandler: never route 127.0.0.1 through an HTTP(S)_PROXY from the environment.
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class StatefulMockError(RuntimeError):
     pass
 
 
-class StatefulMock:
+class StatefulMock(EmulatorProcess):
     """Context manager running stripe-stateful-mock on ``127.0.0.1``.
 
     ``port=None`` lets the launcher listen on port 0 and report the port it got (no race
@@ -92,21 +84,16 @@ class StatefulMock:
     (``trace``, ``debug``, ``info``, ``warn``, ``error``, ``silent``; default ``warn``).
     """
 
+    NAME = "stripe-stateful-mock"
+    READY_PREFIX = "STATEFUL_MOCK_READY"
+    Error = StatefulMockError
+
     def __init__(self, port: int | None = None, log_level: str | None = None, node: str | None = None) -> None:
-        self._requested_port = port
+        super().__init__(port)
         self._log_level = log_level
         self._node = node
-        self.port: int | None = port
-        self.base_url: str = f"http://127.0.0.1:{port}" if port else ""
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log_dir: tempfile.TemporaryDirectory[str] | None = None
-        self._log_path: Path | None = None
 
-    # -- lifecycle ---------------------------------------------------------------
-
-    def start(self) -> "StatefulMock":
-        if self._process is not None:
-            raise StatefulMockError("StatefulMock already started")
+    def _launch(self, log: Any, workdir: str) -> subprocess.Popen[bytes]:
         node = self._node or shutil.which("node")
         if not node:
             raise StatefulMockError("stripe-stateful-mock needs Node.js: no `node` on PATH")
@@ -118,100 +105,12 @@ class StatefulMock:
         env = {k: v for k, v in os.environ.items() if k != "STATEFUL_MOCK_LOG_LEVEL"}
         if self._log_level:
             env["STATEFUL_MOCK_LOG_LEVEL"] = self._log_level
-        self._log_dir = tempfile.TemporaryDirectory(prefix="stateful-mock-")
-        self._log_path = Path(self._log_dir.name) / "stateful-mock.log"
-        with open(self._log_path, "wb") as log:
-            self._process = subprocess.Popen(
-                [node, str(LAUNCHER), "--port", str(self._requested_port or 0), "--parent-pid", str(os.getpid())],
-                cwd=str(PACKAGE_DIR),
-                # A pipe we never write to: the launcher exits when it closes (our death).
-                stdin=subprocess.PIPE,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _wait_ready(self) -> None:
-        assert self._process is not None
-        deadline = time.monotonic() + START_TIMEOUT
-        ready_url = ""
-        while True:
-            if self._process.poll() is not None:
-                raise StatefulMockError(
-                    f"stripe-stateful-mock exited with code {self._process.returncode}:\n{self.log()}"
-                )
-            # Always wait for READY, even with a fixed port: something else answering on
-            # that port must not pass for us (the launcher then exits with EADDRINUSE).
-            if not ready_url:
-                for line in self.log().splitlines():
-                    if line.startswith(READY_PREFIX):
-                        ready_url = line.split()[1]
-                        break
-            if ready_url:
-                self.base_url = ready_url
-                self.port = int(ready_url.rsplit(":", 1)[1])
-                if self._answers():
-                    return
-            if time.monotonic() > deadline:
-                raise StatefulMockError(
-                    f"stripe-stateful-mock did not answer within {START_TIMEOUT:.0f} s:\n{self.log()}"
-                )
-            time.sleep(0.05)
-
-    def _answers(self) -> bool:
-        try:
-            # Unauthenticated, so any answer (401) proves the app is serving.
-            with _opener.open(self.base_url + "/v1/charges", timeout=2):
-                return True
-        except urllib.error.HTTPError:
-            return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=5)
-            if process.stdin is not None:
-                process.stdin.close()
-        if self._log_dir is not None:
-            self._last_log = self.log()
-            self._log_dir.cleanup()
-            self._log_dir = None
-            self._log_path = None
-        if self._requested_port is None:
-            self.base_url = ""
-            self.port = None
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    def log(self) -> str:
-        """The launcher's stdout+stderr so far (READY line, emulator log at ``log_level``)."""
-        if self._log_path is not None and self._log_path.exists():
-            return self._log_path.read_text(errors="replace")
-        return getattr(self, "_last_log", "")
-
-    def __enter__(self) -> "StatefulMock":
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        return subprocess.Popen(
+            [node, str(LAUNCHER), "--port", str(self._requested_port or 0), "--parent-pid", str(os.getpid())],
+            cwd=str(PACKAGE_DIR),
+            # A pipe we never write to: the launcher exits when it closes (our death).
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )

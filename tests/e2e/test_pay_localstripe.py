@@ -18,7 +18,7 @@ import requests
 import stripe
 
 from tests import stripe_payloads as p
-from tests.emulator import LocalStripe
+from tests.e2e import merchant
 from tests.servers import reconciler_serve
 
 pytestmark = pytest.mark.e2e
@@ -28,12 +28,6 @@ SECRET = "whsec_pay_end_to_end_0123456789abcdef"
 TOKEN = "e2e-pay-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CONCURRENT = 20
-
-
-@pytest.fixture(scope="module")
-def localstripe() -> Iterator[LocalStripe]:
-    with LocalStripe() as emulator:
-        yield emulator
 
 
 @pytest.fixture
@@ -54,7 +48,7 @@ def service(localstripe, database_url, session_factory, tmp_path) -> Iterator[st
 
 @pytest.fixture
 def emulator_client(localstripe) -> stripe.StripeClient:  # type: ignore[no-untyped-def]
-    return stripe.StripeClient(API_KEY, base_addresses={"api": localstripe.base_url}, http_client=stripe.RequestsClient(), max_network_retries=0)
+    return merchant.emulator_client(API_KEY, localstripe.base_url)
 
 
 def intents_of(client: stripe.StripeClient, order_id: str) -> list[Any]:

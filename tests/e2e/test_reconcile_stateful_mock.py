@@ -28,6 +28,7 @@ import stripe
 
 from tests import stripe_payloads as p
 from tests.emulator import StatefulMock
+from tests.e2e import merchant
 from tests.servers import ROOT, reconciler_serve
 
 pytestmark = pytest.mark.e2e
@@ -82,12 +83,7 @@ def service(env: dict[str, str], session_factory, tmp_path: Path, monkeypatch: p
 
 @pytest.fixture
 def checkout(emulator: StatefulMock, env: dict[str, str]) -> stripe.StripeClient:
-    return stripe.StripeClient(
-        env["STRIPE_API_KEY"],
-        base_addresses={"api": emulator.base_url},
-        http_client=stripe.RequestsClient(),
-        max_network_retries=0,
-    )
+    return merchant.emulator_client(env["STRIPE_API_KEY"], emulator.base_url)
 
 
 def reconcile(env: dict[str, str]) -> dict[str, Any]:
@@ -110,23 +106,8 @@ def create_order(service: str, order_id: str, amount: int) -> None:
     assert response.status_code == 201, response.text
 
 
-def charge(checkout: stripe.StripeClient, order_id: str, amount: int) -> dict[str, Any]:
-    created = checkout.v1.charges.create(
-        params={"amount": amount, "currency": "usd", "source": "tok_visa", "metadata": {"order_id": order_id}}
-    )
-    assert created.status == "succeeded"
-    # The emulator's own JSON for the charge, read back as a webhook sender would render it.
-    return checkout.v1.charges.retrieve(created.id).to_dict()
-
-
 def deliver(service: str, charge_json: dict[str, Any]) -> None:
-    # The emulator renders charges with their refunds embedded: the pre-2022-11-15 shape.
-    event = p.event("charge.succeeded", charge_json, api_version=p.LEGACY_API_VERSION, request_id=p.new_id("req"))
-    body = p.encode(event)
-    response = requests.post(
-        f"{service}/webhooks/stripe", data=body, headers={"Stripe-Signature": p.sign(body, SECRET)}, timeout=10
-    )
-    assert response.status_code == 200 and response.json()["status"] == "processed", response.text
+    merchant.deliver(service, charge_json, SECRET)
 
 
 def later(charges: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -157,10 +138,10 @@ def test_auto_reconcile_refunds_exactly_the_duplicates_at_the_emulator_and_a_rer
     create_order(service, ambiguous, 5000)
 
     charges = {
-        double: [charge(checkout, double, 4999), charge(checkout, double, 4999)],
-        triple: [charge(checkout, triple, 4999) for _ in range(3)],
-        mixed: [charge(checkout, mixed, 4000), charge(checkout, mixed, 6000), charge(checkout, mixed, 6000)],
-        ambiguous: [charge(checkout, ambiguous, 5000), charge(checkout, ambiguous, 1500)],
+        double: [merchant.charge(checkout, double, 4999), merchant.charge(checkout, double, 4999)],
+        triple: [merchant.charge(checkout, triple, 4999) for _ in range(3)],
+        mixed: [merchant.charge(checkout, mixed, 4000), merchant.charge(checkout, mixed, 6000), merchant.charge(checkout, mixed, 6000)],
+        ambiguous: [merchant.charge(checkout, ambiguous, 5000), merchant.charge(checkout, ambiguous, 1500)],
     }
     mine = [c["id"] for cs in charges.values() for c in cs]
 

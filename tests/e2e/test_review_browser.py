@@ -31,6 +31,7 @@ from werkzeug.security import generate_password_hash
 
 from tests import stripe_payloads as p
 from tests.emulator import StatefulMock
+from tests.e2e import merchant
 from tests.servers import ROOT, reconciler_serve
 
 pytestmark = pytest.mark.e2e
@@ -99,30 +100,11 @@ def service(env: dict[str, str], session_factory, tmp_path: Path, monkeypatch: p
 
 @pytest.fixture
 def checkout(emulator: StatefulMock, env: dict[str, str]) -> stripe.StripeClient:
-    return stripe.StripeClient(
-        env["STRIPE_API_KEY"],
-        base_addresses={"api": emulator.base_url},
-        http_client=stripe.RequestsClient(),
-        max_network_retries=0,
-    )
-
-
-def charge(checkout: stripe.StripeClient, order_id: str, amount: int) -> dict[str, Any]:
-    created = checkout.v1.charges.create(
-        params={"amount": amount, "currency": "usd", "source": "tok_visa", "metadata": {"order_id": order_id}}
-    )
-    assert created.status == "succeeded"
-    return checkout.v1.charges.retrieve(created.id).to_dict()
+    return merchant.emulator_client(env["STRIPE_API_KEY"], emulator.base_url)
 
 
 def deliver(service: str, charge_json: dict[str, Any]) -> None:
-    # The emulator renders charges with their refunds embedded: the pre-2022-11-15 shape.
-    event = p.event("charge.succeeded", charge_json, api_version=p.LEGACY_API_VERSION, request_id=p.new_id("req"))
-    body = p.encode(event)
-    response = requests.post(
-        f"{service}/webhooks/stripe", data=body, headers={"Stripe-Signature": p.sign(body, SECRET)}, timeout=10
-    )
-    assert response.status_code == 200 and response.json()["status"] == "processed", response.text
+    merchant.deliver(service, charge_json, SECRET)
 
 
 def reconcile_for_review(env: dict[str, str]) -> dict[str, Any]:
@@ -142,7 +124,7 @@ def test_an_approver_approves_a_double_click_in_the_browser_and_the_emulator_ref
     from playwright.sync_api import expect, sync_playwright
 
     order_id = f"ord_{p.new_id('b')[2:14].lower()}"
-    first, second = charge(checkout, order_id, 4999), charge(checkout, order_id, 4999)
+    first, second = merchant.charge(checkout, order_id, 4999), merchant.charge(checkout, order_id, 4999)
     for charge_json in (first, second):
         deliver(service, charge_json)
     response = requests.post(f"{service}/api/orders", json={"id": order_id, "amount": 4999, "currency": "usd"}, headers=AUTH, timeout=10)

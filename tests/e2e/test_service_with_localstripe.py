@@ -19,7 +19,7 @@ from app.gateway import StripeGateway
 from config import Settings
 from models import StripeEvent
 from tests import stripe_payloads as p
-from tests.emulator import LocalStripe
+from tests.e2e import merchant
 from tests.servers import reconciler_serve
 
 pytestmark = pytest.mark.e2e
@@ -28,12 +28,6 @@ API_KEY = "sk_test_end_to_end"
 SECRET = "whsec_end_to_end_0123456789abcdef"
 TOKEN = "e2e-api-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def localstripe() -> Iterator[LocalStripe]:
-    with LocalStripe() as emulator:
-        yield emulator
 
 
 @pytest.fixture
@@ -56,7 +50,7 @@ def service(localstripe, database_url, session_factory, tmp_path) -> Iterator[st
 
 @pytest.fixture
 def checkout(localstripe) -> stripe.StripeClient:  # type: ignore[no-untyped-def]
-    return stripe.StripeClient(API_KEY, base_addresses={"api": localstripe.base_url}, http_client=stripe.RequestsClient(), max_network_retries=0)
+    return merchant.emulator_client(API_KEY, localstripe.base_url)
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 20.0) -> Any:

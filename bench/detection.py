@@ -46,15 +46,13 @@ that mode on the throwaway database only, which makes those lookups index scans.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import resource
 import sys
 import time
 import tracemalloc
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -62,10 +60,8 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import create_engine, func, select, text  # noqa: E402
 from sqlalchemy.engine import Engine, make_url  # noqa: E402
 
-from config import Settings  # noqa: E402
 from jobs.detection import DetectionSummary, detect  # noqa: E402
 from models import ACTIVE_CASE_STATUSES, DuplicateCase, make_engine, make_session_factory  # noqa: E402
-from models.migrate import upgrade  # noqa: E402
 from tests.databases import throwaway_database  # noqa: E402
 
 DEFAULT_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -83,22 +79,9 @@ T = TypeVar("T")
 # -- database --------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def bench_database(server_url: str, keep: bool) -> Iterator[str]:
+def bench_database(server_url: str, keep: bool):  # type: ignore[no-untyped-def]
     """A fresh migrated database; dropped afterwards unless ``keep``."""
-    if not keep:
-        with throwaway_database(server_url, prefix="reconciler_bench_detect") as url:
-            yield url
-        return
-    server_url = Settings.from_env({"DATABASE_URL": server_url}).database_url
-    name = f"reconciler_bench_detect_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    yield url
+    return throwaway_database(server_url, prefix="reconciler_bench_detect", keep=keep)
 
 
 # -- data set --------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ from models.migrate import upgrade
 
 
 @contextlib.contextmanager
-def throwaway_database(server_url: str | None, *, prefix: str = "reconciler_test") -> Iterator[str]:
-    """Yield the URL of a fresh, migrated database; gone afterwards.
+def throwaway_database(server_url: str | None, *, prefix: str = "reconciler_test", keep: bool = False) -> Iterator[str]:
+    """Yield the URL of a fresh, migrated database; gone afterwards (PostgreSQL: unless
+    ``keep``, for looking at a benchmark's data).
 
     ``server_url`` None: a SQLite file in a temporary directory. A PostgreSQL URL: a new
     database created on that server (any database in the URL only serves to connect).
@@ -37,6 +38,7 @@ def throwaway_database(server_url: str | None, *, prefix: str = "reconciler_test
         upgrade(url)
         yield url
     finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        if not keep:
+            with admin.connect() as connection:
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()

@@ -63,6 +63,13 @@ def decimals(currency: str) -> int:
     return 2
 
 
+def major_units(amount: int, currency: str) -> str:
+    """``4999, "usd"`` -> ``"49.99"``; ``5000, "jpy"`` -> ``"5000"``: a plain decimal string
+    (no grouping, no currency), as a spreadsheet reads a number. Never a float."""
+    places = decimals(currency)
+    return f"{Decimal(amount).scaleb(-places):.{places}f}"
+
+
 def format_amount(amount: int, currency: str) -> str:
     """Human form, e.g. ``format_amount(4999, "usd") == "49.99 USD"``, ``5000 JPY``."""
     places = decimals(currency)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal
 from typing import Any, Iterable
 
 from sqlalchemy import func, select
@@ -32,7 +31,7 @@ from models import (
     run_in_transaction,
     utcnow,
 )
-from models.money import decimals, format_amount
+from models.money import format_amount, major_units
 
 MAX_NOTE = 2000
 # Open and failed cases need a person: they come first.
@@ -56,12 +55,6 @@ def dashboard_url(charge: Charge) -> str:
     mode = "" if charge.livemode else "test/"
     account = f"connect/accounts/{charge.account}/" if charge.account else ""
     return f"https://dashboard.stripe.com/{account}{mode}payments/{charge.payment_intent_id or charge.id}"
-
-
-def major_units(amount: int, currency: str) -> str:
-    """``4999, "usd"`` → ``"49.99"``; ``5000, "jpy"`` → ``"5000"``. A string: no floats."""
-    places = decimals(currency)
-    return str(Decimal(amount).scaleb(-places).quantize(Decimal(1).scaleb(-places)))
 
 
 @dataclass(frozen=True)

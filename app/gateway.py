@@ -206,17 +206,24 @@ class StripeGateway:
     # --- Refunds and backfill (reconciliation) ---
 
     def list_refunds(
-        self, *, created_gte: int | None = None, charge_id: str | None = None, page_size: int = 100
+        self,
+        *,
+        created_gte: int | None = None,
+        charge_id: str | None = None,
+        page_size: int = 100,
+        account: str | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Refunds created at or after ``created_gte`` (or every refund of ``charge_id``),
-        following pages to the end."""
+        following pages to the end. ``account``: the connected account the charge lives on
+        (its refunds are only visible with the ``Stripe-Account`` header)."""
         client = self._require_client()
         params: dict[str, Any] = {"limit": page_size}
         if created_gte is not None:
             params["created"] = {"gt": created_gte - 1}
         if charge_id is not None:
             params["charge"] = charge_id
-        return self._paginate(lambda p: client.v1.refunds.list(params=p), params)  # type: ignore[arg-type]
+        options = _options(account)
+        return self._paginate(lambda p: client.v1.refunds.list(params=p, options=options), params)  # type: ignore[arg-type]
 
     def list_disputes(self, *, created_gte: int, page_size: int = 100) -> Iterator[dict[str, Any]]:
         client = self._require_client()
@@ -254,6 +261,40 @@ class StripeGateway:
         options: dict[str, Any] = {"idempotency_key": idempotency_key, **_options(account)}
         params = {"charge": charge_id, "amount": amount, "reason": reason, "metadata": metadata}
         return self._call(lambda: client.v1.refunds.create(params=params, options=options))  # type: ignore[arg-type]
+
+    def cancel_payment_intent(
+        self,
+        payment_intent_id: str,
+        *,
+        idempotency_key: str,
+        cancellation_reason: str | None = None,
+        account: str | None = None,
+    ) -> dict[str, Any]:
+        """Cancel a PaymentIntent (releases an uncaptured authorisation) under our own key."""
+        client = self._require_client()
+        params: dict[str, Any] = {}
+        if cancellation_reason is not None:
+            params["cancellation_reason"] = cancellation_reason
+        options: dict[str, Any] = {"idempotency_key": idempotency_key, **_options(account)}
+        return self._call(
+            lambda: client.v1.payment_intents.cancel(payment_intent_id, params=params, options=options)  # type: ignore[arg-type]
+        )
+
+    def update_payment_intent_amount(
+        self,
+        payment_intent_id: str,
+        amount: int,
+        *,
+        idempotency_key: str,
+        account: str | None = None,
+    ) -> dict[str, Any]:
+        """Change a not-yet-paid PaymentIntent's amount (Stripe allows it until it is
+        processing, captured or canceled)."""
+        client = self._require_client()
+        options: dict[str, Any] = {"idempotency_key": idempotency_key, **_options(account)}
+        return self._call(
+            lambda: client.v1.payment_intents.update(payment_intent_id, params={"amount": amount}, options=options)  # type: ignore[arg-type]
+        )
 
     def _paginate(self, list_page: Any, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
         while True:

@@ -12,25 +12,29 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Iterator
+from enum import StrEnum
+from typing import Any, Iterator
 
 from sqlalchemy import func, select, union
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from app.services import ledger
-from jobs.rules import Assessment, ChargeFacts, OrderFacts, assess
+from app.services import case_lifecycle as lifecycle
+from app.services.balance import OrderBalance, load_balances
+from app.services.case_lifecycle import CaseAction, DismissedState, is_active
+from jobs.rules import Assessment
 from models import (
     ACTIVE_CASE_STATUSES,
-    AuditEntry,
     CaseCharge,
+    CaseKind,
+    CaseStatus,
     Charge,
     Dispute,
     DuplicateCase,
     Order,
     Refund,
     run_in_transaction,
-    utcnow,
 )
+from models.money import format_amount
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +47,22 @@ class DetectionSummary:
     cases_opened: list[int] = field(default_factory=list)
     cases_updated: int = 0
     cases_resolved: int = 0
-    # dry-run: what would have been opened (order id -> automatic?)
+    cases_reopened: list[int] = field(default_factory=list)
+    # dry-run: what would have been opened or refreshed (order id -> automatic?), and per
+    # order what would be done (see _planned)
     would_open: dict[str, bool] = field(default_factory=dict)
+    plan: list[dict[str, Any]] = field(default_factory=list)
     automatic_open_cases: list[int] = field(default_factory=list)
+
+    def merge(self, part: "DetectionSummary") -> None:
+        self.orders_examined += part.orders_examined
+        self.cases_opened += part.cases_opened
+        self.cases_updated += part.cases_updated
+        self.cases_resolved += part.cases_resolved
+        self.cases_reopened += part.cases_reopened
+        self.would_open.update(part.would_open)
+        self.plan += part.plan
+        self.automatic_open_cases += part.automatic_open_cases
 
 
 def candidate_orders(session: Session, *, touched_since: datetime | None) -> list[str]:
@@ -81,49 +98,56 @@ def candidate_orders(session: Session, *, touched_since: datetime | None) -> lis
 
 def assess_orders(
     session: Session, order_ids: list[str], *, window_seconds: int, auto_refund_unknown_total: bool
-) -> Iterator[tuple[Order, list[ledger.ChargePosition], Assessment]]:
+) -> Iterator[tuple[OrderBalance, Assessment]]:
     """The rule's verdict for each order, loading its charges, refunds and disputes once."""
-    orders = {o.id: o for o in session.scalars(select(Order).where(Order.id.in_(order_ids)))}
-    charges: dict[str, list[Charge]] = {oid: [] for oid in order_ids}
-    for charge in session.scalars(
-        select(Charge).where(Charge.order_id.in_(order_ids)).order_by(Charge.created, Charge.id)
-    ):
-        charges[charge.order_id].append(charge)  # type: ignore[index]
-    all_charges = [c for cs in charges.values() for c in cs]
-    positions_by_id = {p.charge.id: p for p in ledger.charge_positions(session, all_charges)}
+    balances = load_balances(session, order_ids)
     for order_id in order_ids:
-        order = orders.get(order_id)
-        if order is None:
+        balance = balances.get(order_id)
+        if balance is None:
             continue
-        positions = [positions_by_id[c.id] for c in charges[order_id]]
-        verdict = assess(
-            OrderFacts(order.id, order.amount, order.currency, order.payment_intent_id),
-            [facts(p) for p in positions],
-            window_seconds=window_seconds,
-            auto_refund_unknown_total=auto_refund_unknown_total,
-        )
-        yield order, positions, verdict
+        yield balance, balance.assess(window_seconds=window_seconds, auto_refund_unknown_total=auto_refund_unknown_total)
 
 
-def facts(position: ledger.ChargePosition) -> ChargeFacts:
-    charge = position.charge
-    return ChargeFacts(
-        id=charge.id,
-        amount=charge.amount,
-        currency=charge.currency,
-        created=charge.created,
-        status=charge.status,
-        captured=charge.captured,
-        held=position.held,
-        refunded=position.refunded,
-        amount_captured=charge.amount_captured,
-        # An authorisation Stripe released (expired or canceled) reports its whole amount
-        # as refunded.
-        released=not charge.captured and charge.reported_refunded >= charge.amount,
-        dispute_status=position.dispute.status if position.dispute is not None else None,
-        account=charge.account,
-        payment_intent_id=charge.payment_intent_id,
-    )
+class Step(StrEnum):
+    """What a pass does about one order's cases."""
+
+    NOTHING = "nothing"  # holds no more than it should, and no active case
+    RESOLVE = "resolve"  # the active case's excess went back outside: close it as external
+    REFRESH = "refresh"  # update the open (or failed) case's figures and proposal
+    IN_FLIGHT = "in_flight"  # a case is refunding: the refund path settles it
+    DISMISSED = "dismissed"  # a person's dismissal made for this very state stands
+    REOPEN = "reopen"  # the last case was settled, yet the order holds too much again
+    OPEN = "open"  # a new case
+
+
+def decide(cases: list[DuplicateCase], verdict: Assessment, balance: OrderBalance) -> Step:
+    """The step for one order, from its cases (oldest first) and the rule's verdict.
+
+    The order's balance is the truth, not what a case saw: a ``refunded`` case (by us or
+    outside) covers nothing once the order holds more than it should again, and a dismissal
+    stands only for the state the person saw (see :class:`DismissedState`)."""
+    active = next((c for c in cases if is_active(c)), None)
+    if not verdict.needs_case:
+        if active is not None and active.status in (CaseStatus.OPEN, CaseStatus.FAILED):
+            return Step.RESOLVE
+        return Step.IN_FLIGHT if active is not None else Step.NOTHING
+    if active is not None:
+        return Step.IN_FLIGHT if active.status == CaseStatus.REFUNDING else Step.REFRESH
+    latest = cases[-1] if cases else None
+    if latest is None:
+        return Step.OPEN
+    if latest.status == CaseStatus.DISMISSED:
+        return Step.DISMISSED if _dismissal_stands(latest, verdict, balance) else Step.OPEN
+    return Step.REOPEN  # refunded: whatever closed it, the order holds too much now
+
+
+def _dismissal_stands(case: DuplicateCase, verdict: Assessment, balance: OrderBalance) -> bool:
+    state = DismissedState.from_json(case.dismissed_state)
+    if state is not None:
+        return state.stands_for(balance.held, balance.held_charges)
+    # Dismissed before the state was recorded: it covers the charges it listed.
+    covered = {cc.charge_id for cc in case.charges}
+    return {cid for cid, role in verdict.roles if role != "keeper"} <= covered
 
 
 def detect(
@@ -135,9 +159,11 @@ def detect(
     dry_run: bool,
     run_id: int | None,
 ) -> DetectionSummary:
-    """Open, update or resolve cases for every candidate order; one transaction per chunk.
+    """Open, refresh, reopen or resolve cases for every candidate order; one transaction
+    per chunk. After it, every candidate order that holds more than it should has an
+    active case or a dismissal made for its current state.
 
-    ``dry_run`` writes nothing: it reports what would be opened."""
+    ``dry_run`` writes nothing: it reports, per order, what a pass would do."""
     summary = DetectionSummary()
     with session_factory() as session:
         order_ids = candidate_orders(session, touched_since=touched_since)
@@ -150,15 +176,18 @@ def detect(
             # order, and no plan that degrades as the cases table grows during the pass.
             cases = _cases_of(session, chunk, lock=not dry_run)
             opened: list[DuplicateCase] = []
-            for order, positions, verdict in assess_orders(
+            for balance, verdict in assess_orders(
                 session, chunk, window_seconds=window_seconds, auto_refund_unknown_total=auto_refund_unknown_total
             ):
                 part.orders_examined += 1
+                order_cases = cases.get(balance.order.id, [])
+                step = decide(order_cases, verdict, balance)
                 if dry_run:
-                    if verdict.needs_case and _would_open(cases.get(order.id, []), verdict):
-                        part.would_open[order.id] = verdict.automatic
+                    if step in (Step.OPEN, Step.REOPEN, Step.REFRESH):
+                        part.would_open[balance.order.id] = verdict.automatic and step is not Step.REOPEN
+                        part.plan.append(_planned(balance, verdict, step, order_cases))
                     continue
-                new_case = sync_case(session, order, positions, verdict, run_id=run_id, summary=part, cases=cases.get(order.id, []))
+                new_case = apply_step(session, step, balance, verdict, run_id=run_id, summary=part, cases=order_cases)
                 if new_case is not None:
                     opened.append(new_case)
             _record_opened(session, opened, part)
@@ -170,12 +199,7 @@ def detect(
                 session.rollback()
         else:
             part = run_in_transaction(session_factory, work)
-        summary.orders_examined += part.orders_examined
-        summary.cases_opened += part.cases_opened
-        summary.cases_updated += part.cases_updated
-        summary.cases_resolved += part.cases_resolved
-        summary.would_open.update(part.would_open)
-        summary.automatic_open_cases += part.automatic_open_cases
+        summary.merge(part)
     return summary
 
 
@@ -194,59 +218,54 @@ def _cases_of(session: Session, order_ids: list[str], *, lock: bool) -> dict[str
     return cases
 
 
-def sync_case(
+def apply_step(
     session: Session,
-    order: Order,
-    positions: list[ledger.ChargePosition],
+    step: Step,
+    balance: OrderBalance,
     verdict: Assessment,
     *,
     run_id: int | None,
     summary: DetectionSummary,
     cases: list[DuplicateCase],
 ) -> DuplicateCase | None:
-    """Make the order's cases agree with the verdict.
+    """Make the order's cases agree with the verdict (see :func:`decide`).
 
-    * No case needed: an ``open`` case is closed as ``refunded`` (decision ``external``:
-      the money was returned outside this service); ``refunding``/``failed`` are left to
-      the refund path and finance.
-    * Case needed: an ``open`` case is refreshed; a ``refunding``/``failed`` one is left
-      alone; otherwise a new case opens unless the latest closed case already covered
-      every extra charge (a dismissal stands until another duplicate appears).
-
-    Returns the new case, unflushed (the caller flushes a chunk's new cases at once).
-    """
-    active = next((c for c in cases if c.status in ACTIVE_CASE_STATUSES), None)
-    if not verdict.needs_case:
-        if active is not None and active.status == "open":
-            active.status = "refunded"
-            active.decision = "external"
-            active.decided_by = "reconciler"
-            active.decided_at = utcnow()
-            session.add(
-                AuditEntry(
-                    actor="reconciler",
-                    action="resolved_external",
-                    case_id=active.id,
-                    note="the order no longer holds more than its total",
-                )
-            )
-            summary.cases_resolved += 1
-        return None
-    if active is not None:
-        if active.status == "open":
-            _fill(active, order, positions, verdict)
-            summary.cases_updated += 1
-            if active.automatic:
-                summary.automatic_open_cases.append(active.id)
-        return None
-    if not _would_open(cases, verdict):
-        return None
-    case = DuplicateCase(order_id=order.id, status="open", opened_by_run_id=run_id)
-    _fill(case, order, positions, verdict)
-    session.add(case)
-    # Not flushed here: the chunk's new cases go in one batched INSERT ... RETURNING
-    # (see _record_opened), not one round trip each.
-    return case
+    Returns a new case, unflushed (the caller flushes a chunk's new cases at once)."""
+    active = next((c for c in cases if is_active(c)), None)
+    if step is Step.RESOLVE:
+        assert active is not None
+        lifecycle.change(
+            session, active, CaseAction.RESOLVE_EXTERNAL, reason="the order no longer holds more than its total"
+        )
+        summary.cases_resolved += 1
+    elif step is Step.REFRESH:
+        assert active is not None
+        _fill(active, balance, verdict)
+        summary.cases_updated += 1
+        if active.status == CaseStatus.OPEN and active.automatic:
+            summary.automatic_open_cases.append(active.id)
+    elif step is Step.REOPEN:
+        latest = cases[-1]
+        _fill(latest, balance, verdict)
+        lifecycle.change(
+            session,
+            latest,
+            CaseAction.REOPEN_EXCESS,
+            reason=(
+                f"reopened: the order holds {_amounts(verdict.excess)} more than it should again "
+                f"(the case was closed as {latest.decision or 'refunded'})"
+            ),
+            details={"excess": dict(verdict.excess), "held": balance.held},
+        )
+        summary.cases_reopened.append(latest.id)
+    elif step is Step.OPEN:
+        case = lifecycle.new_case(balance.order.id, kind=CaseKind.DUPLICATE, run_id=run_id)
+        _fill(case, balance, verdict)
+        session.add(case)
+        # Not flushed here: the chunk's new cases go in one batched INSERT ... RETURNING
+        # (see _record_opened), not one round trip each.
+        return case
+    return None
 
 
 def _record_opened(session: Session, opened: list[DuplicateCase], summary: DetectionSummary) -> None:
@@ -255,35 +274,41 @@ def _record_opened(session: Session, opened: list[DuplicateCase], summary: Detec
         return
     session.flush()
     for case in opened:
-        session.add(
-            AuditEntry(
-                actor="reconciler",
-                action="case_opened",
-                case_id=case.id,
-                details={"automatic": case.automatic, "reasons": list(case.review_reasons)},
-            )
-        )
+        lifecycle.record_opened(session, case, details={"automatic": case.automatic, "reasons": list(case.review_reasons)})
         summary.cases_opened.append(case.id)
         if case.automatic:
             summary.automatic_open_cases.append(case.id)
 
 
-def _would_open(cases: list[DuplicateCase], verdict: Assessment) -> bool:
-    """No case yet, or the latest closed case did not cover every extra charge (a new
-    duplicate after a dismissal). ``cases``: the order's cases, oldest first."""
-    if not cases:
-        return True
-    latest = cases[-1]
-    if latest.status in ACTIVE_CASE_STATUSES:
-        return False
-    covered = {cc.charge_id for cc in latest.charges}
-    extras = {cid for cid, role in verdict.roles if role != "keeper"}
-    return not extras <= covered
+def _planned(balance: OrderBalance, verdict: Assessment, step: Step, cases: list[DuplicateCase]) -> dict[str, Any]:
+    """What a pass would do about one order, as data (the dry run prints it)."""
+    by_id = {p.charge.id: p.charge for p in balance.positions}
+    active = next((c for c in cases if is_active(c)), None)
+    automatic = verdict.automatic and step is not Step.REOPEN
+    return {
+        "order_id": balance.order.id,
+        "order_total": balance.order.amount,
+        "order_currency": balance.order.currency,
+        "case_id": active.id if active is not None else (cases[-1].id if step is Step.REOPEN else None),
+        "step": step.value,
+        "keeper_charge_id": verdict.keeper_charge_id,
+        "excess": dict(verdict.excess),
+        "action": "refund" if automatic else "review",
+        "refunds": [
+            {"charge_id": cid, "amount": amount, "currency": by_id[cid].currency}
+            for cid, amount in verdict.proposed_refunds.items()
+        ],
+        "reasons": list(verdict.review_reasons)
+        + (["reopened: a settled case's order holds too much again; a person decides"] if step is Step.REOPEN else []),
+    }
 
 
-def _fill(
-    case: DuplicateCase, order: Order, positions: list[ledger.ChargePosition], verdict: Assessment
-) -> None:
+def _amounts(amounts: dict[str, int]) -> str:
+    return ", ".join(format_amount(v, c) for c, v in sorted(amounts.items())) or "nothing"
+
+
+def _fill(case: DuplicateCase, balance: OrderBalance, verdict: Assessment) -> None:
+    order, positions = balance.order, balance.positions
     roles = dict(verdict.roles)
     case.keeper_charge_id = verdict.keeper_charge_id  # type: ignore[assignment]
     case.order_amount = order.amount
@@ -307,4 +332,3 @@ def _fill(
         member.currency = charge.currency
         member.held = position.held
         member.proposed_refund = verdict.proposed_refunds.get(charge.id, 0)
-

@@ -22,6 +22,7 @@ Invariants the schema carries:
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -42,8 +43,34 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from models.base import Base, utcnow
 from models.ledger import CURRENCY, STRIPE_ID
 
-CASE_STATUSES = ("open", "refunding", "refunded", "dismissed", "failed")
-ACTIVE_CASE_STATUSES = ("open", "refunding", "failed")
+
+
+class CaseStatus(StrEnum):
+    """A duplicate case's status. Only :mod:`app.services.case_lifecycle` changes it."""
+
+    OPEN = "open"  # needs a decision (a person's, or the job's in auto mode)
+    REFUNDING = "refunding"  # refunds/releases approved, not all settled yet
+    REFUNDED = "refunded"  # settled, and the order then held no more than its total
+    DISMISSED = "dismissed"  # a person decided not to refund, for the state they saw
+    FAILED = "failed"  # a refund failed (at once or later): back to a person
+
+
+class CaseKind(StrEnum):
+    """What a case is about."""
+
+    DUPLICATE = "duplicate"  # captured charges holding more than the order's total
+    AUTHORIZATION = "authorization"  # an uncaptured authorisation the order does not need
+
+
+class AttemptAction(StrEnum):
+    """What a refund attempt asks Stripe for."""
+
+    REFUND = "refund"  # refund captured money
+    RELEASE = "release"  # release an uncaptured authorisation (cancel its PaymentIntent, or refund the bare charge)
+
+
+CASE_STATUSES = tuple(s.value for s in CaseStatus)
+ACTIVE_CASE_STATUSES = (CaseStatus.OPEN.value, CaseStatus.REFUNDING.value, CaseStatus.FAILED.value)
 
 
 class DuplicateCase(Base):
@@ -54,8 +81,10 @@ class DuplicateCase(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), index=True)
-    # open | refunding | refunded | dismissed | failed
+    # a CaseStatus; changed only through app.services.case_lifecycle
     status: Mapped[str] = mapped_column(String(16))
+    # a CaseKind
+    kind: Mapped[str] = mapped_column(String(16), default=CaseKind.DUPLICATE.value, server_default="duplicate")
     keeper_charge_id: Mapped[str] = mapped_column(STRIPE_ID)
     # The order's total when the case was assessed (None: unknown) and its currency.
     order_amount: Mapped[int | None] = mapped_column(BigInteger)
@@ -72,6 +101,10 @@ class DuplicateCase(Base):
     decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     note: Mapped[str | None] = mapped_column(Text)
     failure: Mapped[str | None] = mapped_column(Text)
+    # What the person saw when dismissing: {"held": {currency: minor units}, "charges":
+    # [held charge ids]}. The dismissal stands only while the order holds no more than
+    # this, over no other charge.
+    dismissed_state: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     opened_by_run_id: Mapped[int | None] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(
@@ -127,6 +160,8 @@ class RefundAttempt(Base):
     currency: Mapped[str] = mapped_column(CURRENCY)
     # auto | finance
     origin: Mapped[str] = mapped_column(String(16))
+    # an AttemptAction: refund captured money, or release an authorisation
+    action: Mapped[str] = mapped_column(String(16), default=AttemptAction.REFUND.value, server_default="refund")
     requested_by: Mapped[str | None] = mapped_column(String(255))
     # recorded (committed, call not known to have happened) | succeeded (Stripe returned a
     # refund) | failed (Stripe refused, or the refund failed/was canceled later) |

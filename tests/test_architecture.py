@@ -43,3 +43,25 @@ def test_models_config_and_services_never_import_flask() -> None:
 def test_config_imports_only_the_standard_library() -> None:
     allowed = set(sys.stdlib_module_names) | {"__future__"}
     assert _imports(ROOT / "config" / "__init__.py") <= allowed
+
+
+def test_only_the_case_lifecycle_changes_a_case_status() -> None:
+    """Every status change of a duplicate case goes through app/services/case_lifecycle.py
+    (transition table + audit entry): no other module assigns a case's ``status`` or
+    builds a case with one."""
+    offenders = []
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            if path == ROOT / "app" / "services" / "case_lifecycle.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+                for target in targets:
+                    if isinstance(target, ast.Attribute) and target.attr == "status":
+                        owner = ast.unparse(target.value).lower()
+                        if "case" in owner or owner in ("active", "latest"):
+                            offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {owner}.status =")
+                if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("DuplicateCase"):
+                    if any(k.arg == "status" for k in node.keywords):
+                        offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: DuplicateCase(status=...)")
+    assert offenders == []

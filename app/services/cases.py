@@ -15,12 +15,16 @@ from typing import Any, Iterable
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.services import case_lifecycle as lifecycle
 from app.services import ledger
+from app.services.balance import load_balance
+from app.services.case_lifecycle import CaseAction, CaseTransitionRefused, DismissedState
 from app.services.refunds import CaseRefundResult, PlannedRefund, RefundRefused, RefundService
 from models import (
     ACTIVE_CASE_STATUSES,
     CASE_STATUSES,
     AuditEntry,
+    CaseStatus,
     CaseCharge,
     Charge,
     DuplicateCase,
@@ -29,7 +33,6 @@ from models import (
     Refund,
     RefundAttempt,
     run_in_transaction,
-    utcnow,
 )
 from models.money import format_amount, major_units
 
@@ -310,6 +313,10 @@ def parse_refund_plan(body: Any) -> list[PlannedRefund] | None:
     return plan
 
 
+# Refusals that are about the state of things rather than the request: 404/409.
+_REFUSAL_STATUS = {"case_not_found": 404, "case_not_open": 409, "stripe_not_configured": 409, "refund_in_flight": 409}
+
+
 def approve(
     refunds: RefundService,
     case_id: int,
@@ -325,24 +332,23 @@ def approve(
     try:
         refunds.approve(case_id, plan, origin="finance", actor=actor, note=note)
     except RefundRefused as exc:
-        raise CaseActionError(404 if exc.code == "case_not_found" else 409 if exc.code == "case_not_open" else 422, exc.code, exc.message) from None
+        raise CaseActionError(_REFUSAL_STATUS.get(exc.code, 422), exc.code, exc.message) from None
     return refunds.execute_case(case_id)
 
 
 def dismiss(session_factory: sessionmaker[Session], case_id: int, *, actor: str, note: str | None) -> None:
-    """Close an open or failed case without refunding. A note is required."""
+    """Close an open or failed case without refunding. A note is required.
+
+    The dismissal records what the person saw (the money each currency held and the
+    charges holding it): it stands while the order holds no more than that, over no
+    other charge; any later excess opens a new case."""
     text = _clean_note(note, required=True)
 
     def work(session: Session) -> None:
         case = _locked(session, case_id)
-        if case.status not in ("open", "failed"):
-            raise CaseActionError(409, "case_not_open", f"case {case_id} is {case.status}; only open or failed cases can be dismissed")
-        case.status = "dismissed"
-        case.decision = "finance"
-        case.decided_by = actor
-        case.decided_at = utcnow()
-        case.note = text
-        session.add(AuditEntry(actor=actor, action="dismiss", case_id=case.id, note=text))
+        balance = load_balance(session, case.order_id)
+        state = DismissedState(balance.held, balance.held_charges) if balance is not None else DismissedState({}, frozenset())
+        _change(session, case, CaseAction.DISMISS, actor=actor, note=text, dismissed_state=state)
 
     run_in_transaction(session_factory, work)
 
@@ -353,7 +359,7 @@ def reopen(session_factory: sessionmaker[Session], case_id: int, *, actor: str, 
 
     def work(session: Session) -> None:
         case = _locked(session, case_id)
-        if case.status != "dismissed":
+        if case.status != CaseStatus.DISMISSED:
             raise CaseActionError(409, "case_not_dismissed", f"case {case_id} is {case.status}; only dismissed cases reopen")
         other = session.scalar(
             select(DuplicateCase.id).where(
@@ -364,14 +370,16 @@ def reopen(session_factory: sessionmaker[Session], case_id: int, *, actor: str, 
         )
         if other is not None:
             raise CaseActionError(409, "order_has_active_case", f"order {case.order_id} already has case {other} open")
-        case.status = "open"
-        case.decision = None
-        case.decided_by = None
-        case.decided_at = None
-        case.note = text  # the dismissal note stays in the audit log, not on the open case
-        session.add(AuditEntry(actor=actor, action="reopen", case_id=case.id, note=text))
+        _change(session, case, CaseAction.REOPEN, actor=actor, note=text)
 
     run_in_transaction(session_factory, work)
+
+
+def _change(session: Session, case: DuplicateCase, action: CaseAction, **options: Any) -> None:
+    try:
+        lifecycle.change(session, case, action, **options)
+    except CaseTransitionRefused as exc:
+        raise CaseActionError(409, "case_not_open", str(exc)) from None
 
 
 def _clean_note(note: Any, *, required: bool) -> str | None:

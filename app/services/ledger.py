@@ -26,13 +26,15 @@ from typing import Iterable
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.services import case_lifecycle as lifecycle
+from app.services.case_lifecycle import CaseAction
 from app.services.stripe_shapes import (
     ChargeSnapshot,
     DisputeSnapshot,
     PaymentIntentSnapshot,
     RefundSnapshot,
 )
-from models import AuditEntry, Charge, Dispute, DuplicateCase, Order, PaymentIntent, Refund, RefundAttempt
+from models import Charge, Dispute, DuplicateCase, Order, PaymentIntent, Refund, RefundAttempt
 from models.db import insert_ignore, lock_key
 
 log = logging.getLogger(__name__)
@@ -284,23 +286,43 @@ def settle_refund_attempt(session: Session, refund: Refund, attempt_key: str | N
                 f" ({refund.failure_reason})" if refund.failure_reason else ""
             )
             if attempt.case_id is not None:
-                case = session.execute(
-                    select(DuplicateCase).where(DuplicateCase.id == attempt.case_id).with_for_update()
-                ).scalar_one()
-                if case.status in ("refunding", "refunded"):
-                    case.status = "failed"
-                case.failure = attempt.error
-                session.add(
-                    AuditEntry(
-                        actor="stripe",
-                        action="refund_failed",
-                        case_id=case.id,
-                        note=attempt.error,
-                        details={"refund_id": refund.id, "charge_id": refund.charge_id, "amount": refund.amount, "currency": refund.currency},
-                    )
-                )
+                _case_refund_failed(session, attempt, refund)
     elif attempt.status == "recorded":
         attempt.status = "succeeded"
+
+
+def _case_refund_failed(session: Session, attempt: RefundAttempt, refund: Refund) -> None:
+    """A refund of ours failed or was canceled: the money is back on the charge, so the
+    case goes back to a person (``failed``). If the order has meanwhile gained another
+    active case, that case takes the news (merged) and the old one keeps its status, so
+    the one-active-case-per-order rule holds and the event still applies."""
+    case = session.execute(
+        select(DuplicateCase).where(DuplicateCase.id == attempt.case_id).with_for_update()
+    ).scalar_one()
+    details = {"refund_id": refund.id, "charge_id": refund.charge_id, "amount": refund.amount, "currency": refund.currency, "attempt": attempt.idempotency_key}
+    reason = attempt.error
+    if case.status in ("refunding", "failed"):
+        lifecycle.change(session, case, CaseAction.REFUND_FAILED, actor="stripe", reason=reason, details=details)
+        return
+    active = session.execute(
+        select(DuplicateCase)
+        .where(
+            DuplicateCase.order_id == case.order_id,
+            DuplicateCase.id != case.id,
+            DuplicateCase.status.in_(("open", "refunding", "failed")),
+        )
+        .with_for_update()
+    ).scalar_one_or_none()
+    if case.status == "refunded" and active is None:
+        lifecycle.change(session, case, CaseAction.REFUND_FAILED, actor="stripe", reason=reason, details=details)
+        return
+    # Open or dismissed (a person has it), or another case is active: record it on both.
+    lifecycle.change(session, case, CaseAction.MERGE, actor="stripe", reason=reason, details={**details, "into_case": active.id if active else None})
+    if active is not None:
+        lifecycle.change(
+            session, active, CaseAction.MERGE, actor="stripe",
+            reason=f"a refund of case {case.id} failed: {reason}", details={**details, "from_case": case.id},
+        )
 
 
 def apply_dispute(

@@ -31,26 +31,28 @@ from datetime import timezone
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.gateway import GatewayError, StripeGateway, StripeRejected
+from app.services import case_lifecycle as lifecycle
 from app.services import ledger
+from app.services.balance import OrderBalance, load_balance
+from app.services.case_lifecycle import TRANSITIONS, CaseAction
 from app.services.ratelimit import RateLimiter
 from app.services.stripe_shapes import charge_snapshot, refund_snapshot
 from models import (
-    AuditEntry,
     CaseCharge,
+    CaseStatus,
     Charge,
     DuplicateCase,
+    Order,
     RefundAttempt,
     run_in_transaction,
-    utcnow,
 )
+from models.money import format_amount
 
 log = logging.getLogger(__name__)
-
-REFUNDABLE_CASE_STATUSES = ("open", "failed")
 
 
 class RefundRefused(Exception):
@@ -130,17 +132,28 @@ class RefundService:
         the case is not open (or failed), or a charge may not be refunded as asked.
         """
 
+        if not self._gateway.configured:
+            raise RefundRefused(
+                "stripe_not_configured",
+                "STRIPE_API_KEY is not set, so no refund can be sent; nothing was changed",
+            )
+        action = CaseAction.APPROVE if origin == "finance" else CaseAction.AUTO_REFUND
+
         def record(session: Session) -> list[str]:
             case = _locked_case(session, case_id)
-            if case.status not in REFUNDABLE_CASE_STATUSES:
+            if case.status not in (s.value for s in TRANSITIONS[action][0] if s is not None):
                 raise RefundRefused(
                     "case_not_open", f"case {case_id} is {case.status}; nothing to approve"
                 )
             members = {cc.charge_id: cc for cc in case.charges}
+            balance = load_balance(session, case.order_id)
+            held_now = {p.charge.id: p.held for p in balance.positions} if balance is not None else {}
+            # The proposal, capped at what each charge still holds: re-approving a failed
+            # case proposes only what is still there to refund.
             chosen = list(plan) if plan is not None else [
-                PlannedRefund(cc.charge_id, cc.proposed_refund)
+                PlannedRefund(cc.charge_id, min(cc.proposed_refund, held_now.get(cc.charge_id, 0)))
                 for cc in case.charges
-                if cc.proposed_refund > 0
+                if min(cc.proposed_refund, held_now.get(cc.charge_id, 0)) > 0
             ]
             if not chosen:
                 raise RefundRefused("nothing_to_refund", f"case {case_id} proposes no refund")
@@ -156,34 +169,30 @@ class RefundService:
                 )
             }
             positions = {p.charge.id: p for p in ledger.charge_positions(session, list(charges.values()))}
-            keys: list[str] = []
             for planned in chosen:
                 self._check(case, members, charges, positions, planned)
-                attempt = _record_attempt(
-                    session, case, charges[planned.charge_id], planned.amount, origin, actor
-                )
-                keys.append(attempt.idempotency_key)
-            case.status = "refunding"
-            case.decision = origin
-            case.decided_by = actor
-            case.decided_at = utcnow()
-            case.failure = None
-            if note:
-                case.note = note
-            session.add(
-                AuditEntry(
-                    actor=actor,
-                    action="approve" if origin == "finance" else "auto_refund",
-                    case_id=case.id,
-                    note=note,
-                    details={
-                        "refunds": [
-                            {"charge_id": p.charge_id, "amount": p.amount, "currency": charges[p.charge_id].currency}
-                            for p in chosen
-                        ],
-                        "attempts": keys,
-                    },
-                )
+            _check_order_stays_whole(case, balance, chosen, charges)
+            keeper = members.get(case.keeper_charge_id)
+            if keeper is not None:
+                # What the keeper holds now: before each call Stripe must still show it.
+                keeper.held = held_now.get(case.keeper_charge_id, 0)
+            keys = [
+                _record_attempt(session, case, charges[p.charge_id], p.amount, origin, actor).idempotency_key
+                for p in chosen
+            ]
+            lifecycle.change(
+                session,
+                case,
+                action,
+                actor=actor,
+                note=note,
+                details={
+                    "refunds": [
+                        {"charge_id": p.charge_id, "amount": p.amount, "currency": charges[p.charge_id].currency}
+                        for p in chosen
+                    ],
+                    "attempts": keys,
+                },
             )
             return keys
 
@@ -236,33 +245,38 @@ class RefundService:
         if attempt.status != "recorded":
             return _outcome(attempt, "refunded" if attempt.status == "succeeded" else attempt.status)
 
-        # Phase 2: what Stripe says the charge holds now, and whether our refund exists.
+        # Phase 2: what Stripe says about every charge of the order now, and whether our
+        # refund exists. The stamp is taken before the reads: a webhook event from the same
+        # second as the read then ties with it instead of losing to it.
+        as_of = int(self._clock())
+        order_charges = _order_charges(self._session_factory, attempt)
         try:
-            charge_obj = self._stripe(lambda: self._gateway.retrieve_charge(attempt.charge_id, account=account))
-            refunds = self._stripe(lambda: list(self._gateway.list_refunds(charge_id=attempt.charge_id)))
+            charge_objs = {
+                charge_id: self._stripe(lambda cid=charge_id, acct=acct: self._gateway.retrieve_charge(cid, account=acct))
+                for charge_id, acct in order_charges.items()
+            }
+            refunds = self._stripe(
+                lambda: list(self._gateway.list_refunds(charge_id=attempt.charge_id, account=account))
+            )
         except GatewayError as exc:
             return self._defer(attempt, f"re-read failed: {exc}")
-        as_of = int(self._clock())
 
-        def reconcile_charge(session: Session) -> RefundAttempt:
-            ledger.apply_charge(session, charge_snapshot(charge_obj), as_of=as_of, account=account)
+        def reconcile_order(session: Session) -> tuple[RefundAttempt, str | None]:
+            for charge_id, charge_obj in charge_objs.items():
+                acct = order_charges[charge_id]
+                ledger.apply_charge(session, charge_snapshot(charge_obj), as_of=as_of, account=acct)
             for refund in refunds:
                 ledger.apply_refund(session, refund_snapshot(refund, charge_id=attempt.charge_id), as_of=as_of, account=account)
-            return session.get(RefundAttempt, attempt.id, populate_existing=True)  # type: ignore[return-value]
+            found = session.get(RefundAttempt, attempt.id, populate_existing=True)
+            assert found is not None
+            if found.status != "recorded":
+                return found, None
+            return found, _order_problem(session, found, charge_objs, may_replay=_may_replay(found, self._clock()))
 
-        attempt = run_in_transaction(self._session_factory, reconcile_charge)
+        attempt, problem = run_in_transaction(self._session_factory, reconcile_order)
         if attempt.status != "recorded":
             log.info("refund found at Stripe, adopted without a call", extra=_log_extra(attempt))
             return _outcome(attempt, "adopted" if attempt.status == "succeeded" else attempt.status)
-
-        remaining = _stripe_remaining(charge_obj)
-        problem = None
-        if charge_obj.get("disputed"):
-            problem = "the charge is disputed at Stripe"
-        elif charge_obj.get("status") != "succeeded" or not charge_obj.get("captured"):
-            problem = f"the charge is {charge_obj.get('status')}, captured={charge_obj.get('captured')}"
-        elif remaining < attempt.amount and not _may_replay(attempt, self._clock()):
-            problem = f"the charge holds {remaining} at Stripe; the attempt wanted {attempt.amount}"
         if problem:
             return self._skip(attempt, problem)
         # (When the call may already have gone out and the key is young enough, it is sent
@@ -272,6 +286,7 @@ class RefundService:
         # Phase 3: the call, under our key. Counted before it is made: calls > 0 is the
         # recovery point that says "this key may have reached Stripe".
         _count_call(self._session_factory, attempt.id)
+        call_stamp = int(self._clock())
         metadata = {
             ledger.ATTEMPT_METADATA_KEY: attempt.idempotency_key,
             "order_id": attempt.order_id or "",
@@ -296,8 +311,9 @@ class RefundService:
         if self._after_call is not None:
             self._after_call(attempt, refund_obj)
 
-        # Phase 4: the result, through the same upsert as every other path.
-        stamp = max(int(self._clock()), int(refund_obj.get("created") or 0))
+        # Phase 4: the result, through the same upsert as every other path (stamped as of
+        # the moment before the call, or the refund's own creation if later).
+        stamp = max(call_stamp, int(refund_obj.get("created") or 0))
 
         def record_result(session: Session) -> RefundAttempt:
             refund = ledger.apply_refund(
@@ -314,12 +330,17 @@ class RefundService:
         return _outcome(attempt, "refunded" if attempt.status == "succeeded" else attempt.status)
 
     def settle_case(self, case_id: int) -> str:
-        """Set the case's status from its attempts: any failed → failed; any still
-        recorded → refunding; all skipped → open again; otherwise refunded."""
+        """Set the case's status from its attempts and the order's balance.
+
+        Any attempt failed → ``failed``; any still recorded → stays ``refunding``; any
+        skipped, or the order still holding more than it should → back to ``open`` for a
+        person, with the reason (and an alert, see jobs.alerts); otherwise ``refunded``:
+        a case is refunded only when, after its refunds, the order holds no more than its
+        total."""
 
         def settle(session: Session) -> str:
             case = _locked_case(session, case_id)
-            if case.status != "refunding":
+            if case.status != CaseStatus.REFUNDING:
                 return case.status
             attempts = session.scalars(
                 select(RefundAttempt).where(RefundAttempt.case_id == case_id).order_by(RefundAttempt.n)
@@ -327,25 +348,29 @@ class RefundService:
             # The latest attempt per charge decides: an earlier failed one was retried.
             current = list({a.charge_id: a for a in attempts}.values())
             statuses = {a.status for a in current}
+            details = {"attempts": {a.idempotency_key: a.status for a in current}}
             if "failed" in statuses:
-                case.status = "failed"
-                case.failure = "; ".join(a.error or "" for a in current if a.status == "failed")
-            elif "recorded" in statuses:
+                failure = "; ".join(a.error or "" for a in current if a.status == "failed")
+                lifecycle.change(session, case, CaseAction.SETTLE_FAILED, reason=failure, details=details)
                 return case.status
-            elif statuses == {"skipped"}:
-                case.status = "open"
-                case.decision = None
-                case.note = "; ".join(a.error or "" for a in current)
-            else:
-                case.status = "refunded"
-            session.add(
-                AuditEntry(
-                    actor="reconciler",
-                    action=f"case_{case.status}",
-                    case_id=case.id,
-                    details={"attempts": {a.idempotency_key: a.status for a in current}},
+            if "recorded" in statuses:
+                return case.status
+            reasons = [f"refund_skipped: {a.charge_id}: {a.error}" for a in current if a.status == "skipped"]
+            balance = load_balance(session, case.order_id)
+            excess = balance.over_held() if balance is not None else {}
+            if excess:
+                reasons.append(
+                    "still_over_total: after its refunds the order still holds "
+                    + ", ".join(format_amount(v, c) for c, v in sorted(excess.items()))
+                    + " more than it should"
                 )
-            )
+            if reasons:
+                case.review_reasons = list(case.review_reasons or []) + reasons
+                lifecycle.change(
+                    session, case, CaseAction.RETURN_TO_REVIEW, reason="; ".join(reasons), details={**details, "excess": excess}
+                )
+            else:
+                lifecycle.change(session, case, CaseAction.SETTLE_REFUNDED, details=details)
             return case.status
 
         return run_in_transaction(self._session_factory, settle)
@@ -380,6 +405,34 @@ class RefundService:
         _update_attempt(self._session_factory, attempt.id, status="failed", error=message)
         log.error("refund failed: %s", message, extra=_log_extra(attempt))
         return _outcome(attempt, "failed", message)
+
+
+def _check_order_stays_whole(
+    case: DuplicateCase, balance: OrderBalance | None, chosen: list[PlannedRefund], charges: dict[str, Charge]
+) -> None:
+    """No approval may take the order below its total (unknown total: below the keeper's
+    holding), whatever a person types. The same check runs again, against Stripe, before
+    each call."""
+    if balance is None:
+        raise RefundRefused("order_not_found", f"order {case.order_id} is not in the ledger")
+    order, held = balance.order, balance.held
+    if order.amount is not None and order.currency:
+        floor = {order.currency: order.amount}
+    else:
+        keeper = next((p for p in balance.positions if p.charge.id == case.keeper_charge_id), None)
+        floor = {keeper.charge.currency: keeper.held} if keeper is not None else {}
+    asked: dict[str, int] = {}
+    for p in chosen:
+        currency = charges[p.charge_id].currency
+        asked[currency] = asked.get(currency, 0) + p.amount
+    for currency, amount in asked.items():
+        if currency in floor and held.get(currency, 0) - amount < floor[currency]:
+            raise RefundRefused(
+                "below_order_total",
+                f"refunding {format_amount(amount, currency)} would leave the order holding "
+                f"{format_amount(held.get(currency, 0) - amount, currency)}, below its total of "
+                f"{format_amount(floor[currency], currency)}",
+            )
 
 
 def _record_attempt(
@@ -476,6 +529,89 @@ def _read_attempt(session_factory: sessionmaker[Session], attempt_id: int) -> tu
         account = session.scalar(select(Charge.account).where(Charge.id == attempt.charge_id))
         session.expunge(attempt)
         return attempt, account
+
+
+def _order_charges(session_factory: sessionmaker[Session], attempt: RefundAttempt) -> dict[str, str | None]:
+    """Every charge of the attempt's order (and the attempt's own), with its account."""
+    with session_factory() as session:
+        order_id = attempt.order_id or session.scalar(select(Charge.order_id).where(Charge.id == attempt.charge_id))
+        where = Charge.id == attempt.charge_id
+        if order_id:
+            where = where | (Charge.order_id == order_id)
+        return {cid: acct for cid, acct in session.execute(select(Charge.id, Charge.account).where(where).order_by(Charge.id))}
+
+
+def _order_problem(
+    session: Session, attempt: RefundAttempt, charge_objs: dict[str, dict[str, Any]], *, may_replay: bool
+) -> str | None:
+    """Why this refund must not be sent now, judged on the whole order as Stripe just
+    showed it; None when it may.
+
+    The refund may go only if the charge still holds it, no charge of the order is
+    disputed, the keeper still holds what it held when the refund was approved, and the
+    order, after this refund and every other refund of ours that may be in flight, still
+    holds at least its total (unknown total: the keeper's amount)."""
+    charge_obj = charge_objs[attempt.charge_id]
+    remaining = _stripe_remaining(charge_obj)
+    if charge_obj.get("status") != "succeeded" or not charge_obj.get("captured"):
+        return f"the charge is {charge_obj.get('status')}, captured={charge_obj.get('captured')}"
+    if remaining < attempt.amount and not may_replay:
+        return f"the charge holds {remaining} at Stripe; the attempt wanted {attempt.amount}"
+    disputed = sorted(cid for cid, obj in charge_objs.items() if obj.get("disputed"))
+    if disputed:
+        return f"{'the charge is' if disputed == [attempt.charge_id] else 'charges of the order are'} disputed at Stripe ({', '.join(disputed)})"
+    case = session.get(DuplicateCase, attempt.case_id) if attempt.case_id is not None else None
+    if case is None:
+        return "the attempt belongs to no case"
+    if attempt.charge_id == case.keeper_charge_id:
+        return "the charge is the order's keeper"
+    keeper_obj = charge_objs.get(case.keeper_charge_id)
+    keeper_member = next((cc for cc in case.charges if cc.charge_id == case.keeper_charge_id), None)
+    if keeper_obj is None:
+        return f"the keeper {case.keeper_charge_id} is no longer a charge of the order"
+    keeper_holds = _stripe_remaining(keeper_obj) if keeper_obj.get("status") == "succeeded" and keeper_obj.get("captured") else 0
+    keeper_needed = keeper_member.held if keeper_member is not None else 0
+    if keeper_holds <= 0 or keeper_holds < keeper_needed:
+        return f"the keeper {case.keeper_charge_id} holds {keeper_holds} at Stripe, not the {keeper_needed} it held when this was approved"
+    order = session.get(Order, case.order_id)
+    currency = attempt.currency
+    holds = sum(
+        _stripe_remaining(obj)
+        for obj in charge_objs.values()
+        if obj.get("status") == "succeeded" and obj.get("captured") and str(obj.get("currency", "")).lower() == currency
+    )
+    in_flight = session.scalar(
+        select(func.coalesce(func.sum(RefundAttempt.amount), 0)).where(
+            RefundAttempt.charge_id.in_(list(charge_objs)),
+            RefundAttempt.id != attempt.id,
+            RefundAttempt.status == "recorded",
+            RefundAttempt.calls > 0,
+            RefundAttempt.refund_id.is_(None),
+            RefundAttempt.currency == currency,
+        )
+    ) or 0
+    if order is not None and order.amount is not None and order.currency == currency:
+        floor, what = order.amount, "its total"
+    elif str(keeper_obj.get("currency", "")).lower() == currency:
+        # Total unknown, or in another currency: the keeper's holding is the floor.
+        floor, what = keeper_holds, "the keeper's amount"
+    else:
+        floor, what = 0, "nothing"
+    # A call that may already have reached Stripe (a crash after it, a young key) may be
+    # inside Stripe's numbers already, even where its refund is not listed yet: count at
+    # most what the charge does not already show as refunded. Sending it again is then a
+    # replay of the same key, not a second refund.
+    pending = attempt.amount
+    if may_replay:
+        pending = max(0, attempt.amount - int(charge_obj.get("amount_refunded") or 0))
+    after = holds - in_flight - pending
+    if after < floor:
+        return (
+            f"the order would hold {after} {currency} after this refund"
+            + (f" and {in_flight} in flight" if in_flight else "")
+            + f", below {what} ({floor})"
+        )
+    return None
 
 
 def _stripe_remaining(charge_obj: dict[str, Any]) -> int:

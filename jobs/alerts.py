@@ -3,17 +3,29 @@ channels, once per key) is :mod:`app.services.alerts`, shared with the web app."
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.services.alerts import Alert, Alerter
-from models import AlertSent, EventFailure, RefundAttempt
+from app.services.case_lifecycle import CaseAction
+from models import AlertSent, AuditEntry, DuplicateCase, EventFailure, RefundAttempt, utcnow
 
 __all__ = ["Alert", "Alerter", "pending_alerts"]
 
 
+# Case changes that mean "the money is not where the service left it": a person must look.
+_CASE_ALERTS = {
+    CaseAction.RETURN_TO_REVIEW.value: "went back to review",
+    CaseAction.REOPEN_EXCESS.value: "was reopened: the order holds too much again",
+    CaseAction.MERGE.value: "took news of another case's failed refund",
+}
+CASE_ALERT_DAYS = 30
+
+
 def pending_alerts(session: Session) -> list[Alert]:
-    """Refund failures and poison events not alerted yet."""
+    """Refund failures, cases sent back to a person, and poison events not alerted yet."""
     sent = select(AlertSent.key)
     alerts: list[Alert] = []
     for attempt in session.scalars(
@@ -27,6 +39,22 @@ def pending_alerts(session: Session) -> list[Alert]:
                 f"Refund attempt {attempt.idempotency_key} for order {attempt.order_id} "
                 f"(case {attempt.case_id}) failed: {attempt.error}. The case is in 'failed' "
                 f"for finance; the customer still holds a duplicate charge.",
+            )
+        )
+    for entry, order_id in session.execute(
+        select(AuditEntry, DuplicateCase.order_id)
+        .join(DuplicateCase, DuplicateCase.id == AuditEntry.case_id)
+        .where(AuditEntry.action.in_(list(_CASE_ALERTS)), AuditEntry.at >= utcnow() - timedelta(days=CASE_ALERT_DAYS))
+        .order_by(AuditEntry.id)
+    ):
+        if entry.action == CaseAction.MERGE.value and (entry.details or {}).get("into_case"):
+            continue  # alerted once, on the case that took the news
+        alerts.append(
+            Alert(
+                f"case-{entry.action}:{entry.id}",
+                f"Case {entry.case_id} (order {order_id}) {_CASE_ALERTS[entry.action]}",
+                f"Case {entry.case_id} for order {order_id} {_CASE_ALERTS[entry.action]}: {entry.note or ''}. "
+                f"A person needs to decide it on the review page.",
             )
         )
     for failure in session.scalars(

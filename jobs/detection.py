@@ -138,7 +138,11 @@ def decide(cases: list[DuplicateCase], verdict: Assessment, balance: OrderBalanc
         return Step.OPEN
     if latest.status == CaseStatus.DISMISSED:
         return Step.DISMISSED if _dismissal_stands(latest, verdict, balance) else Step.OPEN
-    return Step.REOPEN  # refunded: whatever closed it, the order holds too much now
+    # Settled (by us or outside), yet the order holds too much now: the same charges
+    # holding money again (a refund failed or was canceled) reopen that case; a charge it
+    # never saw is a new incident and a new case.
+    covered = {cc.charge_id for cc in latest.charges}
+    return Step.REOPEN if balance.held_charges <= covered else Step.OPEN
 
 
 def _dismissal_stands(case: DuplicateCase, verdict: Assessment, balance: OrderBalance) -> bool:
@@ -246,7 +250,6 @@ def apply_step(
             summary.automatic_open_cases.append(active.id)
     elif step is Step.REOPEN:
         latest = cases[-1]
-        _fill(latest, balance, verdict)
         lifecycle.change(
             session,
             latest,
@@ -257,6 +260,7 @@ def apply_step(
             ),
             details={"excess": dict(verdict.excess), "held": balance.held},
         )
+        _fill(latest, balance, verdict)
         summary.cases_reopened.append(latest.id)
     elif step is Step.OPEN:
         case = lifecycle.new_case(balance.order.id, kind=CaseKind.DUPLICATE, run_id=run_id)
@@ -314,8 +318,11 @@ def _fill(case: DuplicateCase, balance: OrderBalance, verdict: Assessment) -> No
     case.order_amount = order.amount
     case.currency = order.currency
     case.excess = dict(verdict.excess)
-    case.review_reasons = list(verdict.review_reasons)
-    case.automatic = verdict.automatic
+    case.review_reasons = list(verdict.review_reasons) + (
+        [f"sent_to_person: {case.escalation}"] if case.escalation else []
+    )
+    # A case that went back to a person once stays with people.
+    case.automatic = verdict.automatic and not case.escalation
     by_id = {cc.charge_id: cc for cc in case.charges}
     ordered = sorted(positions, key=lambda p: (list(roles).index(p.charge.id) if p.charge.id in roles else len(roles), p.charge.created, p.charge.id))
     for index, position in enumerate(ordered):

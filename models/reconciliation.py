@@ -105,6 +105,10 @@ class DuplicateCase(Base):
     # [held charge ids]}. The dismissal stands only while the order holds no more than
     # this, over no other charge.
     dismissed_state: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Why the case went back to a person after a decision (a skipped refund, an excess
+    # that came back, another case's failed refund). Set once, never cleared: such a case
+    # is never refunded automatically again.
+    escalation: Mapped[str | None] = mapped_column(Text)
     opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     opened_by_run_id: Mapped[int | None] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(

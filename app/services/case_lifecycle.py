@@ -144,6 +144,7 @@ def change(
         # the reason is in the audit entry (and the caller's review reasons).
         case.decision = case.decided_by = case.decided_at = None
         case.automatic = False
+        case.escalation = reason
     elif action is CaseAction.RESOLVE_EXTERNAL:
         case.decision, case.decided_by, case.decided_at = "external", RECONCILER, now
     elif action is CaseAction.DISMISS:
@@ -154,8 +155,10 @@ def change(
         case.decision = case.decided_by = case.decided_at = None
         case.dismissed_state = None
         case.note = note  # the dismissal note stays in the audit log, not on the open case
-    elif action is CaseAction.MERGE and reason:
-        case.failure = reason if case.status == CaseStatus.FAILED else case.failure
+    elif action is CaseAction.MERGE and reason and case.status in _ACTIVE:
+        # The order's active case takes the news: a person decides it from here.
+        case.escalation = reason
+        case.automatic = False
     audit_details = dict(details or {})
     if action is CaseAction.DISMISS and dismissed_state is not None:
         audit_details.setdefault("state", dismissed_state.as_json())

@@ -89,7 +89,16 @@ def refunded_amount(charge: Charge, refunds: Iterable[Refund]) -> int:
     if newest_refund is None or charge.last_event_created > newest_refund:
         refunded = charge.reported_refunded
     elif charge.last_event_created == newest_refund:
-        refunded = max(charge.reported_refunded, active)
+        # Same second: the charge snapshot may predate a refund that failed or was
+        # canceled in that second. Such a refund is assumed not yet reflected in it, so the
+        # money it gave back is never hidden (an over-held order then shows; every refund
+        # call re-reads Stripe before it goes).
+        returned = sum(
+            r.amount
+            for r in refunds
+            if r.status in INACTIVE_REFUND_STATUSES and r.last_event_created >= charge.last_event_created
+        )
+        refunded = max(charge.reported_refunded - returned, active)
     else:
         refunded = active
     return min(refunded, charge.amount)

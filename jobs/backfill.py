@@ -5,7 +5,7 @@ same idempotent upserts as webhooks.
   to the end. An object read from the API counts as of the moment it was read, so it
   never loses to an older event, and a newer event still wins over it.
 * A charge that names no order is linked through its PaymentIntent, read once from the
-  API when we do not know it yet.
+  API (on the charge's connected account, if any) when we do not know it yet.
 * Where the Events API answers, events Stripe failed to deliver (``delivery_success=false``)
   are stored and applied exactly like a webhook delivery (dedup by event id).
 
@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.gateway import GatewayError, StripeGateway, StripeNotFound
@@ -146,25 +146,26 @@ def _link_through_payment_intents(
     clock: Callable[[], float],
 ) -> int:
     """Read the PaymentIntents of charges that name no order and whose PaymentIntent we do
-    not know: their metadata may name the order (late linking does the rest)."""
+    not know: their metadata may name the order (late linking does the rest). A charge on a
+    connected account has its PaymentIntent there: it is read with that account."""
     with session_factory() as session:
         unknown = list(
-            session.scalars(
-                select(Charge.payment_intent_id)
+            session.execute(
+                select(Charge.payment_intent_id, func.max(Charge.account))
                 .where(
                     Charge.order_id.is_(None),
                     Charge.payment_intent_id.is_not(None),
                     Charge.payment_intent_id.not_in(select(PaymentIntent.id)),
                 )
-                .distinct()
+                .group_by(Charge.payment_intent_id)
                 .order_by(Charge.payment_intent_id)
             )
         )
     applied = 0
-    for payment_intent_id in unknown:
+    for payment_intent_id, account in unknown:
         limiter.acquire()
         try:
-            obj = gateway.retrieve_payment_intent(payment_intent_id)
+            obj = gateway.retrieve_payment_intent(payment_intent_id, account=account)
         except StripeNotFound:
             continue
         except GatewayError as exc:
@@ -178,7 +179,7 @@ def _link_through_payment_intents(
             continue
         run_in_transaction(
             session_factory,
-            lambda session: ledger.apply_payment_intent(session, snapshot, as_of=as_of, account=None),
+            lambda session: ledger.apply_payment_intent(session, snapshot, as_of=as_of, account=account),
         )
         applied += 1
     return applied

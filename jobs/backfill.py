@@ -2,8 +2,10 @@
 same idempotent upserts as webhooks.
 
 * Charges, refunds and disputes created since ``since`` (Stripe ``created``), every page
-  to the end. An object read from the API counts as of the moment it was read, so it
-  never loses to an older event, and a newer event still wins over it.
+  to the end. An object read from the API counts as of the second taken just *before* the
+  request that read it (for a listing: before the request of its page), so it never loses
+  to an older event, and an event created in the same second as the read or later (it may
+  carry newer state) still wins over it.
 * A charge that names no order is linked through its PaymentIntent, read once from the
   API (on the charge's connected account, if any) when we do not know it yet.
 * Where the Events API answers, events Stripe failed to deliver (``delivery_success=false``)
@@ -14,6 +16,7 @@ The watermark is the newest Stripe ``created`` seen, never a host clock.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -77,8 +80,7 @@ def backfill(
         """Apply a listing page by page, one transaction a page; an object whose shape we
         cannot read is logged and skipped, never a reason to stop the backfill."""
         applied = 0
-        for page in _pages(listing, limiter):
-            as_of = int(clock())
+        for as_of, page in _pages(listing, limiter, clock):
             readable: list[Any] = []
             for obj in page:
                 try:
@@ -109,7 +111,7 @@ def backfill(
         summary.notes.append("the disputes API is not available here; disputes come from webhooks only")
 
     try:
-        for page in _pages(gateway.list_undelivered_events(created_gte=since, page_size=PAGE), limiter):
+        for _, page in _pages(gateway.list_undelivered_events(created_gte=since, page_size=PAGE), limiter, clock):
             for event in page:
                 result = ingestor.ingest_trusted(json.dumps(event).encode("utf-8"))
                 summary.events += 1
@@ -125,18 +127,22 @@ def backfill(
 _SNAPSHOTS = {"charge": charge_snapshot, "refund": refund_snapshot, "dispute": dispute_snapshot}
 
 
-def _pages(items: Iterable[dict[str, Any]], limiter: RateLimiter) -> Iterator[list[dict[str, Any]]]:
-    """Group a paginated listing back into pages of ``PAGE``, one rate-limit token per page."""
-    page: list[dict[str, Any]] = []
-    limiter.acquire()
-    for item in items:
-        page.append(item)
-        if len(page) == PAGE:
-            yield page
-            page = []
-            limiter.acquire()
-    if page:
-        yield page
+def _pages(
+    items: Iterable[dict[str, Any]], limiter: RateLimiter, clock: Callable[[], float]
+) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """Group a paginated listing back into pages of ``PAGE``, one rate-limit token per page,
+    each with the second taken just before the request that reads it (the listing asks
+    Stripe for the next page only when the first item of our next page is pulled)."""
+    iterator = iter(items)
+    while True:
+        limiter.acquire()
+        as_of = int(clock())
+        page = list(itertools.islice(iterator, PAGE))
+        if not page:
+            return
+        yield as_of, page
+        if len(page) < PAGE:
+            return
 
 
 def _link_through_payment_intents(
@@ -164,6 +170,7 @@ def _link_through_payment_intents(
     applied = 0
     for payment_intent_id, account in unknown:
         limiter.acquire()
+        as_of = int(clock())  # before the read: an event of the same second may be newer
         try:
             obj = gateway.retrieve_payment_intent(payment_intent_id, account=account)
         except StripeNotFound:
@@ -171,7 +178,6 @@ def _link_through_payment_intents(
         except GatewayError as exc:
             log.warning("PaymentIntent not read: %s", exc, extra={"payment_intent_id": payment_intent_id})
             continue
-        as_of = int(clock())
         try:
             snapshot = payment_intent_snapshot(obj)
         except ShapeError as exc:

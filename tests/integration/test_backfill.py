@@ -58,6 +58,50 @@ def list_starts(stripe_api, listing: str) -> list[int]:  # type: ignore[no-untyp
     return starts
 
 
+# -- the second a read object counts as of ---------------------------------------------------
+
+
+def test_a_refund_failing_in_the_second_it_was_read_still_fails_it(
+    stripe_api, reconcile, deliver, ledger
+) -> None:  # type: ignore[no-untyped-def]
+    charge = stripe_api.add_charge(metadata={"order_id": "ord_read"}, created=NOW - 60)
+    refund = stripe_api.add_refund(charge["id"], 1000, status="pending", created=NOW - 50)
+    clock = Clock(NOW + 0.6)
+
+    def slow_answer(listing: str, page: int) -> None:
+        if listing == "refunds":
+            clock.now += 0.7  # Stripe reads the refund in second NOW and answers in NOW + 1
+
+    stripe_api.on_list = slow_answer
+    assert reconcile(clock=clock).status == "succeeded"
+    assert ledger.get(Refund, refund["id"]).status == "pending"
+
+    # The refund failed later in that same second; its event arrives after the backfill.
+    failed = dict(refund, status="failed", failure_reason="expired_or_canceled_card")
+    assert deliver(p.event("refund.failed", failed, created=NOW)).status_code == 200
+    row = ledger.get(Refund, refund["id"])
+    assert row.status == "failed" and row.failure_reason == "expired_or_canceled_card"
+
+
+def test_a_charge_captured_in_the_second_it_was_read_is_captured(
+    stripe_api, reconcile, deliver, ledger
+) -> None:  # type: ignore[no-untyped-def]
+    charge = stripe_api.add_charge(captured=False, metadata={"order_id": "ord_capture"}, created=NOW - 60)
+    clock = Clock(NOW + 0.6)
+
+    def slow_answer(listing: str, page: int) -> None:
+        if listing == "charges":
+            clock.now += 0.7
+
+    stripe_api.on_list = slow_answer
+    assert reconcile(clock=clock).status == "succeeded"
+    assert ledger.get(Charge, charge["id"]).captured is False
+
+    captured = dict(charge, captured=True, amount_captured=charge["amount"])
+    assert deliver(p.event("charge.captured", captured, created=NOW)).status_code == 200
+    assert ledger.get(Charge, charge["id"]).captured is True
+
+
 # -- Connect: the PaymentIntent of a connected account's charge --------------------------------
 
 

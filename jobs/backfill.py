@@ -2,25 +2,42 @@
 same idempotent upserts as webhooks.
 
 * Charges, refunds and disputes created since ``since`` (Stripe ``created``), every page
-  to the end. An object read from the API counts as of the moment it was read, so it
-  never loses to an older event, and a newer event still wins over it.
+  to the end. An object read from the API counts as of the second taken just *before* the
+  request that read it (for a listing: before the request of its page), so it never loses
+  to an older event, and an event created in the same second as the read or later (it may
+  carry newer state) still wins over it.
 * A charge that names no order is linked through its PaymentIntent, read once from the
-  API when we do not know it yet.
+  API (on the charge's connected account, if any) when we do not know it yet.
 * Where the Events API answers, events Stripe failed to deliver (``delivery_success=false``)
   are stored and applied exactly like a webhook delivery (dedup by event id).
 
-The watermark is the newest Stripe ``created`` seen, never a host clock.
+Watermarks: one per listing (:data:`LISTINGS`), each a Stripe ``created``, never a host
+clock. A listing moves its own watermark only when it completes, to the newest of
+
+* its previous watermark,
+* the newest ``created`` it listed,
+* the newest ``created`` known to exist before it started (any watermark of the previous
+  pass, anything an earlier listing of this pass listed): Stripe had created that object
+  before the listing began, so the listing covered its own kind up to there as well. This
+  is what keeps a quiet listing (no disputes for months, no undelivered events) from
+  holding every other listing's start back.
+
+A listing that raised keeps its previous watermark, so a slow or failing listing never
+moves past objects it did not list; :class:`BackfillStopped` carries the watermarks of
+the listings that did complete. The next pass starts every listing from the oldest
+watermark minus an overlap (:func:`backfill_start`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.gateway import GatewayError, StripeGateway, StripeNotFound
@@ -41,6 +58,9 @@ log = logging.getLogger(__name__)
 PAGE = 100
 Progress = Callable[[str, int], None]
 
+# The listings that carry a watermark, in the order a pass reads them.
+LISTINGS = ("charges", "refunds", "disputes", "events")
+
 
 @dataclass
 class BackfillSummary:
@@ -51,8 +71,33 @@ class BackfillSummary:
     events: int = 0
     events_applied: int = 0
     skipped_objects: int = 0
+    # The oldest of ``watermarks`` (what a single-watermark reader should start from).
     watermark: int | None = None
+    # Listing -> newest Stripe ``created`` it has covered (see the module docstring).
+    watermarks: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+
+class BackfillStopped(GatewayError):
+    """Stripe could not be read part way through. ``summary`` holds what was applied and
+    the watermarks: advanced for the listings that completed, as they were for the rest."""
+
+    def __init__(self, cause: GatewayError, summary: BackfillSummary) -> None:
+        super().__init__(str(cause), code=cause.code, http_status=cause.http_status)
+        self.retryable = cause.retryable
+        self.summary = summary
+
+
+def oldest_watermark(watermarks: Mapping[str, int]) -> int | None:
+    return min(watermarks.values(), default=None)
+
+
+def backfill_start(watermarks: Mapping[str, int], overlap: int) -> int | None:
+    """Where the next pass starts every listing: the oldest watermark minus ``overlap``;
+    ``None`` while some listing has none (it never completed)."""
+    if any(listing not in watermarks for listing in LISTINGS):
+        return None
+    return min(watermarks[listing] for listing in LISTINGS) - overlap
 
 
 def backfill(
@@ -64,21 +109,36 @@ def backfill(
     limiter: RateLimiter,
     clock: Callable[[], float] = time.time,
     progress: Progress | None = None,
+    watermarks: Mapping[str, int] | None = None,
 ) -> BackfillSummary:
-    """Apply everything Stripe created since ``since``. Raises :class:`GatewayError` when
-    Stripe cannot be read (the caller keeps the old watermark and goes on to detection)."""
-    summary = BackfillSummary(watermark=since)
+    """Apply everything Stripe created since ``since``, moving ``watermarks`` (the previous
+    pass's, by listing) for each listing that completes. Raises :class:`BackfillStopped`
+    when Stripe cannot be read (the caller records its watermarks and goes on to
+    detection)."""
+    summary = BackfillSummary(watermarks={k: v for k, v in (watermarks or {}).items() if k in LISTINGS})
+    summary.watermark = oldest_watermark(summary.watermarks)
+    # The newest Stripe ``created`` known to exist before the next listing starts.
+    known: int | None = max(summary.watermarks.values(), default=None)
+    newest: dict[str, int] = {}
 
-    def seen(created: Any) -> None:
-        if isinstance(created, int) and (summary.watermark is None or created > summary.watermark):
-            summary.watermark = created
+    def seen(listing: str, created: Any) -> None:
+        if isinstance(created, int) and not isinstance(created, bool) and created > newest.get(listing, created - 1):
+            newest[listing] = created
 
-    def apply_listing(kind: str, listing: Iterable[dict[str, Any]], apply_one: Callable[..., Any], *, watermark: bool) -> int:
-        """Apply a listing page by page, one transaction a page; an object whose shape we
-        cannot read is logged and skipped, never a reason to stop the backfill."""
-        applied = 0
-        for page in _pages(listing, limiter):
-            as_of = int(clock())
+    def completed(listing: str) -> None:
+        nonlocal known
+        candidates = [v for v in (summary.watermarks.get(listing), newest.get(listing), known) if v is not None]
+        if candidates:
+            summary.watermarks[listing] = max(candidates)
+        summary.watermark = oldest_watermark(summary.watermarks)
+        if listing in newest and (known is None or newest[listing] > known):
+            known = newest[listing]
+
+    def apply_listing(kind: str, listing: Iterable[dict[str, Any]], apply_one: Callable[..., Any]) -> None:
+        """Apply a listing page by page, one transaction a page, counting as it goes (a
+        listing that stops half way still reports what it applied); an object whose shape
+        we cannot read is logged and skipped, never a reason to stop the backfill."""
+        for as_of, page in _pages(listing, limiter, clock):
             readable: list[Any] = []
             for obj in page:
                 try:
@@ -92,51 +152,63 @@ def backfill(
                     apply_one(session, snapshot, as_of=as_of, account=None)
 
             run_in_transaction(session_factory, apply_page)
-            applied += len(readable)
-            if watermark:
-                for obj in page:
-                    seen(obj.get("created"))
+            setattr(summary, f"{kind}s", getattr(summary, f"{kind}s") + len(readable))
+            for obj in page:
+                seen(f"{kind}s", obj.get("created"))
             if progress:
                 progress(f"{kind}s", len(page))
-        return applied
 
-    summary.charges = apply_listing("charge", gateway.list_charges(created_gte=since, page_size=PAGE), ledger.apply_charge, watermark=True)
-    summary.payment_intents = _link_through_payment_intents(session_factory, gateway, limiter, clock)
-    summary.refunds = apply_listing("refund", gateway.list_refunds(created_gte=since, page_size=PAGE), ledger.apply_refund, watermark=True)
-    try:
-        summary.disputes = apply_listing("dispute", gateway.list_disputes(created_gte=since, page_size=PAGE), ledger.apply_dispute, watermark=False)
-    except StripeNotFound:
-        summary.notes.append("the disputes API is not available here; disputes come from webhooks only")
-
-    try:
-        for page in _pages(gateway.list_undelivered_events(created_gte=since, page_size=PAGE), limiter):
+    def replay_events() -> None:
+        for _, page in _pages(gateway.list_undelivered_events(created_gte=since, page_size=PAGE), limiter, clock):
             for event in page:
                 result = ingestor.ingest_trusted(json.dumps(event).encode("utf-8"))
                 summary.events += 1
                 if result.body.get("status") == "processed":
                     summary.events_applied += 1
+                seen("events", event.get("created"))
             if progress:
                 progress("events", len(page))
-    except StripeNotFound:
-        summary.notes.append("the Events API is not available here; undelivered events not replayed")
+
+    try:
+        apply_listing("charge", gateway.list_charges(created_gte=since, page_size=PAGE), ledger.apply_charge)
+        completed("charges")
+        summary.payment_intents = _link_through_payment_intents(session_factory, gateway, limiter, clock)
+        apply_listing("refund", gateway.list_refunds(created_gte=since, page_size=PAGE), ledger.apply_refund)
+        completed("refunds")
+        try:
+            apply_listing("dispute", gateway.list_disputes(created_gte=since, page_size=PAGE), ledger.apply_dispute)
+        except StripeNotFound:
+            summary.notes.append("the disputes API is not available here; disputes come from webhooks only")
+        completed("disputes")  # an API that is not there has nothing left to list
+        try:
+            replay_events()
+        except StripeNotFound:
+            summary.notes.append("the Events API is not available here; undelivered events not replayed")
+        completed("events")
+    except GatewayError as exc:
+        raise BackfillStopped(exc, summary) from exc
     return summary
 
 
 _SNAPSHOTS = {"charge": charge_snapshot, "refund": refund_snapshot, "dispute": dispute_snapshot}
 
 
-def _pages(items: Iterable[dict[str, Any]], limiter: RateLimiter) -> Iterator[list[dict[str, Any]]]:
-    """Group a paginated listing back into pages of ``PAGE``, one rate-limit token per page."""
-    page: list[dict[str, Any]] = []
-    limiter.acquire()
-    for item in items:
-        page.append(item)
-        if len(page) == PAGE:
-            yield page
-            page = []
-            limiter.acquire()
-    if page:
-        yield page
+def _pages(
+    items: Iterable[dict[str, Any]], limiter: RateLimiter, clock: Callable[[], float]
+) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """Group a paginated listing back into pages of ``PAGE``, one rate-limit token per page,
+    each with the second taken just before the request that reads it (the listing asks
+    Stripe for the next page only when the first item of our next page is pulled)."""
+    iterator = iter(items)
+    while True:
+        limiter.acquire()
+        as_of = int(clock())
+        page = list(itertools.islice(iterator, PAGE))
+        if not page:
+            return
+        yield as_of, page
+        if len(page) < PAGE:
+            return
 
 
 def _link_through_payment_intents(
@@ -146,31 +218,32 @@ def _link_through_payment_intents(
     clock: Callable[[], float],
 ) -> int:
     """Read the PaymentIntents of charges that name no order and whose PaymentIntent we do
-    not know: their metadata may name the order (late linking does the rest)."""
+    not know: their metadata may name the order (late linking does the rest). A charge on a
+    connected account has its PaymentIntent there: it is read with that account."""
     with session_factory() as session:
         unknown = list(
-            session.scalars(
-                select(Charge.payment_intent_id)
+            session.execute(
+                select(Charge.payment_intent_id, func.max(Charge.account))
                 .where(
                     Charge.order_id.is_(None),
                     Charge.payment_intent_id.is_not(None),
                     Charge.payment_intent_id.not_in(select(PaymentIntent.id)),
                 )
-                .distinct()
+                .group_by(Charge.payment_intent_id)
                 .order_by(Charge.payment_intent_id)
             )
         )
     applied = 0
-    for payment_intent_id in unknown:
+    for payment_intent_id, account in unknown:
         limiter.acquire()
+        as_of = int(clock())  # before the read: an event of the same second may be newer
         try:
-            obj = gateway.retrieve_payment_intent(payment_intent_id)
+            obj = gateway.retrieve_payment_intent(payment_intent_id, account=account)
         except StripeNotFound:
             continue
         except GatewayError as exc:
             log.warning("PaymentIntent not read: %s", exc, extra={"payment_intent_id": payment_intent_id})
             continue
-        as_of = int(clock())
         try:
             snapshot = payment_intent_snapshot(obj)
         except ShapeError as exc:
@@ -178,7 +251,7 @@ def _link_through_payment_intents(
             continue
         run_in_transaction(
             session_factory,
-            lambda session: ledger.apply_payment_intent(session, snapshot, as_of=as_of, account=None),
+            lambda session: ledger.apply_payment_intent(session, snapshot, as_of=as_of, account=account),
         )
         applied += 1
     return applied

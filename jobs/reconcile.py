@@ -27,7 +27,7 @@ from app.services.ratelimit import RateLimiter
 from app.services.refunds import RefundRefused, RefundService, pending_refund_cases
 from config import Settings
 from jobs.alerts import Alert, Alerter, pending_alerts
-from jobs.backfill import BackfillSummary, Progress, backfill
+from jobs.backfill import LISTINGS, BackfillStopped, BackfillSummary, Progress, backfill, backfill_start, oldest_watermark
 from jobs.detection import DetectionSummary, detect
 from jobs.lease import RunInProgress, exclusive_pass, holder_name
 from models import DuplicateCase, ReconciliationRun, run_in_transaction
@@ -49,6 +49,7 @@ class RunSummary:
     full: bool
     backfill_from: int | None
     watermark: int | None
+    watermarks: dict[str, int] = field(default_factory=dict)  # by listing; watermark is the oldest
     backfill: dict[str, Any] = field(default_factory=dict)
     detection: dict[str, Any] = field(default_factory=dict)
     refunds: list[dict[str, Any]] = field(default_factory=list)
@@ -136,14 +137,21 @@ def _pass(
 ) -> None:
     dry_run = summary.mode == "dry-run"
     # -- backfill --------------------------------------------------------------------------
+    # Every listing starts from the oldest watermark minus the overlap. While only some
+    # listings have one (the others never completed), from where the previous pass started.
+    watermarks = _previous_watermarks(previous)
+    start = backfill_start(watermarks, OVERLAP_SECONDS)
     if since is not None:
         backfill_from = int(since.timestamp())
-    elif previous is not None and previous.watermark is not None:
-        backfill_from = previous.watermark - OVERLAP_SECONDS
+    elif start is not None:
+        backfill_from = start
+    elif watermarks and previous is not None and previous.backfill_from is not None:
+        backfill_from = min([previous.backfill_from, *(w - OVERLAP_SECONDS for w in watermarks.values())])
     else:
         backfill_from = int(clock()) - settings.backfill_days * 86400
     summary.backfill_from = backfill_from
-    summary.watermark = previous.watermark if previous is not None else None
+    summary.watermarks = dict(watermarks)
+    summary.watermark = oldest_watermark(watermarks)
     if not gateway.configured:
         message = "backfill skipped: STRIPE_API_KEY is not set; detection ran on what webhooks delivered"
         log.warning(message)
@@ -151,12 +159,18 @@ def _pass(
     else:
         try:
             result: BackfillSummary = backfill(
-                session_factory, gateway, ingestor, since=backfill_from, limiter=limiter, clock=clock, progress=progress
+                session_factory, gateway, ingestor, since=backfill_from, limiter=limiter, clock=clock,
+                progress=progress, watermarks=watermarks,
             )
-            summary.backfill = asdict(result)
-            summary.watermark = max(filter(None, [summary.watermark, result.watermark]), default=None)
+        except BackfillStopped as exc:
+            result = exc.summary
+            summary.errors.append(f"backfill stopped: {exc}; the listings it did not complete keep their watermarks")
         except GatewayError as exc:
-            summary.errors.append(f"backfill stopped: {exc}; the watermark stays where it was")
+            result = BackfillSummary(watermarks=dict(watermarks), watermark=summary.watermark)
+            summary.errors.append(f"backfill stopped: {exc}; the watermarks stay where they were")
+        summary.backfill = asdict(result)
+        summary.watermarks = dict(result.watermarks)
+        summary.watermark = result.watermark
 
     # -- refunds a crash or an outage left unfinished ------------------------------------
     if not dry_run and gateway.configured:
@@ -246,6 +260,18 @@ def _previous_run(session_factory: sessionmaker[Session]) -> ReconciliationRun |
         ).first()
 
 
+def _previous_watermarks(previous: ReconciliationRun | None) -> dict[str, int]:
+    """The previous pass's watermarks by listing. A run recorded before per-listing
+    watermarks has only ``watermark``: it stands for every listing."""
+    if previous is None:
+        return {}
+    if previous.watermarks is not None:
+        return {k: v for k, v in previous.watermarks.items() if k in LISTINGS and isinstance(v, int)}
+    if previous.watermark is not None:
+        return dict.fromkeys(LISTINGS, previous.watermark)
+    return {}
+
+
 def _start_run(session_factory: sessionmaker[Session], mode: str, full: bool, trigger: str) -> int:
     def start(session: Session) -> int:
         run = ReconciliationRun(mode=mode, full=full, trigger=trigger, status="running", host=holder_name(), counts={}, errors=[])
@@ -265,6 +291,7 @@ def _finish_run(session_factory: sessionmaker[Session], summary: RunSummary) -> 
         run.backfill_from = summary.backfill_from
         # A dry run reads but does not move the watermark of the real passes.
         run.watermark = summary.watermark
+        run.watermarks = dict(summary.watermarks) or None
         run.counts = summary.counts()
         run.errors = (summary.errors + [f"warning: {w}" for w in summary.warnings])[:100]
 

@@ -195,7 +195,12 @@ class ReconciliationRun(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Stripe ``created`` (unix seconds) the backfill started from and reached.
     backfill_from: Mapped[int | None] = mapped_column(BigInteger)
+    # The oldest of ``watermarks`` (kept for display and for code that predates them).
     watermark: Mapped[int | None] = mapped_column(BigInteger)
+    # One watermark per backfill listing ({"charges": ..., "refunds": ..., "disputes": ...,
+    # "events": ...}), each the newest Stripe ``created`` that listing has covered; None on
+    # runs recorded before revision 0004 (only ``watermark``).
+    watermarks: Mapped[dict[str, int] | None] = mapped_column(JSON)
     counts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     errors: Mapped[list[str]] = mapped_column(JSON, default=list)
     host: Mapped[str | None] = mapped_column(String(255))

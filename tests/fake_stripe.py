@@ -3,14 +3,16 @@ it. Charges, refunds, disputes, PaymentIntents and undelivered events in Stripe'
 shapes (built by tests.stripe_payloads); lists newest first with ``created[gt]`` and
 ``starting_after`` paging; refunds honour ``Idempotency-Key`` (replay, 400 on other
 parameters) and reject over-refunds and disputed charges as Stripe does; failures can be
-queued (``fail_refunds_with``) to play 429s and 500s.
+queued (``fail_refunds_with``) to play 429s and 500s, and a listing can fail on a given
+page (``fail_list_pages``) or run code before a page is answered (``on_list``: the world
+changing while a backfill reads, a slow answer moving a test clock).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import parse_qs, urlparse
 
 import responses
@@ -37,6 +39,11 @@ class FakeStripe:
         self.fail_refunds_with: list[int] = []  # statuses for the next refund POSTs
         self.reject_next_refund: str | None = None  # an error code for the next create
         self.hide_refunds_from_lists = False  # eventual consistency
+        # Listings: "charges", "refunds", "disputes", "events"; pages count from 1 (the
+        # request without starting_after) within each listing.
+        self.fail_list_pages: dict[tuple[str, int], int] = {}  # (listing, page) -> status, once
+        self.on_list: Callable[[str, int], None] | None = None  # (listing, page), before answering
+        self._list_page: dict[str, int] = {}
         self._idempotency: dict[str, tuple[JSON, int, JSON]] = {}
         b = re.escape(base)
         mock.add_callback("GET", re.compile(rf"{b}/v1/charges(\?.*)?$"), self._list("charges"))
@@ -87,6 +94,9 @@ class FakeStripe:
     def _list(self, kind: str):  # type: ignore[no-untyped-def]
         def handler(request):  # type: ignore[no-untyped-def]
             self.list_requests.append(request.url)
+            failure = self._before_list(kind, request)
+            if failure is not None:
+                return failure
             query = parse_qs(urlparse(request.url).query)
             store = {"charges": self.charges, "refunds": self.refunds, "disputes": self.disputes}[kind]
             items = [self.charge(i) if kind == "charges" else o for i, o in store.items()]
@@ -97,6 +107,17 @@ class FakeStripe:
             return self._page(items, query, f"/v1/{kind}")
 
         return handler
+
+    def _before_list(self, kind: str, request):  # type: ignore[no-untyped-def]
+        query = parse_qs(urlparse(request.url).query)
+        page = self._list_page.get(kind, 0) + 1 if "starting_after" in query else 1
+        self._list_page[kind] = page
+        if self.on_list is not None:
+            self.on_list(kind, page)
+        status = self.fail_list_pages.pop((kind, page), None)
+        if status is None:
+            return None
+        return _error(status, "api_error", "Something went wrong on Stripe's end.", None)
 
     def _page(self, items: list[JSON], query: dict[str, list[str]], url: str) -> tuple[int, dict, str]:
         if "created[gt]" in query:
@@ -113,6 +134,9 @@ class FakeStripe:
         self.list_requests.append(request.url)
         if not self.events_api:
             return _error(404, "invalid_request_error", "Unrecognized request URL (GET: /v1/events).", None)
+        failure = self._before_list("events", request)
+        if failure is not None:
+            return failure
         query = parse_qs(urlparse(request.url).query)
         return self._page(list(self.undelivered_events), query, "/v1/events")
 

@@ -210,8 +210,8 @@ def test_an_events_api_that_is_not_there_does_not_hold_the_start_back(stripe_api
     assert list_starts(stripe_api, "charges") == [NOW - 100 - OVERLAP_SECONDS - 1]
 
 
-def test_migration_0004_keeps_older_runs_and_their_watermark(is_postgres) -> None:  # type: ignore[no-untyped-def]
-    # Down to 0003, a run as older code recorded it, then up again: the run keeps its
+def test_migration_0005_keeps_older_runs_and_their_watermark(is_postgres) -> None:  # type: ignore[no-untyped-def]
+    # Down to 0004, a run as older code recorded it, then up again: the run keeps its
     # watermark, has no per-listing ones, and stands for every listing.
     from alembic import command
     from sqlalchemy import create_engine, text
@@ -221,7 +221,7 @@ def test_migration_0004_keeps_older_runs_and_their_watermark(is_postgres) -> Non
     from tests.databases import throwaway_database
 
     with throwaway_database(os.environ.get("TEST_DATABASE_URL") if is_postgres else None, prefix="reconciler_migration") as url:
-        command.downgrade(alembic_config(url), "0003")
+        command.downgrade(alembic_config(url), "0004")
         engine = create_engine(url)
         try:
             with engine.begin() as connection:

@@ -37,6 +37,8 @@ API_KEY = "sk_test_unit"
 class StripeDouble:
     def __init__(self, *, delay: float = 0.0) -> None:
         self.delay = delay
+        # The API version PaymentIntents are rendered in (an account pinned to an old one).
+        self.api_version = p.CURRENT_API_VERSION
         self.lock = threading.Lock()
         self.intents: dict[str, dict[str, Any]] = {}
         self.creates = 0
@@ -90,6 +92,7 @@ class StripeDouble:
     def reset(self, *, delay: float = 0.0) -> None:
         with self.lock:
             self.delay = delay
+            self.api_version = p.CURRENT_API_VERSION
             self.intents.clear()
             self.creates = 0
             self.create_requests = 0
@@ -124,6 +127,7 @@ class StripeDouble:
     def add_intent(self, **fields: Any) -> dict[str, Any]:
         """A PaymentIntent that exists at Stripe without any request of ours."""
         fields.setdefault("status", "requires_payment_method")
+        fields.setdefault("api_version", self.api_version)
         intent = p.payment_intent(**fields)
         with self.lock:
             self.intents[intent["id"]] = intent
@@ -198,6 +202,7 @@ class StripeDouble:
                     status="requires_payment_method",
                     customer=form.get("customer"),
                     metadata=form.get("metadata") or {},
+                    api_version=self.api_version,
                 )
                 with self.lock:
                     self.intents[intent["id"]] = intent

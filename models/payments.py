@@ -15,6 +15,10 @@ Invariants the schema carries (the pay service and the ledger rely on them):
   PaymentIntents for one order; a new attempt needs the previous one ``canceled`` or
   ``failed`` first.
 * A PaymentIntent belongs to at most one attempt (unique ``payment_intent_id``).
+* At most one change of a live PaymentIntent (an amount update, or a cancel to make room
+  for attempt ``n + 1``) per attempt at a time: ``change_key`` names it (its Stripe
+  idempotency key) until its outcome is recorded; ``change_claimed_at`` is set while its
+  Stripe call is in flight and cleared when the outcome is unknown.
 * An Idempotency-Key is stored once per scope (unique ``(scope, key)``) with the SHA-256
   fingerprint of the request it first came with, and the response to replay.
 """
@@ -65,6 +69,20 @@ def attempt_key(order_id: str, attempt: int) -> str:
     return f"order-{order_id}-pi-{attempt}"
 
 
+def amount_update_key(order_id: str, attempt: int, amount: int, sequence: int) -> str:
+    """The Stripe idempotency key of an attempt's ``sequence``-th change when it updates
+    the amount to ``amount``: a retry of the same change sends the same key, and a later
+    change back to an earlier amount gets a new one (Stripe would replay the earlier
+    answer, and change nothing, for a reused key)."""
+    return f"order-{order_id}-pi-{attempt}-amount-{amount}-{sequence}"
+
+
+def cancel_key(order_id: str, attempt: int, sequence: int) -> str:
+    """The Stripe idempotency key of an attempt's ``sequence``-th change when it cancels
+    the PaymentIntent (a refused cancel, say while processing, must not block a later one)."""
+    return f"order-{order_id}-pi-{attempt}-cancel-{sequence}"
+
+
 def attempt_status_for(payment_intent_status: str) -> str:
     """The attempt status a PaymentIntent status means: Stripe has no ``failed`` status
     (a declined PaymentIntent goes back to ``requires_payment_method`` and can still be
@@ -91,7 +109,9 @@ class PaymentAttempt(Base):
     # creating | unknown | created | succeeded | canceled | failed (see the constants)
     status: Mapped[str] = mapped_column(String(16))
     # The parameters sent to Stripe, kept so a retry with the same key sends exactly the
-    # same request (Stripe rejects a key reused with other parameters).
+    # same request (Stripe rejects a key reused with other parameters). Once the
+    # PaymentIntent exists (``created``), ``amount`` is its amount as we last set it (an
+    # amount update changes it; no create is ever sent again for a created attempt).
     amount: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(CURRENCY)
     customer: Mapped[str | None] = mapped_column(STRIPE_ID)
@@ -102,6 +122,14 @@ class PaymentAttempt(Base):
     # How many times phase 2 was entered for this attempt (first call plus resolutions).
     calls: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+    # A change of the created PaymentIntent not yet recorded: its Stripe idempotency key,
+    # the new amount (None: a cancel), and when its call was claimed (None: not in flight,
+    # outcome unknown; the next request sends the same change again).
+    change_key: Mapped[str | None] = mapped_column(String(255))
+    change_amount: Mapped[int | None] = mapped_column(BigInteger)
+    change_claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Changes (updates, cancels) Stripe answered so far: numbers the next change's key.
+    change_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # For a ``creating`` attempt: when the Stripe call was (last) claimed.
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)

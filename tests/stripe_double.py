@@ -8,18 +8,25 @@ It behaves as Stripe does where the pay endpoint depends on it:
   races visible). Idempotency-Key: the first result for a key is stored and replayed for the
   same parameters, errors included; other parameters get a 400 ``idempotency_error``; a key
   whose first request is still running gets a 409.
-* ``GET /v1/payment_intents/<id>``, ``POST /v1/payment_intents/<id>/cancel``, and
-  ``GET /v1/payment_intents`` (newest first, ``created[gt|gte]``, ``customer``, ``limit``,
-  ``starting_after``).
+* ``POST /v1/payment_intents/<id>`` (update; ``amount`` only, refused with a 400
+  ``payment_intent_unexpected_state`` unless the status is ``requires_payment_method``,
+  ``requires_confirmation`` or ``requires_action``) and
+  ``POST /v1/payment_intents/<id>/cancel`` (``cancellation_reason``; refused likewise once
+  ``processing``, ``succeeded`` or ``canceled``), both honouring Idempotency-Key as the
+  create does (a key is tied to its endpoint and parameters).
+* ``GET /v1/payment_intents/<id>`` and ``GET /v1/payment_intents`` (newest first,
+  ``created[gt|gte]``, ``customer``, ``limit``, ``starting_after``).
 
 ``creates`` counts PaymentIntents actually created; ``create_requests`` counts every POST
 to the create endpoint (replays included). ``script`` queues misbehaviour for the next
-create requests (see :meth:`fail_next`).
+create requests, ``scripts["update"]`` and ``scripts["cancel"]`` for the next updates and
+cancels (see :meth:`fail_next`).
 """
 
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import threading
 import time
@@ -32,11 +39,16 @@ import stripe
 from tests import stripe_payloads as p
 
 API_KEY = "sk_test_unit"
+# Stripe's rules, in the current names and in those before 2019-02-11.
+UPDATABLE_AMOUNT = frozenset({"requires_payment_method", "requires_confirmation", "requires_action", "requires_source", "requires_source_action"})
+CANCELABLE = UPDATABLE_AMOUNT | {"requires_capture"}
 
 
 class StripeDouble:
     def __init__(self, *, delay: float = 0.0) -> None:
         self.delay = delay
+        # The API version PaymentIntents are rendered in (an account pinned to an old one).
+        self.api_version = p.CURRENT_API_VERSION
         self.lock = threading.Lock()
         self.intents: dict[str, dict[str, Any]] = {}
         self.creates = 0
@@ -45,6 +57,9 @@ class StripeDouble:
         self.keys: dict[str, tuple[str, int, dict[str, Any]]] = {}  # key -> (params, status, body)
         self.in_progress: set[str] = set()
         self.script: collections.deque[dict[str, Any]] = collections.deque()
+        self.scripts: dict[str, collections.deque[dict[str, Any]]] = {
+            "create": self.script, "update": collections.deque(), "cancel": collections.deque(),
+        }
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -90,13 +105,15 @@ class StripeDouble:
     def reset(self, *, delay: float = 0.0) -> None:
         with self.lock:
             self.delay = delay
+            self.api_version = p.CURRENT_API_VERSION
             self.intents.clear()
             self.creates = 0
             self.create_requests = 0
             self.requests.clear()
             self.keys.clear()
             self.in_progress.clear()
-            self.script.clear()
+            for script in self.scripts.values():
+                script.clear()
 
     def client(self, *, timeout: float = 10.0, max_network_retries: int = 0) -> stripe.StripeClient:
         return stripe.StripeClient(
@@ -108,8 +125,9 @@ class StripeDouble:
 
     # -- test controls -----------------------------------------------------------------------
 
-    def fail_next(self, kind: str, **options: Any) -> None:
-        """Misbehave on the next create request:
+    def fail_next(self, kind: str, *, on: str = "create", **options: Any) -> None:
+        """Misbehave on the next create (``on="update"`` / ``"cancel"``: update, cancel)
+        request:
 
         * ``error``: answer ``status`` with ``error`` (Stripe's error object), creating
           nothing; stored for the key unless ``store=False`` (a 500 from in front of
@@ -119,11 +137,12 @@ class StripeDouble:
         * ``slow``: take ``seconds`` (longer than the client's timeout), then create and
           store the result as usual.
         """
-        self.script.append({"kind": kind, **options})
+        self.scripts[on].append({"kind": kind, **options})
 
     def add_intent(self, **fields: Any) -> dict[str, Any]:
         """A PaymentIntent that exists at Stripe without any request of ours."""
         fields.setdefault("status", "requires_payment_method")
+        fields.setdefault("api_version", self.api_version)
         intent = p.payment_intent(**fields)
         with self.lock:
             self.intents[intent["id"]] = intent
@@ -155,8 +174,10 @@ class StripeDouble:
                 status, body = 200, self._list(query)
             elif method == "GET" and len(parts) == 3:
                 status, body = self._retrieve(parts[2])
+            elif method == "POST" and len(parts) == 3:
+                status, body, headers = self._change("update", parts[2], form, handler.headers.get("Idempotency-Key"))
             elif method == "POST" and len(parts) == 4 and parts[3] == "cancel":
-                status, body = self._cancel(parts[2])
+                status, body, headers = self._change("cancel", parts[2], form, handler.headers.get("Idempotency-Key"))
         payload = json.dumps(body).encode()
         try:
             handler.send_response(status)
@@ -198,6 +219,7 @@ class StripeDouble:
                     status="requires_payment_method",
                     customer=form.get("customer"),
                     metadata=form.get("metadata") or {},
+                    api_version=self.api_version,
                 )
                 with self.lock:
                     self.intents[intent["id"]] = intent
@@ -237,14 +259,65 @@ class StripeDouble:
             return 404, _error("invalid_request_error", f"No such payment_intent: '{intent_id}'", code="resource_missing")
         return 200, intent
 
-    def _cancel(self, intent_id: str) -> tuple[int, dict[str, Any]]:
+    def _change(self, kind: str, intent_id: str, form: dict[str, Any], key: str | None) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """An update (``amount``) or a cancel, under Idempotency-Key as Stripe does."""
+        params = json.dumps({"endpoint": f"{kind} {intent_id}", **form}, sort_keys=True)
+        with self.lock:
+            if key is not None:
+                if key in self.in_progress:
+                    return 409, _error("idempotency_error", "There is currently another in-progress request using this Idempotent Key."), {}
+                if key in self.keys:
+                    stored_params, status, body = self.keys[key]
+                    if stored_params != params:
+                        return 400, _error("idempotency_error", "Keys for idempotent requests can only be used with the same parameters they were first used with."), {}
+                    return status, body, {"Idempotent-Replayed": "true"}
+                self.in_progress.add(key)
+            action = self.scripts[kind].popleft() if self.scripts[kind] else {"kind": "ok"}
+            delay = self.delay
+        try:
+            time.sleep(action.get("seconds", delay) if action["kind"] == "slow" else delay)
+            store = True
+            if action["kind"] == "error":
+                status, body = action.get("status", 500), {"error": action.get("error") or {"type": "api_error", "message": "boom"}}
+                store = action.get("store", True)
+            else:
+                status, body = self._apply_change(kind, intent_id, form)
+                if action["kind"] == "change_then_error" and status == 200:
+                    status, body = action.get("status", 500), {"error": {"type": "api_error", "message": "boom after change"}}
+            with self.lock:
+                if key is not None and store:
+                    self.keys[key] = (params, status, body)
+            return status, body, {}
+        finally:
+            with self.lock:
+                if key is not None:
+                    self.in_progress.discard(key)
+
+    def _apply_change(self, kind: str, intent_id: str, form: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         with self.lock:
             intent = self.intents.get(intent_id)
             if intent is None:
                 return 404, _error("invalid_request_error", f"No such payment_intent: '{intent_id}'", code="resource_missing")
+            if kind == "update":
+                if "amount" in form and intent["status"] not in UPDATABLE_AMOUNT:
+                    return 400, _error(
+                        "invalid_request_error",
+                        f"This PaymentIntent's amount could not be updated because it has a status of {intent['status']}.",
+                        code="payment_intent_unexpected_state",
+                    )
+                if "amount" in form:
+                    intent["amount"] = int(form["amount"])
+                return 200, copy.deepcopy(intent)
+            if intent["status"] not in CANCELABLE:
+                return 400, _error(
+                    "invalid_request_error",
+                    f"You cannot cancel this PaymentIntent because it has a status of {intent['status']}.",
+                    code="payment_intent_unexpected_state",
+                )
             intent["status"] = "canceled"
             intent["canceled_at"] = int(time.time())
-        return 200, intent
+            intent["cancellation_reason"] = form.get("cancellation_reason")
+            return 200, copy.deepcopy(intent)
 
 
 def card_declined() -> dict[str, Any]:

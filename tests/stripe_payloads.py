@@ -34,6 +34,15 @@ Two API versions are modelled, because a webhook endpoint receives objects rende
       ``refund.created``/``refund.updated``/``refund.failed`` events; before it a card
       refund was reported only through ``charge.refunded`` / ``charge.refund.updated``.
 
+``PRE_2019_API_VERSION`` (``2018-11-08``; any version before ``2019-02-11``)
+    * The legacy shape above, plus the PaymentIntent vocabulary that 2019-02-11 renamed:
+      statuses ``requires_source`` (now ``requires_payment_method``) and
+      ``requires_source_action`` (now ``requires_action``), ``allowed_source_types``
+      (now ``payment_method_types``) and ``next_source_action`` with
+      ``authorize_with_url`` (now ``next_action`` with ``redirect_to_url``).
+      ``payment_intent()`` takes either status name and renders the version's own.
+      Charges, refunds and disputes are rendered in their 2020-08-27 shape.
+
 Refund and Dispute objects have the same top-level shape in both versions (the Dispute is
 built in its 2024-10-28.acacia form). Note that a Refund has no ``livemode`` field.
 
@@ -67,6 +76,7 @@ import stripe
 __all__ = [
     "CURRENT_API_VERSION",
     "LEGACY_API_VERSION",
+    "PRE_2019_API_VERSION",
     "charge",
     "dispute",
     "encode",
@@ -80,9 +90,13 @@ __all__ = [
 JSON = dict[str, Any]
 
 LEGACY_API_VERSION: Final[str] = "2020-08-27"
+PRE_2019_API_VERSION: Final[str] = "2018-11-08"
+# The oldest API version rendered at all.
+_OLDEST_API_VERSION: Final[str] = "2018-02-28"
 CURRENT_API_VERSION: Final[str] = "2024-10-28.acacia"
 
 # First API versions (their date part) with each versioned change modelled here.
+_PAYMENT_METHOD_NAMES: Final = "2019-02-11"
 _EMBEDDED_LISTS_REMOVED: Final = "2022-11-15"
 _AUTOMATIC_PAYMENT_METHODS_DEFAULT: Final = "2023-08-16"
 _AUTOMATIC_ASYNC_CAPTURE_DEFAULT: Final = "2024-04-10"
@@ -117,6 +131,11 @@ _PAYMENT_INTENT_STATUSES: Final = frozenset(
         "succeeded",
     }
 )
+# Renamed by 2019-02-11: old name -> current name.
+_PRE_2019_PAYMENT_INTENT_STATUSES: Final = {
+    "requires_source": "requires_payment_method",
+    "requires_source_action": "requires_action",
+}
 
 # Card brands as they appear in payment_method_details (lowercase) and on Card objects.
 _CARD_BRAND_NAMES: Final = {
@@ -216,9 +235,9 @@ def _version_date(api_version: str) -> str:
     if match is None:
         raise ValueError(f"api_version {api_version!r} is not a Stripe API version")
     date = match.group(1)
-    if date < LEGACY_API_VERSION:
+    if date < _OLDEST_API_VERSION:
         raise ValueError(
-            f"api_version {api_version!r} predates {LEGACY_API_VERSION}, the oldest shape modelled here"
+            f"api_version {api_version!r} predates {_OLDEST_API_VERSION}, the oldest shape modelled here"
         )
     return date
 
@@ -695,6 +714,9 @@ def payment_intent(
     """
     embeds = _embeds_lists(api_version)
     date = _version_date(api_version)
+    old_names = date < _PAYMENT_METHOD_NAMES
+    if old_names:
+        status = _PRE_2019_PAYMENT_INTENT_STATUSES.get(status, status)
     _check(status, _PAYMENT_INTENT_STATUSES, "payment intent status")
     intent_id = id or new_id("pi")
     created = _now() if created is None else created
@@ -740,6 +762,7 @@ def payment_intent(
     obj: JSON = {
         "id": intent_id,
         "object": "payment_intent",
+        "allowed_source_types": ["card"],
         "amount": amount,
         "amount_capturable": amount if status == "requires_capture" else 0,
         "amount_details": {"tip": {}},
@@ -812,6 +835,24 @@ def payment_intent(
             "transfer_group": None,
         }
     )
+    if old_names:
+        renamed = {v: k for k, v in _PRE_2019_PAYMENT_INTENT_STATUSES.items()}
+        obj["status"] = renamed.get(status, status)
+        del obj["payment_method_types"]
+        action = obj.pop("next_action")
+        obj["next_source_action"] = (
+            None
+            if action is None
+            else {
+                "type": "authorize_with_url",
+                "authorize_with_url": {
+                    "return_url": "https://example.com/checkout/complete",
+                    "url": action["use_stripe_sdk"]["stripe_js"],
+                },
+            }
+        )
+    else:
+        del obj["allowed_source_types"]
     return obj
 
 

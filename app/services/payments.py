@@ -41,6 +41,23 @@ Decisions worth knowing:
   request gets a 503.
 * The parameters of a resolved attempt are the ones it was first sent with; the body of
   the request that resolves it does not change them.
+
+An order's amount may change (``POST /api/orders``) after its PaymentIntent was created.
+The live PaymentIntent is then changed before it is handed out, in the same phases, one
+change per attempt at a time (``change_key`` on the attempt, like ``creating``):
+
+* same currency and a status Stripe allows an amount update in
+  (:data:`AMOUNT_UPDATABLE`): the amount is updated at Stripe under the key
+  ``order-<order_id>-pi-<n>-amount-<amount>-<k>`` and recorded in the attempt and the
+  ledger;
+* otherwise (another currency, ``requires_capture``) it is canceled under
+  ``order-<order_id>-pi-<n>-cancel-<k>`` (reason ``abandoned``), the attempt recorded
+  ``canceled``, and attempt ``n + 1`` is created at the new amount;
+* ``processing``: nothing can change; 409 ``payment_in_progress``.
+
+A change whose outcome is unknown (timeout, 5xx) stays on the attempt and is sent again,
+with the same key, before anything else happens to the order; a change Stripe refuses
+(the PaymentIntent moved on meanwhile) is followed by a re-read of the PaymentIntent.
 """
 
 from __future__ import annotations
@@ -79,8 +96,10 @@ from models.payments import (
     SUCCEEDED,
     UNKNOWN,
     PaymentAttempt,
+    amount_update_key,
     attempt_key,
     attempt_status_for,
+    cancel_key,
 )
 
 log = logging.getLogger(__name__)
@@ -107,6 +126,10 @@ POLL_SECONDS = 0.05
 #: Decide/act rounds per request other than waiting (canceled -> new attempt, a failed
 #: resolution -> new attempt); more means something keeps changing under us.
 MAX_ROUNDS = 4
+#: PaymentIntent statuses in which Stripe accepts a new amount.
+AMOUNT_UPDATABLE = frozenset({"requires_payment_method", "requires_confirmation", "requires_action"})
+#: The cancellation_reason of a PaymentIntent replaced because the order's total changed.
+CANCELLATION_REASON = "abandoned"
 
 
 class PayError(Exception):
@@ -201,6 +224,15 @@ class _Call:
     resolving: bool
 
 
+@dataclass(frozen=True, slots=True)
+class _Change:
+    """Phase 2 changes the attempt's PaymentIntent: ``amount`` set, or canceled (None)."""
+
+    attempt: _Attempt
+    key: str
+    amount: int | None
+
+
 @dataclass(slots=True)
 class _Again:
     """Go back to phase 1 (the attempt ended: canceled, failed or orphaned)."""
@@ -259,6 +291,8 @@ class PaymentService:
                 raise _in_progress(request.order_id)
             if isinstance(decision, _Existing):
                 outcome = self._existing(decision)
+            elif isinstance(decision, _Change):
+                outcome = self._change(decision)
             else:
                 outcome = self._call(decision.attempt, resolving=decision.resolving)
             if isinstance(outcome, PayResult):
@@ -267,7 +301,7 @@ class PaymentService:
 
     # -- phase 1 ---------------------------------------------------------------------------
 
-    def _decide(self, session: Session, request: PayRequest) -> _Paid | _Wait | _Existing | _Call:
+    def _decide(self, session: Session, request: PayRequest) -> _Paid | _Wait | _Existing | _Change | _Call:
         now = utcnow()
         order = session.execute(
             select(Order)
@@ -305,8 +339,12 @@ class PaymentService:
                 return _Paid()
             if attempt_status == CANCELED:
                 live.status = CANCELED  # frees the order's slot: attempt n + 1 below
+                _clear_change(live)
                 live = None
             else:
+                change = _decide_change(order, live, status, now)
+                if change is not None:
+                    return change
                 known_at = _aware(live.updated_at)
                 if intent is not None:
                     known_at = max(known_at, _aware(intent.updated_at))
@@ -448,7 +486,94 @@ class PaymentService:
             raise PayError(402, "payment_method_declined", str(exc), stripe_code=exc.code) from None
         raise PayError(422, "stripe_rejected", str(exc), stripe_code=exc.code) from None
 
+    def _change(self, decision: _Change) -> PayResult | _Again:
+        """Update the amount of, or cancel, the attempt's PaymentIntent (no lock held)."""
+        attempt = decision.attempt
+        intent_id = attempt.payment_intent_id or ""
+        extra = {"order_id": attempt.order_id, "attempt": attempt.attempt, "payment_intent_id": intent_id,
+                 "change_key": decision.key}
+        try:
+            if decision.amount is None:
+                intent = self._gateway.cancel_payment_intent(
+                    intent_id, idempotency_key=decision.key, cancellation_reason=CANCELLATION_REASON
+                )
+            else:
+                intent = self._gateway.update_payment_intent_amount(
+                    intent_id, decision.amount, idempotency_key=decision.key
+                )
+        except StripeNotConfigured:
+            self._release_change(attempt, decision.key)
+            raise PayError(503, "stripe_not_configured", "Payments are not configured on this server.") from None
+        except GatewayError as exc:
+            if not _definitive(exc):
+                # Outcome unknown: the change stays on the attempt and the next request
+                # sends it again under the same key before anything else.
+                self._release_change(attempt, decision.key)
+                log.warning("pay: PaymentIntent change outcome unknown (%s)", type(exc).__name__, extra=extra)
+                raise _transient(exc, attempt) from None
+            # Refused: the PaymentIntent moved on (processing, succeeded, canceled) since
+            # we last heard. Learn where it is and decide again.
+            log.warning("pay: Stripe refused the PaymentIntent change (%s); re-reading it", exc.code, extra=extra)
+            try:
+                intent = self._gateway.retrieve_payment_intent(intent_id)
+            except GatewayError as read_exc:
+                self._release_change(attempt, decision.key)
+                raise _transient(read_exc, attempt) from None
+            return self._record_change(decision, intent, applied=False)
+        log.info("pay: PaymentIntent %s", "canceled" if decision.amount is None else "amount updated", extra=extra)
+        return self._record_change(decision, intent, applied=True)
+
     # -- phase 3 ---------------------------------------------------------------------------
+
+    def _record_change(self, decision: _Change, intent: dict[str, Any], *, applied: bool) -> _Again:
+        """Record the PaymentIntent as Stripe returned it after the change (``applied``) or
+        after refusing it; the caller decides again (hands out the updated PaymentIntent,
+        creates attempt ``n + 1`` after a cancel, or answers 409)."""
+        snapshot = payment_intent_snapshot(intent)
+        attempt = decision.attempt
+
+        def work(session: Session) -> None:
+            lock_key(session, "payment_intent", snapshot.id)
+            session.execute(
+                select(Order).where(Order.id == attempt.order_id).with_for_update().execution_options(populate_existing=True)
+            ).scalar_one()
+            row = session.execute(
+                select(PaymentAttempt).where(PaymentAttempt.id == attempt.id).with_for_update()
+                .execution_options(populate_existing=True)
+            ).scalar_one()
+            if row.change_key != decision.key:
+                return  # recorded by another request that took the change over
+            known = session.get(PaymentIntent, snapshot.id)
+            as_of = max(snapshot.created, known.last_event_created if known is not None else 0)
+            ledger_intent = apply_payment_intent(session, snapshot, as_of=as_of, account=None)
+            if applied and decision.amount is not None and snapshot.amount == decision.amount:
+                # Stripe sends no event for an amount update: this answer is the news.
+                row.amount = snapshot.amount
+                if ledger_intent.status not in ("canceled", "succeeded"):
+                    ledger_intent.amount = snapshot.amount
+            row.change_count += 1
+            _clear_change(row)
+            if row.status in (CREATED, UNKNOWN, CREATING):
+                row.status = attempt_status_for(ledger_intent.status)
+            if applied and decision.amount is None and snapshot.status == "canceled":
+                row.status = CANCELED
+
+        run_in_transaction(self._session_factory, work)
+        return _Again(f"PaymentIntent {snapshot.id} changed ({'applied' if applied else 'refused'})")
+
+    def _release_change(self, attempt: _Attempt, key: str) -> None:
+        """The change's call is over without a known outcome: not in flight any more, but
+        still to be sent again (same key) by the next request."""
+
+        def work(session: Session) -> None:
+            row = session.execute(
+                select(PaymentAttempt).where(PaymentAttempt.id == attempt.id).with_for_update()
+                .execution_options(populate_existing=True)
+            ).scalar_one()
+            if row.change_key == key:
+                row.change_claimed_at = None
+
+        run_in_transaction(self._session_factory, work)
 
     def _record(self, attempt: _Attempt, intent: dict[str, Any], *, created: bool) -> PayResult | _Again:
         snapshot = payment_intent_snapshot(intent)
@@ -516,6 +641,46 @@ class PaymentService:
                 row.error = error[:2000]
 
         run_in_transaction(self._session_factory, work)
+
+
+def _decide_change(order: Order, live: PaymentAttempt, status: str, now: datetime) -> _Wait | _Change | None:
+    """Phase 1 for a created attempt: the change its PaymentIntent needs before it is
+    handed out (claimed on the locked row), a wait for one in flight, or None."""
+    if live.change_key is not None:
+        claimed_at = live.change_claimed_at
+        if claimed_at is not None and (now - _aware(claimed_at)).total_seconds() < CREATING_STALE_SECONDS:
+            return _Wait()
+        # Unknown outcome, or a claim whose process died: the same change, same key.
+        live.change_claimed_at = now
+        return _Change(_Attempt.of(live, None), live.change_key, live.change_amount)
+    if order.amount is None or order.currency is None or (live.amount, live.currency) == (order.amount, order.currency):
+        return None
+    if status == "processing":
+        raise PayError(
+            409,
+            "payment_in_progress",
+            f"The PaymentIntent of order {order.id} is processing a payment of {live.amount} {live.currency}; "
+            "it cannot be changed to the order's new amount until that payment succeeds or fails.",
+            retry_after=5,
+            payment_intent_id=live.payment_intent_id,
+        )
+    sequence = live.change_count + 1
+    if status in AMOUNT_UPDATABLE and live.currency == order.currency:
+        key, amount = amount_update_key(order.id, live.attempt, order.amount, sequence), order.amount
+    else:
+        key, amount = cancel_key(order.id, live.attempt, sequence), None
+    log.info(
+        "pay: the order's amount changed; %s its PaymentIntent", "updating" if amount is not None else "canceling",
+        extra={"order_id": order.id, "attempt": live.attempt, "payment_intent_id": live.payment_intent_id},
+    )
+    live.change_key, live.change_amount, live.change_claimed_at = key, amount, now
+    return _Change(_Attempt.of(live, None), key, amount)
+
+
+def _clear_change(row: PaymentAttempt) -> None:
+    row.change_key = None
+    row.change_amount = None
+    row.change_claimed_at = None
 
 
 def _answer(attempt: _Attempt, status: str, *, created: bool) -> PayResult:

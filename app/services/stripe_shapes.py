@@ -11,6 +11,9 @@ SDK's pinned version, and the two differ. Everything version-specific lives here
   in ``source`` (legacy charges made from a card token).
 * Expandable fields (``payment_intent``, ``charge``, ``customer``) are an id or an object.
 * A charge's status was ``paid`` in some very old versions; it is ``succeeded`` now.
+* PaymentIntent statuses ``requires_source`` and ``requires_source_action`` (API versions
+  before 2019-02-11) were renamed ``requires_payment_method`` and ``requires_action``;
+  :func:`payment_intent_status` reads either.
 
 The snapshots are frozen dataclasses of plain values; amounts are ``int`` minor units.
 Malformed input raises :class:`ShapeError` naming the field.
@@ -126,6 +129,23 @@ PAYMENT_INTENT_STATUSES = frozenset(
     }
 )
 
+#: PaymentIntent statuses of API versions before 2019-02-11 and their current names. A
+#: webhook endpoint pinned to such a version still receives the old names.
+LEGACY_PAYMENT_INTENT_STATUSES = {
+    "requires_source": "requires_payment_method",
+    "requires_source_action": "requires_action",
+}
+
+
+def payment_intent_status(obj: Mapping[str, Any]) -> str:
+    """A PaymentIntent's status in the current vocabulary, whatever API version rendered
+    it; :class:`ShapeError` when it is not a PaymentIntent status at all."""
+    status = _str(obj, "status")
+    status = LEGACY_PAYMENT_INTENT_STATUSES.get(status, status)
+    if status not in PAYMENT_INTENT_STATUSES:
+        raise ShapeError(f"payment_intent.status {status!r} is not a PaymentIntent status")
+    return status
+
 
 def charge_snapshot(obj: Mapping[str, Any]) -> ChargeSnapshot:
     _expect_object(obj, "charge")
@@ -207,9 +227,7 @@ def dispute_snapshot(obj: Mapping[str, Any]) -> DisputeSnapshot:
 def payment_intent_snapshot(obj: Mapping[str, Any]) -> PaymentIntentSnapshot:
     _expect_object(obj, "payment_intent")
     currency = _currency(obj)
-    status = _str(obj, "status")
-    if status not in PAYMENT_INTENT_STATUSES:
-        raise ShapeError(f"payment_intent.status {status!r} is not a PaymentIntent status")
+    status = payment_intent_status(obj)
     charges: list[ChargeSnapshot] = []
     if obj.get("charges") is not None:  # API versions before 2022-11-15
         charges = [charge_snapshot(c) for c in _list_data(obj["charges"], "charges")]

@@ -240,3 +240,46 @@ def test_partial_capture_holds_what_was_captured(deliver, ledger, release_report
         later = dict(captured, amount_refunded=5000)
         deliver(charge_event("charge.refunded", later, T0 + 120))
         assert ledger.order("ord_pc")["totals"]["usd"] == {"charged": 6000, "refunded": 1000, "held": 5000}
+
+
+# -- PaymentIntents of API versions before 2019-02-11 -------------------------------------------
+
+
+@pytest.mark.parametrize("version", [p.PRE_2019_API_VERSION, "2018-09-24"])
+def test_pre_2019_payment_intent_statuses_are_applied_in_current_names(deliver, ledger, version) -> None:  # type: ignore[no-untyped-def]
+    # A declined payment sends an old PaymentIntent back to requires_source.
+    intent = p.payment_intent(id="pi_pre_2019", amount=2500, status="requires_source",
+                              metadata={"order_id": "ord_pre_2019"}, api_version=version)
+    assert intent["status"] == "requires_source"
+    response = deliver(p.event("payment_intent.payment_failed", intent, api_version=version))
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["status"] == "processed"
+    stored = ledger.get(PaymentIntent, "pi_pre_2019")
+    assert (stored.status, stored.order_id, stored.amount) == ("requires_payment_method", "ord_pre_2019", 2500)
+    assert ledger.get(Order, "ord_pre_2019").payment_intent_id == "pi_pre_2019"
+
+    # Later the same PaymentIntent succeeds: the old name never blocked its progress.
+    succeeded = dict(intent, status="succeeded", amount_received=2500)
+    assert deliver(p.event("payment_intent.succeeded", succeeded, created=intent["created"] + 1, api_version=version)).status_code == 200
+    assert ledger.get(PaymentIntent, "pi_pre_2019").status == "succeeded"
+    assert ledger.get(Order, "ord_pre_2019").status == "paid"
+
+
+def test_pre_2019_requires_source_action_is_applied_as_requires_action(deliver, ledger) -> None:  # type: ignore[no-untyped-def]
+    # Whichever handled event carries the old name, it is read, never refused with a 422
+    # (Stripe would redeliver it for days).
+    intent = p.payment_intent(id="pi_pre_2019_action", status="requires_source_action",
+                              metadata={"order_id": "ord_pre_2019_action"}, api_version=p.PRE_2019_API_VERSION)
+    assert intent["status"] == "requires_source_action" and intent["next_source_action"]["type"] == "authorize_with_url"
+    response = deliver(p.event("payment_intent.payment_failed", intent, api_version=p.PRE_2019_API_VERSION))
+    assert response.status_code == 200, response.get_json()
+    stored = ledger.get(PaymentIntent, "pi_pre_2019_action")
+    assert (stored.status, stored.order_id) == ("requires_action", "ord_pre_2019_action")
+
+
+def test_from_2019_02_11_the_current_names_arrive_unchanged(deliver, ledger) -> None:  # type: ignore[no-untyped-def]
+    intent = p.payment_intent(id="pi_2019_02_11", status="requires_payment_method",
+                              metadata={"order_id": "ord_2019_02_11"}, api_version="2019-02-11")
+    assert intent["status"] == "requires_payment_method" and "payment_method_types" in intent
+    assert deliver(p.event("payment_intent.payment_failed", intent, api_version="2019-02-11")).status_code == 200
+    assert ledger.get(PaymentIntent, "pi_2019_02_11").status == "requires_payment_method"

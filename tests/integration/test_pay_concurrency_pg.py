@@ -129,3 +129,32 @@ def test_ac2_fifty_concurrent_requests_across_four_worker_processes_create_one(s
     _check(results, stripe_double, f"AC2 4 workers (total {time.monotonic() - started:.2f} s)")
     pids = set(re.findall(r'pid=<(\d+)> .*"POST /orders/ord_ac2/pay', log_path.read_text()))
     assert len(pids) >= 2, log_path.read_text()[-2000:]
+
+
+@pytest.mark.parametrize("currency", ["usd", "eur"], ids=["update_in_place", "cancel_and_attempt_2"])
+def test_concurrent_requests_after_an_amount_change_end_with_one_live_payment_intent_at_the_new_amount(settings, session_factory, stripe_double, ledger, currency) -> None:  # type: ignore[no-untyped-def]
+    stripe_double.delay = 0.1
+    app = create_app(settings, session_factory=session_factory, stripe=stripe_double.client())
+    client = app.test_client()
+    assert client.post("/api/orders", json={"id": "ord_amt_race", "amount": 4999, "currency": "usd"}, headers=AUTH).status_code == 201
+    first = client.post("/orders/ord_amt_race/pay", headers=AUTH).get_json()
+    assert client.post("/api/orders", json={"id": "ord_amt_race", "amount": 7300, "currency": currency}, headers=AUTH).status_code == 200
+
+    def post() -> tuple[int, dict]:
+        response = app.test_client().post("/orders/ord_amt_race/pay", headers=AUTH)
+        return response.status_code, response.get_json()
+
+    results = _all_at_once(post, 30, 30)
+    assert all(status in (200, 201) or body["error"] == "payment_in_progress" for status, body, _ in results), results
+    live = [i for i in stripe_double.intents.values() if i["status"] not in ("canceled", "succeeded")]
+    assert len(live) == 1 and (live[0]["amount"], live[0]["currency"]) == (7300, currency)
+    answered = {(body["id"], body["amount"], body["currency"]) for status, body, _ in results if status in (200, 201)}
+    assert answered == {(live[0]["id"], 7300, currency)}
+    if currency == "usd":
+        assert live[0]["id"] == first["id"] and stripe_double.creates == 1
+        assert stripe_double.count("POST", f"/v1/payment_intents/{first['id']}") == 1  # one update, not 30
+    else:
+        assert stripe_double.creates == 2 and stripe_double.count("POST", f"/v1/payment_intents/{first['id']}/cancel") == 1
+    rows = ledger.all(PaymentAttempt, PaymentAttempt.order_id == "ord_amt_race")
+    assert sorted((a.attempt, a.status, a.amount) for a in rows if a.status == "created") == [
+        (1 if currency == "usd" else 2, "created", 7300)]

@@ -480,3 +480,35 @@ def test_a_race_caught_by_the_constraints_is_decided_again_not_a_500(pay_client,
     response = pay(pay_client, "ord_constraint_race")
     assert response.status_code == 201 and raised == [True]
     assert stripe_double.creates == 1
+
+
+# -- PaymentIntents in API versions before 2019-02-11 --------------------------------------------
+
+
+def test_pre_2019_requires_source_from_stripe_is_requires_payment_method(pay_client, stripe_double, ledger) -> None:  # type: ignore[no-untyped-def]
+    stripe_double.api_version = p.PRE_2019_API_VERSION  # answers with requires_source & co.
+    new_order(pay_client, "ord_pre_2019")
+    response = pay(pay_client, "ord_pre_2019")
+    assert response.status_code == 201, response.get_data(as_text=True)
+    first = response.get_json()
+    assert stripe_double.intents[first["id"]]["status"] == "requires_source"
+    assert first["status"] == "requires_payment_method"
+    assert ledger.get(PaymentIntent, first["id"]).status == "requires_payment_method"
+    assert [a.status for a in attempts(ledger, "ord_pre_2019")] == ["created"]
+
+    assert stripe_double.creates == 1
+
+
+def test_pre_2019_requires_source_action_found_at_stripe_is_requires_action(pay_client, session_factory, stripe_double, ledger) -> None:  # type: ignore[no-untyped-def]
+    stripe_double.api_version = p.PRE_2019_API_VERSION
+    new_order(pay_client, "ord_pre_2019_action")
+    # A crashed attempt whose PaymentIntent Stripe made, now waiting for 3-D Secure.
+    made = stripe_double.add_intent(amount=4999, status="requires_source_action",
+                                    metadata={"order_id": "ord_pre_2019_action", "attempt": "1"})
+    assert made["status"] == "requires_source_action"
+    leave_creating(session_factory, "ord_pre_2019_action", created=timedelta(hours=25), claimed=timedelta(hours=25))
+    response = pay(pay_client, "ord_pre_2019_action")
+    assert response.status_code == 201, response.get_data(as_text=True)
+    assert (response.get_json()["id"], response.get_json()["status"]) == (made["id"], "requires_action")
+    assert ledger.get(PaymentIntent, made["id"]).status == "requires_action"
+    assert attempts(ledger, "ord_pre_2019_action")[0].status == "created"

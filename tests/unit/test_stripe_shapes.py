@@ -97,3 +97,23 @@ def test_malformed_charges_raise_shape_error(field: str, value: object) -> None:
     raw[field] = value
     with pytest.raises(ShapeError):
         charge_snapshot(raw)
+
+
+@pytest.mark.parametrize(
+    "status, current",
+    [("requires_payment_method", "requires_payment_method"), ("requires_action", "requires_action"),
+     ("requires_source", "requires_payment_method"), ("requires_source_action", "requires_action")],
+)
+def test_pre_2019_payment_intent_statuses_are_read_in_current_names(status: str, current: str) -> None:
+    raw = p.payment_intent(id="pi_old", status=status, metadata={"order_id": "ord_old"}, api_version=p.PRE_2019_API_VERSION)
+    assert raw["status"] == {"requires_payment_method": "requires_source", "requires_action": "requires_source_action"}.get(status, status)
+    assert "next_source_action" in raw and "allowed_source_types" in raw
+    snap = payment_intent_snapshot(raw)
+    assert (snap.status, snap.order_id) == (current, "ord_old")
+
+
+def test_unknown_payment_intent_status_is_still_a_shape_error() -> None:
+    raw = p.payment_intent(api_version=p.PRE_2019_API_VERSION)
+    raw["status"] = "requires_sauce"
+    with pytest.raises(ShapeError, match="requires_sauce"):
+        payment_intent_snapshot(raw)

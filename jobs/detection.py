@@ -76,6 +76,18 @@ def candidate_orders(session: Session, *, touched_since: datetime | None) -> lis
         .group_by(Charge.order_id)
         .having(func.count() > 1)
     )
+    # Uncaptured authorisations still holding the customer's funds (duplicate authorisations).
+    authorized = (
+        select(Charge.order_id)
+        .where(
+            Charge.order_id.is_not(None),
+            Charge.status == "succeeded",
+            Charge.captured.is_(False),
+            Charge.released.is_(False),
+            Charge.reported_refunded < Charge.amount,
+        )
+        .distinct()
+    )
     active = select(DuplicateCase.order_id).where(DuplicateCase.status.in_(ACTIVE_CASE_STATUSES))
     if touched_since is not None:
         touched = union(
@@ -90,8 +102,10 @@ def candidate_orders(session: Session, *, touched_since: datetime | None) -> lis
             select(DuplicateCase.order_id).where(DuplicateCase.updated_at >= touched_since),
         ).subquery()
         paid = paid.where(Charge.order_id.in_(select(touched.c[0])))
+        authorized = authorized.where(Charge.order_id.in_(select(touched.c[0])))
         active = active.where(DuplicateCase.order_id.in_(select(touched.c[0])))
     ids = set(session.scalars(paid))
+    ids.update(session.scalars(authorized))
     ids.update(session.scalars(active))
     return sorted(ids)
 
@@ -263,7 +277,7 @@ def apply_step(
         _fill(latest, balance, verdict)
         summary.cases_reopened.append(latest.id)
     elif step is Step.OPEN:
-        case = lifecycle.new_case(balance.order.id, kind=CaseKind.DUPLICATE, run_id=run_id)
+        case = lifecycle.new_case(balance.order.id, kind=CaseKind(verdict.kind), run_id=run_id)
         _fill(case, balance, verdict)
         session.add(case)
         # Not flushed here: the chunk's new cases go in one batched INSERT ... RETURNING
@@ -298,9 +312,14 @@ def _planned(balance: OrderBalance, verdict: Assessment, step: Step, cases: list
         "keeper_charge_id": verdict.keeper_charge_id,
         "excess": dict(verdict.excess),
         "action": "refund" if automatic else "review",
+        "kind": verdict.kind,
         "refunds": [
             {"charge_id": cid, "amount": amount, "currency": by_id[cid].currency}
             for cid, amount in verdict.proposed_refunds.items()
+        ],
+        "releases": [
+            {"charge_id": cid, "amount": amount, "currency": by_id[cid].currency}
+            for cid, amount in verdict.releases.items()
         ],
         "reasons": list(verdict.review_reasons)
         + (["reopened: a settled case's order holds too much again; a person decides"] if step is Step.REOPEN else []),
@@ -315,6 +334,7 @@ def _fill(case: DuplicateCase, balance: OrderBalance, verdict: Assessment) -> No
     order, positions = balance.order, balance.positions
     roles = dict(verdict.roles)
     case.keeper_charge_id = verdict.keeper_charge_id  # type: ignore[assignment]
+    case.kind = verdict.kind
     case.order_amount = order.amount
     case.currency = order.currency
     case.excess = dict(verdict.excess)
@@ -338,4 +358,5 @@ def _fill(case: DuplicateCase, balance: OrderBalance, verdict: Assessment) -> No
         member.amount = charge.amount
         member.currency = charge.currency
         member.held = position.held
-        member.proposed_refund = verdict.proposed_refunds.get(charge.id, 0)
+        # For an authorisation the proposal is its release (the authorised amount).
+        member.proposed_refund = verdict.proposed_refunds.get(charge.id, 0) or verdict.releases.get(charge.id, 0)

@@ -24,7 +24,7 @@ The rule, as the design states it:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
 OPEN_DISPUTES = frozenset(
@@ -84,6 +84,12 @@ class Assessment:
     review_reasons: tuple[str, ...] = ()
     # charge id -> amount to refund: the automatic plan, or for review the suggestion
     proposed_refunds: dict[str, int] = field(default_factory=dict)
+    # duplicate (captured money above the total) | authorization (only uncaptured
+    # authorisations the order does not need)
+    kind: str = "duplicate"
+    # uncaptured authorisations the order does not need: charge id -> authorised amount,
+    # to release (cancel the PaymentIntent, or refund the bare charge), never to capture
+    releases: dict[str, int] = field(default_factory=dict)
 
     @property
     def proposed_total(self) -> int:
@@ -111,7 +117,115 @@ def assess(
     window_seconds: int,
     auto_refund_unknown_total: bool = False,
 ) -> Assessment:
-    """Apply the duplicate rule to one order and all its charges."""
+    """Apply the duplicate rule to one order and all its charges: captured money above
+    the total, and uncaptured authorisations the order does not need."""
+    captured = _assess_captured(
+        order, charges, window_seconds=window_seconds, auto_refund_unknown_total=auto_refund_unknown_total
+    )
+    extras, clear = _extra_authorizations(order, charges, window_seconds)
+    if not extras:
+        return captured
+    releases = {a.id: a.amount for a in extras}
+    auth_roles = tuple((a.id, "authorization") for a in extras)
+    if captured.needs_case:
+        # Both at once: a person decides; the proposal releases the authorisations too.
+        return replace(
+            captured,
+            roles=captured.roles + auth_roles,
+            releases=releases,
+            excess=_add(captured.excess, extras),
+            automatic=False,
+        )
+    held = keeper_order(order, [c for c in charges if c.paid and c.held > 0])
+    auths = _authorizations(order, charges)
+    keeper = held[0] if held else next(a for a in auths if a not in extras)
+    currencies = sorted({c.currency for c in held} | {a.currency for a in auths})
+    foreign = order.amount is not None and order.currency is not None and any(c != order.currency for c in currencies)
+    reasons = [
+        r
+        for r in _unusual(order, charges, sorted({c.currency for c in held}) or currencies, foreign)
+        if not r.startswith("uncaptured_authorization")
+    ]
+    if order.amount is None and not auto_refund_unknown_total:
+        reasons.append("total_unknown: the order's total is not known, so no release is automatic")
+    for a in extras:
+        if a not in clear:
+            reasons.append(
+                f"authorization_not_clear: {a.id} authorises {a.amount} {a.currency}, and no earlier charge of "
+                f"that amount falls within the window"
+            )
+    return Assessment(
+        needs_case=True,
+        keeper_charge_id=keeper.id,
+        roles=((keeper.id, "keeper"),) + tuple((c.id, "extra") for c in held if c.id != keeper.id) + auth_roles,
+        clear_duplicates=tuple(a.id for a in clear),
+        excess=_add({}, extras),
+        automatic=not reasons,
+        review_reasons=tuple(reasons),
+        kind="authorization",
+        releases=releases,
+    )
+
+
+def _authorizations(order: OrderFacts, charges: Sequence[ChargeFacts]) -> list[ChargeFacts]:
+    """Uncaptured authorisations still holding the customer's funds, in keeper order."""
+    return keeper_order(order, [c for c in charges if c.status == "succeeded" and not c.captured and not c.released])
+
+
+def _extra_authorizations(
+    order: OrderFacts, charges: Sequence[ChargeFacts], window_seconds: int
+) -> tuple[list[ChargeFacts], list[ChargeFacts]]:
+    """Authorisations the order does not need, and which of them are clear duplicates.
+
+    An authorisation is needed while what the order holds (captured money, then earlier
+    authorisations in keeper order) is below its total; once the order is paid in full,
+    every further authorisation is extra (unknown total: everything after the first
+    charge). A clear one repeats an earlier charge's currency and amount within the
+    window."""
+    auths = _authorizations(order, charges)
+    if not auths:
+        return [], []
+    held = keeper_order(order, [c for c in charges if c.paid and c.held > 0])
+    extras: list[ChargeFacts] = []
+    if order.amount is not None:
+        covered = sum(c.held for c in held if c.currency == order.currency)
+        for a in auths:
+            if a.currency != order.currency or covered >= order.amount:
+                extras.append(a)
+            else:
+                covered += a.amount
+    else:
+        have = bool(held)
+        for a in auths:
+            if have:
+                extras.append(a)
+            have = True
+    earlier = held + [a for a in auths if a not in extras]
+    clear = [
+        a
+        for a in extras
+        if any(
+            e.currency == a.currency and e.amount == a.amount and abs(a.created - e.created) <= window_seconds
+            for e in earlier + extras[: extras.index(a)]
+        )
+    ]
+    return extras, clear
+
+
+def _add(excess: dict[str, int], authorizations: list[ChargeFacts]) -> dict[str, int]:
+    total = dict(excess)
+    for a in authorizations:
+        total[a.currency] = total.get(a.currency, 0) + a.amount
+    return dict(sorted(total.items()))
+
+
+def _assess_captured(
+    order: OrderFacts,
+    charges: Sequence[ChargeFacts],
+    *,
+    window_seconds: int,
+    auto_refund_unknown_total: bool,
+) -> Assessment:
     held = keeper_order(order, [c for c in charges if c.paid and c.held > 0])
     currencies = sorted({c.currency for c in held})
     total_known = order.amount is not None

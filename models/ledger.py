@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from models.base import Base, utcnow
@@ -113,6 +113,9 @@ class Charge(Base):
     captured: Mapped[bool] = mapped_column(Boolean, default=False)
     # Stripe's amount_refunded as of the newest charge snapshot applied (see ledger service).
     reported_refunded: Mapped[int] = mapped_column(BigInteger, default=0)
+    # An uncaptured authorisation that no longer holds the customer's funds: released by
+    # a refund, its PaymentIntent canceled, or expired. Never goes back.
+    released: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
     created: Mapped[int] = mapped_column(BigInteger)
     card_brand: Mapped[str | None] = mapped_column(String(32))
     card_last4: Mapped[str | None] = mapped_column(String(4))
@@ -199,6 +202,13 @@ class PaymentIntent(Base):
 Index("ix_charges_order_currency", Charge.order_id, Charge.currency)
 # Incremental reconciliation reads "what changed since the last pass" through these.
 Index("ix_charges_updated_at", Charge.updated_at)
+# Detection's look for uncaptured authorisations still holding funds (rare next to the rest).
+Index(
+    "ix_charges_unreleased_authorizations",
+    Charge.order_id,
+    sqlite_where=text("status = 'succeeded' AND captured = 0 AND released = 0"),
+    postgresql_where=text("status = 'succeeded' AND NOT captured AND NOT released"),
+)
 Index("ix_refunds_updated_at", Refund.updated_at)
 Index("ix_disputes_updated_at", Dispute.updated_at)
 Index("ix_orders_updated_at", Order.updated_at)

@@ -46,7 +46,13 @@ class OrderBalance:
 
     @property
     def held_charges(self) -> frozenset[str]:
-        return frozenset(p.charge.id for p in self.positions if p.held > 0)
+        """Charges holding the customer's money: captured money, or an authorisation not
+        yet released."""
+        return frozenset(
+            p.charge.id
+            for p in self.positions
+            if p.held > 0 or (p.charge.status == "succeeded" and not p.charge.captured and not charge_facts(p).released)
+        )
 
     def assess(self, *, window_seconds: int = 0, auto_refund_unknown_total: bool = False) -> Assessment:
         """The duplicate rule on this balance. ``needs_case`` (whether the order holds more
@@ -78,7 +84,7 @@ def charge_facts(position: ledger.ChargePosition) -> ChargeFacts:
         amount_captured=charge.amount_captured,
         # An authorisation Stripe released (expired or canceled) reports its whole amount
         # as refunded.
-        released=not charge.captured and charge.reported_refunded >= charge.amount,
+        released=not charge.captured and (charge.released or charge.reported_refunded >= charge.amount),
         dispute_status=position.dispute.status if position.dispute is not None else None,
         account=charge.account,
         payment_intent_id=charge.payment_intent_id,

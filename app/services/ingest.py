@@ -87,6 +87,12 @@ def _charge_event(session: Session, event: EventEnvelope) -> None:
     ledger.apply_charge(session, charge_snapshot(event.object), as_of=event.created, account=event.account)
 
 
+def _charge_expired_event(session: Session, event: EventEnvelope) -> None:
+    """An uncaptured authorisation expired: Stripe released the funds."""
+    charge = ledger.apply_charge(session, charge_snapshot(event.object), as_of=event.created, account=event.account)
+    ledger.release_charges(session, charge_id=charge.id)
+
+
 def _refund_event(session: Session, event: EventEnvelope) -> None:
     ledger.apply_refund(session, refund_snapshot(event.object), as_of=event.created, account=event.account)
 
@@ -105,6 +111,7 @@ HANDLERS: dict[str, Handler] = {
     "charge.succeeded": _charge_event,
     "charge.failed": _charge_event,
     "charge.captured": _charge_event,
+    "charge.expired": _charge_expired_event,
     "charge.updated": _charge_event,
     "charge.refunded": _charge_event,
     # Before API version 2024-10-28 card refunds were reported through this event.

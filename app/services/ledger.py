@@ -178,6 +178,7 @@ def charge_row(snapshot: ChargeSnapshot, *, as_of: int, account: str | None) -> 
         "status": snapshot.status,
         "captured": snapshot.captured,
         "reported_refunded": snapshot.amount_refunded,
+        "released": released_by_snapshot(snapshot),
         "created": snapshot.created,
         "card_brand": snapshot.card_brand,
         "card_last4": snapshot.card_last4,
@@ -185,7 +186,29 @@ def charge_row(snapshot: ChargeSnapshot, *, as_of: int, account: str | None) -> 
     }
 
 
+def released_by_snapshot(snapshot: ChargeSnapshot) -> bool:
+    """Before API version 2025-03-31 a released (canceled or expired) authorisation shows
+    its whole amount as refunded; from then on nothing on the charge says so (the
+    PaymentIntent's cancellation or ``charge.expired`` does, see :func:`release_charges`)."""
+    return snapshot.status == "succeeded" and not snapshot.captured and snapshot.amount_refunded >= snapshot.amount > 0
+
+
+def release_charges(session: Session, *, charge_id: str | None = None, payment_intent_id: str | None = None) -> list[str]:
+    """Mark uncaptured authorisations released (the charge, or every uncaptured charge of
+    the PaymentIntent). Returns the charges newly released. Release never goes back."""
+    where = [Charge.captured.is_(False), Charge.released.is_(False)]
+    if charge_id is not None:
+        where.append(Charge.id == charge_id)
+    elif payment_intent_id is not None:
+        where.append(Charge.payment_intent_id == payment_intent_id)
+    else:
+        return []
+    return list(session.execute(update(Charge).where(*where).values(released=True).returning(Charge.id)).scalars())
+
+
 def _merge_charge(charge: Charge, snapshot: ChargeSnapshot, as_of: int) -> None:
+    # Whatever the snapshot's age: a release, once seen, is final.
+    charge.released = charge.released or released_by_snapshot(snapshot)
     if as_of < charge.last_event_created:
         log.info("older charge snapshot skipped", extra={"charge_id": charge.id, "as_of": as_of})
         return
@@ -439,6 +462,10 @@ def apply_payment_intent(
             # Current API versions name the charge only by id: until the charge's own
             # event arrives, the PaymentIntent's success is what says the order is paid.
             order.status = "paid"
+    if intent.status == "canceled":
+        # Canceling a PaymentIntent releases its uncaptured authorisation (from API version
+        # 2025-03-31 without a Refund object or amount_refunded on the charge).
+        release_charges(session, payment_intent_id=intent.id)
     _settle_payment_attempt(session, intent)
     return intent
 
@@ -563,10 +590,10 @@ def _locked(session: Session, model: type, key: str):  # type: ignore[no-untyped
 _NEW_CHARGE_SQL = """
 WITH c AS (
     INSERT INTO charges (id, payment_intent_id, customer, account, livemode, amount, amount_captured,
-                         currency, status, captured, reported_refunded, created, card_brand, card_last4,
+                         currency, status, captured, reported_refunded, released, created, card_brand, card_last4,
                          last_event_created, first_seen_at, updated_at)
     VALUES (%(id)s, %(payment_intent_id)s, %(customer)s, %(account)s, %(livemode)s, %(amount)s, %(amount_captured)s,
-            %(currency)s, %(status)s, %(captured)s, %(reported_refunded)s, %(created)s, %(card_brand)s,
+            %(currency)s, %(status)s, %(captured)s, %(reported_refunded)s, %(released)s, %(created)s, %(card_brand)s,
             %(card_last4)s, %(last_event_created)s, %(now)s, %(now)s)
     ON CONFLICT DO NOTHING
     RETURNING id

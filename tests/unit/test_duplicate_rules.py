@@ -32,6 +32,7 @@ def order(amount: int | None, currency: str | None = "usd", pi: str | None = Non
 
 
 REFUND = "refund"
+RELEASE = "release"  # an authorisation case released automatically
 REVIEW = "review"
 NOTHING = "nothing"
 
@@ -77,9 +78,31 @@ ROWS: list[tuple[str, OrderFacts, list[ChargeFacts], str, set[str], str | None, 
      [paid("ch_a", 4999), paid("ch_b", 4999, T0 + 1),
       paid("ch_c", 4999, T0 + 2, captured=False, held=0, amount_captured=0)],
      REVIEW, set(), "uncaptured_authorization", {}),
-    ("uncaptured authorisation alone holds nothing", order(4999),
+    # An authorisation on an order already paid in full is a duplicate authorisation: it
+    # is released (never captured). (Before the authorisation cases, this row expected
+    # no case: capturing it later double-charged the customer.)
+    ("uncaptured authorisation next to a captured charge of the same amount", order(4999),
      [paid("ch_a", 4999), paid("ch_b", 4999, T0 + 1, captured=False, held=0, amount_captured=0)],
+     RELEASE, {"ch_b"}, None, {}),
+    ("authorisation of another amount on a paid order", order(4999),
+     [paid("ch_a", 4999), paid("ch_b", 1500, T0 + 1, captured=False, held=0, amount_captured=0)],
+     REVIEW, set(), "authorization_not_clear", {}),
+    ("two authorisations, nothing captured", order(4999),
+     [paid("ch_a", 4999, captured=False, held=0, amount_captured=0),
+      paid("ch_b", 4999, T0 + 1, captured=False, held=0, amount_captured=0)],
+     RELEASE, {"ch_b"}, None, {}),
+    ("authorisation completing a split payment is needed", order(4999),
+     [paid("ch_a", 2500), paid("ch_b", 2499, T0 + 1, captured=False, held=0, amount_captured=0)],
      NOTHING, set(), None, {}),
+    ("a lone authorisation is the payment", order(4999),
+     [paid("ch_a", 4999, captured=False, held=0, amount_captured=0)], NOTHING, set(), None, {}),
+    ("authorisation next to a paid charge, total unknown", order(None, None),
+     [paid("ch_a", 4999), paid("ch_b", 4999, T0 + 1, captured=False, held=0, amount_captured=0)],
+     REVIEW, set(), "total_unknown", {}),
+    ("authorisation on a connected account", order(4999),
+     [paid("ch_a", 4999, account="acct_1"),
+      paid("ch_b", 4999, T0 + 1, captured=False, held=0, amount_captured=0, account="acct_1")],
+     REVIEW, set(), "connected_account", {}),
     ("released authorisation does not block", order(4999),
      [paid("ch_a", 4999), paid("ch_b", 4999, T0 + 1),
       paid("ch_c", 4999, T0 + 2, captured=False, held=0, amount_captured=0, released=True)],
@@ -132,6 +155,13 @@ def test_rule_table(name, order_facts, charges, expected, refunds, reason, optio
         assert not verdict.needs_case, verdict
         return
     assert verdict.needs_case
+    if expected == RELEASE:
+        assert verdict.kind == "authorization" and verdict.automatic, verdict.review_reasons
+        assert set(verdict.releases) == refunds and verdict.proposed_refunds == {}
+        amounts = {c.id: c.amount for c in charges}
+        assert all(amount == amounts[cid] for cid, amount in verdict.releases.items())
+        assert verdict.keeper_charge_id not in verdict.releases
+        return
     if expected == REFUND:
         assert verdict.automatic, verdict.review_reasons
         assert set(verdict.proposed_refunds) == refunds

@@ -40,8 +40,9 @@ from app.services import ledger
 from app.services.balance import OrderBalance, load_balance
 from app.services.case_lifecycle import TRANSITIONS, CaseAction
 from app.services.ratelimit import RateLimiter
-from app.services.stripe_shapes import charge_snapshot, refund_snapshot
+from app.services.stripe_shapes import charge_snapshot, payment_intent_snapshot, refund_snapshot
 from models import (
+    AttemptAction,
     CaseCharge,
     CaseStatus,
     Charge,
@@ -217,6 +218,15 @@ class RefundService:
             raise RefundRefused(
                 "disputed_charge", f"{planned.charge_id} is disputed ({position.dispute.status})"
             )
+        if _is_authorization(position.charge):
+            # Released whole, never captured: the authorised amount or nothing.
+            if planned.amount != position.charge.amount:
+                raise RefundRefused(
+                    "invalid_amount",
+                    f"{planned.charge_id} is an uncaptured authorisation of {position.charge.amount}; "
+                    f"it is released whole",
+                )
+            return
         if planned.amount > position.held:
             raise RefundRefused(
                 "exceeds_held",
@@ -244,6 +254,8 @@ class RefundService:
         attempt, account = _read_attempt(self._session_factory, attempt_id)
         if attempt.status != "recorded":
             return _outcome(attempt, "refunded" if attempt.status == "succeeded" else attempt.status)
+        if attempt.action == AttemptAction.RELEASE:
+            return self._execute_release(attempt, account)
 
         # Phase 2: what Stripe says about every charge of the order now, and whether our
         # refund exists. The stamp is taken before the reads: a webhook event from the same
@@ -287,12 +299,7 @@ class RefundService:
         # recovery point that says "this key may have reached Stripe".
         _count_call(self._session_factory, attempt.id)
         call_stamp = int(self._clock())
-        metadata = {
-            ledger.ATTEMPT_METADATA_KEY: attempt.idempotency_key,
-            "order_id": attempt.order_id or "",
-            "case_id": str(attempt.case_id or ""),
-            "attempt": str(attempt.n),
-        }
+        metadata = _metadata(attempt)
         try:
             refund_obj = self._stripe(
                 lambda: self._gateway.create_refund(
@@ -328,6 +335,99 @@ class RefundService:
         attempt = run_in_transaction(self._session_factory, record_result)
         log.info("refund issued", extra=_log_extra(attempt))
         return _outcome(attempt, "refunded" if attempt.status == "succeeded" else attempt.status)
+
+    def _execute_release(self, attempt: RefundAttempt, account: str | None) -> RefundOutcome:
+        """Release an uncaptured authorisation the order does not need, in the same phases
+        as a refund: re-read the order at Stripe (and the charge's PaymentIntent), check,
+        then cancel the PaymentIntent when it awaits capture, or refund the bare charge
+        (Stripe's way to release one) — under the attempt's key, never capturing."""
+        as_of = int(self._clock())
+        order_charges = _order_charges(self._session_factory, attempt)
+        try:
+            charge_objs = {
+                charge_id: self._stripe(lambda cid=charge_id, acct=acct: self._gateway.retrieve_charge(cid, account=acct))
+                for charge_id, acct in order_charges.items()
+            }
+            intent_id = _id_of(charge_objs[attempt.charge_id].get("payment_intent"))
+            intent_obj = (
+                self._stripe(lambda: self._gateway.retrieve_payment_intent(intent_id, account=account)) if intent_id else None
+            )
+        except GatewayError as exc:
+            return self._defer(attempt, f"re-read failed: {exc}")
+
+        def reconcile_order(session: Session) -> tuple[RefundAttempt, str | None]:
+            for charge_id, charge_obj in charge_objs.items():
+                ledger.apply_charge(session, charge_snapshot(charge_obj), as_of=as_of, account=order_charges[charge_id])
+            if intent_obj is not None:
+                ledger.apply_payment_intent(session, payment_intent_snapshot(intent_obj), as_of=as_of, account=account)
+            found = session.get(RefundAttempt, attempt.id, populate_existing=True)
+            assert found is not None
+            if found.status != "recorded":
+                return found, None
+            charge = session.get(Charge, attempt.charge_id, populate_existing=True)
+            assert charge is not None
+            if charge.released and found.calls > 0:
+                found.status = "succeeded"  # our release went through before a crash
+                return found, None
+            return found, _release_problem(session, found, charge, charge_objs)
+
+        attempt, problem = run_in_transaction(self._session_factory, reconcile_order)
+        if attempt.status != "recorded":
+            return _outcome(attempt, "adopted" if attempt.status == "succeeded" else attempt.status)
+        if problem:
+            return self._skip(attempt, problem)
+
+        _count_call(self._session_factory, attempt.id)
+        call_stamp = int(self._clock())
+        cancel = intent_obj is not None and intent_obj.get("status") == "requires_capture"
+        try:
+            if cancel:
+                result = self._stripe(
+                    lambda: self._gateway.cancel_payment_intent(
+                        intent_id,  # type: ignore[arg-type]
+                        idempotency_key=attempt.idempotency_key,
+                        cancellation_reason="duplicate",
+                        account=account,
+                    )
+                )
+            else:
+                result = self._stripe(
+                    lambda: self._gateway.create_refund(
+                        charge_id=attempt.charge_id,
+                        amount=attempt.amount,
+                        idempotency_key=attempt.idempotency_key,
+                        metadata=_metadata(attempt),
+                        reason="duplicate",
+                        account=account,
+                    )
+                )
+        except StripeRejected as exc:
+            return self._fail(attempt, f"Stripe refused the release: {exc}")
+        except GatewayError as exc:
+            return self._defer(attempt, f"Stripe unavailable: {exc}")
+        if self._after_call is not None:
+            self._after_call(attempt, result)
+
+        stamp = max(call_stamp, int(result.get("created") or 0)) if not cancel else call_stamp
+
+        def record_result(session: Session) -> RefundAttempt:
+            if cancel:
+                ledger.apply_payment_intent(session, payment_intent_snapshot(result), as_of=stamp, account=account)
+            else:
+                refund = ledger.apply_refund(
+                    session, refund_snapshot(result, charge_id=attempt.charge_id), as_of=stamp, account=account
+                )
+                ledger.settle_refund_attempt(session, refund, attempt.idempotency_key)
+            ledger.release_charges(session, charge_id=attempt.charge_id)
+            found = session.get(RefundAttempt, attempt.id, populate_existing=True, with_for_update=True)
+            assert found is not None
+            if found.status == "recorded":
+                found.status = "succeeded"
+            return found
+
+        attempt = run_in_transaction(self._session_factory, record_result)
+        log.info("authorisation released", extra=_log_extra(attempt))
+        return _outcome(attempt, "released" if attempt.status == "succeeded" else attempt.status)
 
     def settle_case(self, case_id: int) -> str:
         """Set the case's status from its attempts and the order's balance.
@@ -421,8 +521,27 @@ def _check_order_stays_whole(
     else:
         keeper = next((p for p in balance.positions if p.charge.id == case.keeper_charge_id), None)
         floor = {keeper.charge.currency: keeper.held} if keeper is not None else {}
+    releasing = {p.charge_id for p in chosen if _is_authorization(charges[p.charge_id])}
+    if releasing and order.amount is not None and order.currency:
+        # What pays the order once these authorisations are released: captured money,
+        # then the authorisations kept.
+        kept = sum(
+            p.charge.amount
+            for p in balance.positions
+            if _is_authorization(p.charge) and p.charge.id not in releasing and p.charge.currency == order.currency
+        )
+        if held.get(order.currency, 0) + kept < order.amount:
+            raise RefundRefused(
+                "below_order_total",
+                "releasing these authorisations would leave the order unpaid: it holds "
+                f"{format_amount(held.get(order.currency, 0), order.currency)} and keeps "
+                f"{format_amount(kept, order.currency)} authorised, against a total of "
+                f"{format_amount(order.amount, order.currency)}",
+            )
     asked: dict[str, int] = {}
     for p in chosen:
+        if p.charge_id in releasing:
+            continue
         currency = charges[p.charge_id].currency
         asked[currency] = asked.get(currency, 0) + p.amount
     for currency, amount in asked.items():
@@ -454,8 +573,10 @@ def _record_attempt(
             attempt.case_id = case.id
             return attempt
     n = (existing[-1].n + 1) if existing else 1
+    action = AttemptAction.RELEASE if _is_authorization(charge) else AttemptAction.REFUND
     attempt = RefundAttempt(
-        idempotency_key=f"dup-refund-{charge.id}-{n}",
+        idempotency_key=f"dup-{action.value}-{charge.id}-{n}",
+        action=action.value,
         charge_id=charge.id,
         n=n,
         case_id=case.id,
@@ -531,6 +652,11 @@ def _read_attempt(session_factory: sessionmaker[Session], attempt_id: int) -> tu
         return attempt, account
 
 
+def _is_authorization(charge: Charge) -> bool:
+    """An uncaptured authorisation still holding the customer's funds."""
+    return charge.status == "succeeded" and not charge.captured and not charge.released and charge.reported_refunded < charge.amount
+
+
 def _order_charges(session_factory: sessionmaker[Session], attempt: RefundAttempt) -> dict[str, str | None]:
     """Every charge of the attempt's order (and the attempt's own), with its account."""
     with session_factory() as session:
@@ -539,6 +665,72 @@ def _order_charges(session_factory: sessionmaker[Session], attempt: RefundAttemp
         if order_id:
             where = where | (Charge.order_id == order_id)
         return {cid: acct for cid, acct in session.execute(select(Charge.id, Charge.account).where(where).order_by(Charge.id))}
+
+
+def _metadata(attempt: RefundAttempt) -> dict[str, str]:
+    """What every refund of ours carries: the attempt key (so any path can tie it back)
+    and the order, case and attempt number."""
+    return {
+        ledger.ATTEMPT_METADATA_KEY: attempt.idempotency_key,
+        "order_id": attempt.order_id or "",
+        "case_id": str(attempt.case_id or ""),
+        "attempt": str(attempt.n),
+    }
+
+
+def _id_of(value: Any) -> str | None:
+    """A Stripe reference that is an id or an expanded object."""
+    if isinstance(value, dict):
+        return value.get("id")
+    return value if isinstance(value, str) and value else None
+
+
+def _release_problem(
+    session: Session, attempt: RefundAttempt, charge: Charge, charge_objs: dict[str, dict[str, Any]]
+) -> str | None:
+    """Why this authorisation must not be released now, judged on the whole order as
+    Stripe just showed it; None when it may."""
+    obj = charge_objs[attempt.charge_id]
+    if obj.get("captured"):
+        return "the authorisation was captured meanwhile: it is captured money now, for a refund case"
+    if obj.get("status") != "succeeded" or charge.released:
+        return f"the authorisation is no longer open (status {obj.get('status')}, released={charge.released})"
+    disputed = sorted(cid for cid, o in charge_objs.items() if o.get("disputed"))
+    if disputed:
+        return f"charges of the order are disputed at Stripe ({', '.join(disputed)})"
+    case = session.get(DuplicateCase, attempt.case_id) if attempt.case_id is not None else None
+    if case is None:
+        return "the attempt belongs to no case"
+    if attempt.charge_id == case.keeper_charge_id:
+        return "the authorisation is the order's keeper"
+    order = session.get(Order, case.order_id)
+    released = set(
+        session.scalars(select(Charge.id).where(Charge.id.in_(list(charge_objs)), Charge.released.is_(True)))
+    )
+    in_flight = set(
+        session.scalars(
+            select(RefundAttempt.charge_id).where(
+                RefundAttempt.charge_id.in_(list(charge_objs)),
+                RefundAttempt.id != attempt.id,
+                RefundAttempt.status == "recorded",
+                RefundAttempt.action == AttemptAction.RELEASE.value,
+            )
+        )
+    )
+    paid = 0
+    for cid, o in charge_objs.items():
+        if cid == attempt.charge_id or o.get("status") != "succeeded":
+            continue
+        if order is not None and order.currency and str(o.get("currency", "")).lower() != order.currency:
+            continue
+        if o.get("captured"):
+            paid += _stripe_remaining(o)
+        elif cid not in released and cid not in in_flight and int(o.get("amount_refunded") or 0) < int(o.get("amount") or 0):
+            paid += int(o.get("amount") or 0)
+    floor = order.amount if order is not None and order.amount is not None else 1
+    if paid < floor:
+        return f"without this authorisation the order would hold or keep authorised only {paid}, below {floor}"
+    return None
 
 
 def _order_problem(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -268,7 +269,10 @@ def reconcile(mode: str | None, since: str | None, full: bool, as_json: bool) ->
     if progress is not None:
         click.echo("", err=True)
     if as_json:
-        click.echo(json.dumps({"run_id": summary.run_id, "status": summary.status, "mode": summary.mode, "counts": summary.counts(), "errors": summary.errors, "warnings": summary.warnings}, indent=2))
+        data = {"run_id": summary.run_id, "status": summary.status, "mode": summary.mode, "counts": summary.counts(), "errors": summary.errors, "warnings": summary.warnings}
+        if summary.mode == "dry-run":
+            data["plan"] = plan_data(summary.detection.get("plan", []))
+        click.echo(json.dumps(data, indent=2))
     else:
         _print_summary(summary)
     if summary.status != "succeeded":
@@ -305,6 +309,69 @@ def _print_summary(summary) -> None:  # type: ignore[no-untyped-def]
         click.echo(f"  warning: {warning}")
     for error in summary.errors:
         click.echo(f"  ! {error}")
+    if summary.mode == "dry-run":
+        for line in plan_lines(summary.detection.get("plan", [])):
+            click.echo(f"  {line}")
+
+
+# The dry run's plan (jobs.detection._planned), per order: what a pass would do.
+
+_STEP_WORDS = {"open": "new case", "refresh": "case {case_id}", "reopen": "reopens case {case_id}"}
+_REASON_CODE = re.compile(r"^[a-z_]+: ")
+
+
+def _money(amount: int | None, currency: str | None) -> dict[str, Any]:
+    from models.money import format_amount
+
+    known = amount is not None and currency is not None
+    return {"amount": amount, "currency": currency, "display": format_amount(amount, currency) if known else "total unknown"}  # type: ignore[arg-type]
+
+
+def plan_data(plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The plan as JSON-ready data, by order id: amounts as minor units, currency and a
+    display string; ``releases`` (uncaptured authorisations) empty when absent."""
+
+    def moves(entries: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+        return [{"charge_id": e["charge_id"], **_money(e["amount"], e["currency"])} for e in entries or []]
+
+    return [
+        {
+            "order_id": entry["order_id"],
+            "order_total": _money(entry.get("order_total"), entry.get("order_currency")),
+            "case_id": entry.get("case_id"),
+            "step": entry.get("step"),
+            "action": entry.get("action"),
+            "keeper_charge_id": entry.get("keeper_charge_id"),
+            "excess": [_money(amount, currency) for currency, amount in sorted((entry.get("excess") or {}).items())],
+            "refunds": moves(entry.get("refunds")),
+            "releases": moves(entry.get("releases")),
+            "reasons": list(entry.get("reasons") or []),
+        }
+        for entry in sorted(plan, key=lambda e: e["order_id"])
+    ]
+
+
+def plan_lines(plan: list[dict[str, Any]]) -> list[str]:
+    """What a dry run would do, per order (by order id), as lines of text: the order and
+    its total, the keeper, then each refund and release, or for a person's decision "to
+    finance:" and the reasons (their words, without the code), with any suggested refunds."""
+    if not plan:
+        return ["nothing would be done: no refund, release or case for finance"]
+    lines = [f"would act on {len(plan)} order(s):"]
+    for entry in plan_data(plan):
+        step = _STEP_WORDS.get(entry["step"], entry["step"] or "").format(case_id=entry["case_id"])
+        keeper = entry["keeper_charge_id"] or "unknown"
+        lines.append(f"order {entry['order_id']} ({entry['order_total']['display']}): {step}, keep {keeper}")
+        automatic = entry["action"] == "refund"
+        if not automatic:
+            reasons = [_REASON_CODE.sub("", r, count=1) for r in entry["reasons"]]
+            lines.append("  to finance: " + ("; ".join(reasons) or "a person decides"))
+        prefix = "" if automatic else "suggested: "
+        for refund in entry["refunds"]:
+            lines.append(f"  {prefix}refund {refund['charge_id']} {refund['display']}")
+        for release in entry["releases"]:
+            lines.append(f"  {prefix}release authorisation {release['charge_id']} {release['display']}")
+    return lines
 
 
 @main.command()

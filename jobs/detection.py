@@ -202,8 +202,9 @@ def detect(
                 step = decide(order_cases, verdict, balance)
                 if dry_run:
                     if step in (Step.OPEN, Step.REOPEN, Step.REFRESH):
-                        part.would_open[balance.order.id] = verdict.automatic and step is not Step.REOPEN
-                        part.plan.append(_planned(balance, verdict, step, order_cases))
+                        planned = _planned(balance, verdict, step, order_cases)
+                        part.would_open[balance.order.id] = planned["action"] == "refund"
+                        part.plan.append(planned)
                     continue
                 new_case = apply_step(session, step, balance, verdict, run_id=run_id, summary=part, cases=order_cases)
                 if new_case is not None:
@@ -302,7 +303,12 @@ def _planned(balance: OrderBalance, verdict: Assessment, step: Step, cases: list
     """What a pass would do about one order, as data (the dry run prints it)."""
     by_id = {p.charge.id: p.charge for p in balance.positions}
     active = next((c for c in cases if is_active(c)), None)
-    automatic = verdict.automatic and step is not Step.REOPEN
+    # What auto mode would do: refund a new clear case, or an open one never sent back to
+    # a person; everything else waits for a person.
+    automatic = verdict.automatic and (
+        step is Step.OPEN
+        or (step is Step.REFRESH and active is not None and active.status == CaseStatus.OPEN and not active.escalation)
+    )
     return {
         "order_id": balance.order.id,
         "order_total": balance.order.amount,

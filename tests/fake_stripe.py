@@ -35,6 +35,8 @@ class FakeStripe:
         self.events_api = True
         self.refund_creates = 0  # refunds actually created (not replays)
         self.refund_requests: list[JSON] = []  # every POST /v1/refunds, parsed
+        self.cancel_requests: list[JSON] = []  # every POST /v1/payment_intents/<id>/cancel
+        self.api_version = p.CURRENT_API_VERSION  # the account's: decides what a cancel leaves behind
         self.list_requests: list[str] = []  # every list URL
         self.fail_refunds_with: list[int] = []  # statuses for the next refund POSTs
         self.reject_next_refund: str | None = None  # an error code for the next create
@@ -53,6 +55,7 @@ class FakeStripe:
         mock.add_callback("GET", re.compile(rf"{b}/v1/disputes(\?.*)?$"), self._list("disputes"))
         mock.add_callback("GET", re.compile(rf"{b}/v1/events(\?.*)?$"), self._list_events)
         mock.add_callback("GET", re.compile(rf"{b}/v1/payment_intents/[^/?]+$"), self._retrieve_intent)
+        mock.add_callback("POST", re.compile(rf"{b}/v1/payment_intents/[^/?]+/cancel$"), self._cancel_intent)
 
     # -- seeding ---------------------------------------------------------------------------
 
@@ -60,6 +63,27 @@ class FakeStripe:
         charge = p.charge(**fields)
         self.charges[charge["id"]] = charge
         return self.charge(charge["id"])
+
+    def add_authorization(self, *, amount: int = 4999, currency: str = "usd", metadata: dict | None = None, created: int | None = None, with_intent: bool = True) -> JSON:
+        """An uncaptured authorisation: a charge with ``captured: false``, and (unless
+        ``with_intent`` is false: a bare charge) its PaymentIntent in ``requires_capture``."""
+        intent_id = p.new_id("pi") if with_intent else None
+        charge = p.charge(amount=amount, currency=currency, captured=False, payment_intent=intent_id, metadata=metadata, created=created)
+        self.charges[charge["id"]] = charge
+        if intent_id is not None:
+            self.payment_intents[intent_id] = p.payment_intent(
+                id=intent_id, amount=amount, currency=currency, status="requires_capture",
+                latest_charge=charge["id"], metadata=metadata, created=created,
+            )
+        return self.charge(charge["id"])
+
+    def capture(self, charge_id: str) -> JSON:
+        """The merchant captures an authorisation (outside this service)."""
+        charge = self.charges[charge_id]
+        charge.update(captured=True, amount_captured=charge["amount"])
+        if charge.get("payment_intent") in self.payment_intents:
+            self.payment_intents[charge["payment_intent"]]["status"] = "succeeded"
+        return self.charge(charge_id)
 
     def add_refund(self, charge_id: str, amount: int, **fields: Any) -> JSON:
         charge = self.charges[charge_id]
@@ -151,6 +175,33 @@ class FakeStripe:
         if intent_id not in self.payment_intents:
             return _error(404, "invalid_request_error", f"No such payment_intent: '{intent_id}'", "resource_missing")
         return 200, {}, json.dumps(self.payment_intents[intent_id])
+
+    def _cancel_intent(self, request):  # type: ignore[no-untyped-def]
+        """POST /v1/payment_intents/<id>/cancel: releases an authorisation. Before API
+        version 2025-03-31 the release also creates a Refund of the authorised amount (so
+        the charge shows it as refunded); from then on nothing on the charge changes."""
+        intent_id = urlparse(request.url).path.rstrip("/").split("/")[-2]
+        params = {k: v[0] for k, v in parse_qs(request.body if isinstance(request.body, str) else (request.body or b"").decode()).items()}
+        key = request.headers.get("Idempotency-Key")
+        self.cancel_requests.append({**params, "_intent": intent_id, "_idempotency_key": key})
+        if key and key in self._idempotency:
+            seen, status, body = self._idempotency[key]
+            return status, {"Idempotent-Replayed": "true"}, json.dumps(body)
+        if intent_id not in self.payment_intents:
+            return _error(404, "invalid_request_error", f"No such payment_intent: '{intent_id}'", "resource_missing")
+        intent = self.payment_intents[intent_id]
+        if intent["status"] not in ("requires_payment_method", "requires_capture", "requires_confirmation", "requires_action"):
+            status, body = 400, _error_body("invalid_request_error", f"You cannot cancel this PaymentIntent because it has a status of {intent['status']}.", "payment_intent_unexpected_state")
+        else:
+            intent.update(status="canceled", cancellation_reason=params.get("cancellation_reason"), amount_capturable=0)
+            for charge in self.charges.values():
+                if charge.get("payment_intent") == intent_id and not charge.get("captured") and self.api_version[:10] < "2025-03-31":
+                    refund = p.refund(charge=charge["id"], amount=charge["amount"], currency=charge["currency"])
+                    self.refunds[refund["id"]] = refund
+            status, body = 200, dict(intent)
+        if key:
+            self._idempotency[key] = (params, status, body)
+        return status, {}, json.dumps(body)
 
     def _create_refund(self, request):  # type: ignore[no-untyped-def]
         params = {k: v[0] for k, v in parse_qs(request.body if isinstance(request.body, str) else request.body.decode()).items()}

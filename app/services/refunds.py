@@ -148,7 +148,12 @@ class RefundService:
                 )
             members = {cc.charge_id: cc for cc in case.charges}
             balance = load_balance(session, case.order_id)
-            held_now = {p.charge.id: p.held for p in balance.positions} if balance is not None else {}
+            # What each charge could still give back now: captured money held, or a whole
+            # authorisation not yet released.
+            held_now = {
+                p.charge.id: p.charge.amount if _is_authorization(p.charge) else p.held
+                for p in (balance.positions if balance is not None else ())
+            }
             # The proposal, capped at what each charge still holds: re-approving a failed
             # case proposes only what is still there to refund.
             chosen = list(plan) if plan is not None else [
@@ -176,7 +181,7 @@ class RefundService:
             keeper = members.get(case.keeper_charge_id)
             if keeper is not None:
                 # What the keeper holds now: before each call Stripe must still show it.
-                keeper.held = held_now.get(case.keeper_charge_id, 0)
+                keeper.held = next((p.held for p in balance.positions if p.charge.id == case.keeper_charge_id), 0)  # type: ignore[union-attr]
             keys = [
                 _record_attempt(session, case, charges[p.charge_id], p.amount, origin, actor).idempotency_key
                 for p in chosen

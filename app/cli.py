@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from config import Settings, SettingsError
+from models import CASE_STATUSES
 
 log = logging.getLogger("reconciler")
 
@@ -421,7 +422,7 @@ def _review_services(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 @review.command("list")
-@click.option("--status", type=click.Choice(["open", "refunding", "refunded", "dismissed", "failed"]))
+@click.option("--status", type=click.Choice(list(CASE_STATUSES)))
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 200))
 def review_list(status: str | None, limit: int) -> None:
     """Cases, open and failed first."""

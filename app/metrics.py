@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from models import DuplicateCase, ReconciliationRun, RefundAttempt
+from models import CASE_STATUSES, DuplicateCase, ReconciliationRun, RefundAttempt
 
 __all__ = [
     "CONTENT_TYPE_LATEST",
@@ -89,7 +89,7 @@ class LedgerCollector(Collector):
         last_ok = GaugeMetricFamily("reconciler_last_pass_success", "1 if the last pass succeeded, else 0.")
         with self._session_factory() as session:
             by_status = dict(session.execute(select(DuplicateCase.status, func.count()).group_by(DuplicateCase.status)).all())
-            for status in ("open", "refunding", "refunded", "dismissed", "failed"):
+            for status in CASE_STATUSES:
                 cases.add_metric([status], by_status.get(status, 0))
             for status, currency, count, total in session.execute(
                 select(RefundAttempt.status, RefundAttempt.currency, func.count(), func.sum(RefundAttempt.amount)).group_by(

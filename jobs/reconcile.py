@@ -30,7 +30,7 @@ from jobs.alerts import Alert, Alerter, pending_alerts
 from jobs.backfill import LISTINGS, BackfillStopped, BackfillSummary, Progress, backfill, backfill_start, oldest_watermark
 from jobs.detection import DetectionSummary, detect
 from jobs.lease import RunInProgress, exclusive_pass, holder_name
-from models import DuplicateCase, ReconciliationRun, run_in_transaction
+from models import CaseStatus, DuplicateCase, ReconciliationRun, run_in_transaction
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def _send_alerts(summary: RunSummary, session_factory: sessionmaker[Session], al
         ]
         for case in cases:
             excess = _amounts(case.excess)
-            verdict = "refunded automatically" if case.status in ("refunding", "refunded") else "needs review"
+            verdict = "refunded automatically" if case.status in (CaseStatus.REFUNDING, CaseStatus.REFUNDED) else "needs review"
             lines.append(f"- case {case.id}, order {case.order_id}: holds {excess} too much; {verdict}")
         lines += [f"- error: {e}" for e in summary.errors]
         alerts.insert(0, Alert(f"run:{summary.run_id}", f"Reconciliation run {summary.run_id}: duplicates found or errors", "\n".join(lines)))

@@ -38,7 +38,13 @@ from models.money import format_amount, major_units
 
 MAX_NOTE = 2000
 # Open and failed cases need a person: they come first.
-_STATUS_RANK = {"open": 0, "failed": 1, "refunding": 2, "refunded": 3, "dismissed": 4}
+_STATUS_RANK = {
+    CaseStatus.OPEN.value: 0,
+    CaseStatus.FAILED.value: 1,
+    CaseStatus.REFUNDING.value: 2,
+    CaseStatus.REFUNDED.value: 3,
+    CaseStatus.DISMISSED.value: 4,
+}
 
 
 class CaseActionError(Exception):

@@ -195,15 +195,9 @@ class StripeDouble:
         params = json.dumps(form, sort_keys=True)
         with self.lock:
             self.create_requests += 1
-            if key is not None:
-                if key in self.in_progress:
-                    return 409, _error("idempotency_error", "There is currently another in-progress request using this Idempotent Key."), {}
-                if key in self.keys:
-                    stored_params, status, body = self.keys[key]
-                    if stored_params != params:
-                        return 400, _error("idempotency_error", "Keys for idempotent requests can only be used with the same parameters they were first used with."), {}
-                    return status, body, {"Idempotent-Replayed": "true"}
-                self.in_progress.add(key)
+            replay = self._claim_key(key, params)
+            if replay is not None:
+                return replay
             action = self.script.popleft() if self.script else {"kind": "ok"}
             delay = self.delay
         try:
@@ -227,14 +221,10 @@ class StripeDouble:
                 status, body = 200, intent
                 if action["kind"] == "create_then_error":
                     status, body = action.get("status", 500), {"error": {"type": "api_error", "message": "boom after create"}}
-            with self.lock:
-                if key is not None and store:
-                    self.keys[key] = (params, status, body)
+            self._store_key(key, params, status, body, store)
             return status, body, {}
         finally:
-            with self.lock:
-                if key is not None:
-                    self.in_progress.discard(key)
+            self._release_key(key)
 
     def _list(self, query: dict[str, Any]) -> dict[str, Any]:
         created = query.get("created") or {}
@@ -259,19 +249,39 @@ class StripeDouble:
             return 404, _error("invalid_request_error", f"No such payment_intent: '{intent_id}'", code="resource_missing")
         return 200, intent
 
+    def _claim_key(self, key: str | None, params: str) -> tuple[int, dict[str, Any], dict[str, str]] | None:
+        """Idempotency-Key as Stripe keeps it (caller holds the lock): the stored answer
+        for a key seen with these parameters, 400 for other parameters, 409 while its
+        first request runs; None when the request is new (the key is then in progress)."""
+        if key is None:
+            return None
+        if key in self.in_progress:
+            return 409, _error("idempotency_error", "There is currently another in-progress request using this Idempotent Key."), {}
+        if key in self.keys:
+            stored_params, status, body = self.keys[key]
+            if stored_params != params:
+                return 400, _error("idempotency_error", "Keys for idempotent requests can only be used with the same parameters they were first used with."), {}
+            return status, body, {"Idempotent-Replayed": "true"}
+        self.in_progress.add(key)
+        return None
+
+    def _store_key(self, key: str | None, params: str, status: int, body: dict[str, Any], store: bool) -> None:
+        with self.lock:
+            if key is not None and store:
+                self.keys[key] = (params, status, body)
+
+    def _release_key(self, key: str | None) -> None:
+        with self.lock:
+            if key is not None:
+                self.in_progress.discard(key)
+
     def _change(self, kind: str, intent_id: str, form: dict[str, Any], key: str | None) -> tuple[int, dict[str, Any], dict[str, str]]:
         """An update (``amount``) or a cancel, under Idempotency-Key as Stripe does."""
         params = json.dumps({"endpoint": f"{kind} {intent_id}", **form}, sort_keys=True)
         with self.lock:
-            if key is not None:
-                if key in self.in_progress:
-                    return 409, _error("idempotency_error", "There is currently another in-progress request using this Idempotent Key."), {}
-                if key in self.keys:
-                    stored_params, status, body = self.keys[key]
-                    if stored_params != params:
-                        return 400, _error("idempotency_error", "Keys for idempotent requests can only be used with the same parameters they were first used with."), {}
-                    return status, body, {"Idempotent-Replayed": "true"}
-                self.in_progress.add(key)
+            replay = self._claim_key(key, params)
+            if replay is not None:
+                return replay
             action = self.scripts[kind].popleft() if self.scripts[kind] else {"kind": "ok"}
             delay = self.delay
         try:
@@ -284,14 +294,10 @@ class StripeDouble:
                 status, body = self._apply_change(kind, intent_id, form)
                 if action["kind"] == "change_then_error" and status == 200:
                     status, body = action.get("status", 500), {"error": {"type": "api_error", "message": "boom after change"}}
-            with self.lock:
-                if key is not None and store:
-                    self.keys[key] = (params, status, body)
+            self._store_key(key, params, status, body, store)
             return status, body, {}
         finally:
-            with self.lock:
-                if key is not None:
-                    self.in_progress.discard(key)
+            self._release_key(key)
 
     def _apply_change(self, kind: str, intent_id: str, form: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         with self.lock:

@@ -268,10 +268,7 @@ class RefundService:
         as_of = int(self._clock())
         order_charges = _order_charges(self._session_factory, attempt)
         try:
-            charge_objs = {
-                charge_id: self._stripe(lambda cid=charge_id, acct=acct: self._gateway.retrieve_charge(cid, account=acct))
-                for charge_id, acct in order_charges.items()
-            }
+            charge_objs = self._read_charges(order_charges)
             refunds = self._stripe(
                 lambda: list(self._gateway.list_refunds(charge_id=attempt.charge_id, account=account))
             )
@@ -304,18 +301,8 @@ class RefundService:
         # recovery point that says "this key may have reached Stripe".
         _count_call(self._session_factory, attempt.id)
         call_stamp = int(self._clock())
-        metadata = _metadata(attempt)
         try:
-            refund_obj = self._stripe(
-                lambda: self._gateway.create_refund(
-                    charge_id=attempt.charge_id,
-                    amount=attempt.amount,
-                    idempotency_key=attempt.idempotency_key,
-                    metadata=metadata,
-                    reason="duplicate",
-                    account=account,
-                )
-            )
+            refund_obj = self._send_refund(attempt, account)
         except StripeRejected as exc:
             return self._fail(attempt, f"Stripe refused the refund: {exc}")
         except GatewayError as exc:
@@ -349,10 +336,7 @@ class RefundService:
         as_of = int(self._clock())
         order_charges = _order_charges(self._session_factory, attempt)
         try:
-            charge_objs = {
-                charge_id: self._stripe(lambda cid=charge_id, acct=acct: self._gateway.retrieve_charge(cid, account=acct))
-                for charge_id, acct in order_charges.items()
-            }
+            charge_objs = self._read_charges(order_charges)
             intent_id = _id_of(charge_objs[attempt.charge_id].get("payment_intent"))
             intent_obj = (
                 self._stripe(lambda: self._gateway.retrieve_payment_intent(intent_id, account=account)) if intent_id else None
@@ -396,16 +380,7 @@ class RefundService:
                     )
                 )
             else:
-                result = self._stripe(
-                    lambda: self._gateway.create_refund(
-                        charge_id=attempt.charge_id,
-                        amount=attempt.amount,
-                        idempotency_key=attempt.idempotency_key,
-                        metadata=_metadata(attempt),
-                        reason="duplicate",
-                        account=account,
-                    )
-                )
+                result = self._send_refund(attempt, account)
         except StripeRejected as exc:
             return self._fail(attempt, f"Stripe refused the release: {exc}")
         except GatewayError as exc:
@@ -481,6 +456,26 @@ class RefundService:
         return run_in_transaction(self._session_factory, settle)
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _read_charges(self, order_charges: dict[str, str | None]) -> dict[str, dict[str, Any]]:
+        """Every charge of the order as Stripe shows it now, each on its own account."""
+        return {
+            charge_id: self._stripe(lambda cid=charge_id, acct=acct: self._gateway.retrieve_charge(cid, account=acct))
+            for charge_id, acct in order_charges.items()
+        }
+
+    def _send_refund(self, attempt: RefundAttempt, account: str | None) -> dict[str, Any]:
+        """The refund call itself: the attempt's key, ``reason=duplicate``, our metadata."""
+        return self._stripe(
+            lambda: self._gateway.create_refund(
+                charge_id=attempt.charge_id,
+                amount=attempt.amount,
+                idempotency_key=attempt.idempotency_key,
+                metadata=_metadata(attempt),
+                reason="duplicate",
+                account=account,
+            )
+        )
 
     def _stripe(self, call: Callable[[], Any]) -> Any:
         """One Stripe call under the rate limit; 429 and 5xx retried with backoff."""
@@ -690,6 +685,23 @@ def _id_of(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _case_problem(
+    session: Session, attempt: RefundAttempt, charge_objs: dict[str, dict[str, Any]]
+) -> tuple[str | None, DuplicateCase | None]:
+    """What rules out any refund or release on the order: a dispute on any of its charges
+    at Stripe, no case, or the charge being the case's keeper."""
+    disputed = sorted(cid for cid, obj in charge_objs.items() if obj.get("disputed"))
+    if disputed:
+        which = "the charge is" if disputed == [attempt.charge_id] else "charges of the order are"
+        return f"{which} disputed at Stripe ({', '.join(disputed)})", None
+    case = session.get(DuplicateCase, attempt.case_id) if attempt.case_id is not None else None
+    if case is None:
+        return "the attempt belongs to no case", None
+    if attempt.charge_id == case.keeper_charge_id:
+        return "the charge is the order's keeper", None
+    return None, case
+
+
 def _release_problem(
     session: Session, attempt: RefundAttempt, charge: Charge, charge_objs: dict[str, dict[str, Any]]
 ) -> str | None:
@@ -700,14 +712,9 @@ def _release_problem(
         return "the authorisation was captured meanwhile: it is captured money now, for a refund case"
     if obj.get("status") != "succeeded" or charge.released:
         return f"the authorisation is no longer open (status {obj.get('status')}, released={charge.released})"
-    disputed = sorted(cid for cid, o in charge_objs.items() if o.get("disputed"))
-    if disputed:
-        return f"charges of the order are disputed at Stripe ({', '.join(disputed)})"
-    case = session.get(DuplicateCase, attempt.case_id) if attempt.case_id is not None else None
-    if case is None:
-        return "the attempt belongs to no case"
-    if attempt.charge_id == case.keeper_charge_id:
-        return "the authorisation is the order's keeper"
+    problem, case = _case_problem(session, attempt, charge_objs)
+    if problem or case is None:
+        return problem
     order = session.get(Order, case.order_id)
     released = set(
         session.scalars(select(Charge.id).where(Charge.id.in_(list(charge_objs)), Charge.released.is_(True)))
@@ -754,14 +761,9 @@ def _order_problem(
         return f"the charge is {charge_obj.get('status')}, captured={charge_obj.get('captured')}"
     if remaining < attempt.amount and not may_replay:
         return f"the charge holds {remaining} at Stripe; the attempt wanted {attempt.amount}"
-    disputed = sorted(cid for cid, obj in charge_objs.items() if obj.get("disputed"))
-    if disputed:
-        return f"{'the charge is' if disputed == [attempt.charge_id] else 'charges of the order are'} disputed at Stripe ({', '.join(disputed)})"
-    case = session.get(DuplicateCase, attempt.case_id) if attempt.case_id is not None else None
-    if case is None:
-        return "the attempt belongs to no case"
-    if attempt.charge_id == case.keeper_charge_id:
-        return "the charge is the order's keeper"
+    problem, case = _case_problem(session, attempt, charge_objs)
+    if problem or case is None:
+        return problem
     keeper_obj = charge_objs.get(case.keeper_charge_id)
     keeper_member = next((cc for cc in case.charges if cc.charge_id == case.keeper_charge_id), None)
     if keeper_obj is None:

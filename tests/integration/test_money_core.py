@@ -56,6 +56,21 @@ def _fail_refund(stripe_api, deliver, refund: dict, *, status: str = "failed", w
     return failed
 
 
+def _refunded_then_another_charge(stripe_api, session_factory, deliver, reconcile, ledger, order_id: str):  # type: ignore[no-untyped-def]
+    """A double click refunded by us (case 1), then a third charge of another amount: an
+    open case 2. Returns the refunded duplicate and case 2."""
+    keeper, duplicate = _charges(stripe_api, session_factory, order_id, 2, deliver=deliver)
+    reconcile(mode="auto")
+    (first,) = cases(ledger, order_id)
+    assert first.status == "refunded"
+    third = stripe_api.add_charge(amount=1500, metadata={"order_id": order_id}, created=NOW - 20)
+    assert deliver(p.event("charge.succeeded", third)).status_code == 200
+    reconcile(mode="review")
+    second = cases(ledger, order_id)[1]
+    assert second.status == "open"
+    return duplicate, second
+
+
 # -- 1. a closed case never hides a later excess --------------------------------------------
 
 
@@ -98,16 +113,8 @@ def test_outside_refund_failure_seen_only_by_backfill_reopens_the_case(stripe_ap
 
 
 def test_our_refund_failing_after_the_case_closed_with_a_later_dismissed_case(stripe_api, reconcile, session_factory, deliver, ledger, client, api, api_headers) -> None:  # type: ignore[no-untyped-def]
-    keeper, duplicate = _charges(stripe_api, session_factory, "ord_later", 2, deliver=deliver)
-    reconcile(mode="auto")
-    (first,) = cases(ledger, "ord_later")
-    assert first.status == "refunded"
-    # a third charge of another amount: a second case, which finance dismisses
-    third = stripe_api.add_charge(amount=1500, metadata={"order_id": "ord_later"}, created=NOW - 20)
-    assert deliver(p.event("charge.succeeded", third)).status_code == 200
-    reconcile(mode="review")
-    second = cases(ledger, "ord_later")[1]
-    assert second.status == "open"
+    duplicate, second = _refunded_then_another_charge(stripe_api, session_factory, deliver, reconcile, ledger, "ord_later")
+    # finance dismisses the second case
     response = api.post(f"/api/duplicates/{second.id}/dismiss", headers=api_headers, json={"note": "tip"})
     assert response.status_code == 200
 
@@ -151,15 +158,7 @@ def test_partly_skipped_case_is_not_closed_as_refunded(stripe_api, reconcile, se
 
 @pytest.mark.parametrize("path", ["webhook", "backfill"])
 def test_older_case_refund_failing_while_a_newer_case_is_active(stripe_api, reconcile, session_factory, deliver, ledger, path) -> None:  # type: ignore[no-untyped-def]
-    keeper, duplicate = _charges(stripe_api, session_factory, "ord_two", 2, deliver=deliver)
-    reconcile(mode="auto")
-    (first,) = cases(ledger, "ord_two")
-    assert first.status == "refunded"
-    third = stripe_api.add_charge(amount=1500, metadata={"order_id": "ord_two"}, created=NOW - 20)
-    assert deliver(p.event("charge.succeeded", third)).status_code == 200
-    reconcile(mode="review")
-    second = cases(ledger, "ord_two")[1]
-    assert second.status == "open"
+    duplicate, second = _refunded_then_another_charge(stripe_api, session_factory, deliver, reconcile, ledger, "ord_two")
 
     (our_refund,) = stripe_api.refunds_of(duplicate["id"])
     _fail_refund(stripe_api, deliver, our_refund, webhook=path == "webhook")

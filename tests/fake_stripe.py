@@ -4,6 +4,12 @@ shapes (built by tests.stripe_payloads); lists newest first with ``created[gt]``
 ``starting_after`` paging; refunds honour ``Idempotency-Key`` (replay, 400 on other
 parameters) and reject over-refunds and disputed charges as Stripe does; failures can be
 queued (``fail_refunds_with``) to play 429s and 500s.
+
+For the property tests, additively: later state changes (``set_refund_status``,
+``set_dispute_status``, ``capture_charge``, ``release_authorization``), uncaptured
+authorisations (``add_authorization``), ``fail_next_refunds``, an optional ``clock`` for
+the ``created`` of refunds it makes, and ``refund_log``: every refund POST with its answer
+and whatever ``before_refund(params)`` returned when it arrived.
 """
 
 from __future__ import annotations
@@ -38,6 +44,11 @@ class FakeStripe:
         self.reject_next_refund: str | None = None  # an error code for the next create
         self.hide_refunds_from_lists = False  # eventual consistency
         self._idempotency: dict[str, tuple[JSON, int, JSON]] = {}
+        # Additions for the property tests (tests/property); unused, they change nothing.
+        self.clock: Any = None  # a callable giving Stripe's "now" for refunds it creates
+        self.before_refund: Any = None  # called with the parsed params before a refund POST is answered
+        self.refund_log: list[JSON] = []  # every refund POST with its answer (see _create_refund)
+        self.released_authorizations: set[str] = set()
         b = re.escape(base)
         mock.add_callback("GET", re.compile(rf"{b}/v1/charges(\?.*)?$"), self._list("charges"))
         mock.add_callback("GET", re.compile(rf"{b}/v1/charges/[^/?]+$"), self._retrieve_charge)
@@ -75,9 +86,52 @@ class FakeStripe:
             for r in self.refunds.values()
             if r["charge"] == charge_id and r["status"] in ("pending", "succeeded", "requires_action")
         )
+        if charge_id in self.released_authorizations:
+            refunded = charge["amount"]  # Stripe reports a released authorisation as refunded
         charge["amount_refunded"] = refunded
         charge["refunded"] = refunded >= charge["amount"]
         return charge
+
+    # -- later state changes (additions for the property tests) ----------------------------
+
+    def set_refund_status(self, refund_id: str, status: str, *, failure_reason: str | None = None) -> JSON:
+        """A refund moving on at Stripe: pending -> succeeded/failed/canceled, or a
+        succeeded refund failing later. Returns the refund as Stripe renders it now."""
+        refund = dict(self.refunds[refund_id], status=status)
+        if status == "failed":
+            refund["failure_reason"] = failure_reason or "expired_or_canceled_card"
+            refund["failure_balance_transaction"] = p.new_id("txn")
+        if status in ("failed", "canceled"):
+            refund["destination_details"] = {**refund["destination_details"], "card": {**refund["destination_details"]["card"], "reference_status": "unavailable"}}
+        self.refunds[refund_id] = refund
+        return refund
+
+    def set_dispute_status(self, dispute_id: str, status: str) -> JSON:
+        """A dispute moving on (under_review, won, lost, ...). The charge stays ``disputed``,
+        as at Stripe, whatever the outcome."""
+        dispute = dict(self.disputes[dispute_id], status=status)
+        self.disputes[dispute_id] = dispute
+        return dispute
+
+    def add_authorization(self, **fields: Any) -> JSON:
+        """An uncaptured authorisation: ``status`` succeeded, ``captured`` false."""
+        return self.add_charge(captured=False, **fields)
+
+    def capture_charge(self, charge_id: str) -> JSON:
+        """Capture an authorisation in full."""
+        charge = self.charges[charge_id]
+        charge.update(captured=True, amount_captured=charge["amount"], balance_transaction=p.new_id("txn"))
+        return self.charge(charge_id)
+
+    def release_authorization(self, charge_id: str) -> JSON:
+        """Cancel (release) an uncaptured authorisation: Stripe then reports its whole
+        amount as refunded, and it stays uncaptured."""
+        self.released_authorizations.add(charge_id)
+        return self.charge(charge_id)
+
+    def fail_next_refunds(self, n: int, status: int = 500) -> None:
+        """The next ``n`` refund POSTs are answered ``status`` (429 or 5xx)."""
+        self.fail_refunds_with.extend([status] * n)
 
     def refunds_of(self, charge_id: str) -> list[JSON]:
         return [r for r in self.refunds.values() if r["charge"] == charge_id]
@@ -131,6 +185,26 @@ class FakeStripe:
     def _create_refund(self, request):  # type: ignore[no-untyped-def]
         params = {k: v[0] for k, v in parse_qs(request.body if isinstance(request.body, str) else request.body.decode()).items()}
         key = request.headers.get("Idempotency-Key")
+        context = self.before_refund(dict(params)) if self.before_refund is not None else None
+        replay = bool(key and key in self._idempotency)
+        creates_before = self.refund_creates
+        status, headers, body = self._answer_refund(request, params, key)
+        answer = json.loads(body)
+        self.refund_log.append(
+            {
+                "params": params,
+                "key": key,
+                "replay": replay,
+                "status": status,
+                "error_code": (answer.get("error") or {}).get("code") if status >= 400 else None,
+                "error_type": (answer.get("error") or {}).get("type") if status >= 400 else None,
+                "created_refund_id": answer.get("id") if self.refund_creates > creates_before else None,
+                "context": context,
+            }
+        )
+        return status, headers, body
+
+    def _answer_refund(self, request, params: JSON, key: str | None):  # type: ignore[no-untyped-def]
         self.refund_requests.append({**params, "_idempotency_key": key})
         if self.fail_refunds_with:
             status = self.fail_refunds_with.pop(0)
@@ -166,7 +240,8 @@ class FakeStripe:
                 "amount_too_large" if charge["amount_refunded"] == 0 else "charge_already_refunded",
             )
         metadata = {k[len("metadata[") : -1]: v for k, v in params.items() if k.startswith("metadata[")}
-        refund = p.refund(charge=charge_id, amount=amount, currency=charge["currency"], reason=params.get("reason"), metadata=metadata)
+        created = {"created": int(self.clock())} if self.clock is not None else {}
+        refund = p.refund(charge=charge_id, amount=amount, currency=charge["currency"], reason=params.get("reason"), metadata=metadata, **created)
         self.refunds[refund["id"]] = refund
         self.refund_creates += 1
         return 200, refund

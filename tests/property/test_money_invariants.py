@@ -930,3 +930,77 @@ def test_check_truth_follows_refunds_disputes_and_authorisations() -> None:
         fake.release_authorization(auth["id"])
         assert holding(stripe_truth(fake), "ord_usd") == Holding({"usd": 1000}, frozenset({b["id"]}), frozenset())
         assert refund_context(fake, {"charge": b["id"]})["order_held_ids"] == [b["id"]]
+
+
+# -- known sequences, replayed through the machine's own steps and checks ----------------------
+# Short hand-written sequences for the failures seen on the code as it was when this file was
+# written; each runs the same rules and every check after every step, like Hypothesis does.
+
+_A, _B, _C = (f"ch_prop{n:017d}" for n in (1, 2, 3))
+
+
+def _replay(*steps: Any) -> None:
+    machine = MoneyMachine()
+    try:
+        for step in steps:
+            step(machine)
+            machine.money_invariants()
+            machine.after_a_pass_every_excess_has_a_case()
+            machine.after_a_pass_an_open_authorisation_next_to_a_full_payment_has_a_case()
+    finally:
+        machine.teardown()
+
+
+def _pays(order: str, amount: int = 1000, authorisation_only: bool = False) -> Any:
+    return lambda m: m.customer_pays(order, amount, False, authorisation_only, False, "now")
+
+
+def _review_pass(m: MoneyMachine) -> None:
+    m.reconciliation_pass("review", False, 0, 429)
+
+
+def test_sequence_closed_case_and_an_outside_refund_that_fails_later() -> None:
+    _replay(
+        lambda m: m.orders_paid_once({"ord_usd"}), _pays("ord_usd"), _review_pass,
+        lambda m: m.refund_made_outside(_B, True, "pending", "now"), _review_pass,
+        lambda m: m.refund_changes_later(_B, "failed", "now"), _review_pass,
+    )
+
+
+def test_sequence_approved_refund_resumed_after_the_keeper_was_refunded() -> None:
+    _replay(
+        lambda m: m.orders_paid_once({"ord_usd"}), _pays("ord_usd"), _review_pass,
+        lambda m: m.finance_approves_the_proposal("ord_usd", "after_phase_1"),
+        lambda m: m.refund_made_outside(_A, True, "succeeded", "now"), _review_pass,
+    )
+
+
+def test_sequence_refund_of_an_older_case_fails_while_a_newer_case_is_open() -> None:
+    _replay(
+        lambda m: m.orders_paid_once({"ord_usd"}), _pays("ord_usd"),
+        lambda m: m.reconciliation_pass("auto", False, 0, 429),
+        _pays("ord_usd"), _review_pass,
+        lambda m: m.refund_changes_later(_B, "failed", "now"),
+    )
+
+
+def test_sequence_case_with_a_skipped_refund_closed_as_refunded() -> None:
+    _replay(
+        lambda m: m.orders_paid_once({"ord_usd"}), _pays("ord_usd"), _pays("ord_usd"), _review_pass,
+        lambda m: m.refund_made_outside(_C, False, "succeeded", "never"),
+        lambda m: m.finance_approves_the_proposal("ord_usd", "none"), _review_pass,
+    )
+
+
+def test_sequence_uncaptured_authorisation_next_to_a_full_payment() -> None:
+    _replay(lambda m: m.orders_paid_once({"ord_jpy"}), _pays("ord_jpy", 500, authorisation_only=True), _review_pass)
+
+
+def test_sequence_crash_after_the_stripe_call_then_passes_with_stripe_errors() -> None:
+    _replay(
+        lambda m: m.orders_paid_once({"ord_usd"}), _pays("ord_usd"),
+        lambda m: m.reconciliation_pass_dies_after_a_stripe_refund(False),
+        lambda m: m.late_webhook_arrives(0, True),
+        lambda m: m.reconciliation_pass("auto", False, 3, 500),
+        lambda m: m.reconciliation_pass("auto", True, 0, 429),
+    )

@@ -6,6 +6,12 @@ parameters) and reject over-refunds and disputed charges as Stripe does; failure
 queued (``fail_refunds_with``) to play 429s and 500s, and a listing can fail on a given
 page (``fail_list_pages``) or run code before a page is answered (``on_list``: the world
 changing while a backfill reads, a slow answer moving a test clock).
+
+For the property tests, additively: later state changes (``set_refund_status``,
+``set_dispute_status``, ``capture_charge``, ``release_authorization``), uncaptured
+authorisations (``add_authorization``), ``fail_next_refunds``, an optional ``clock`` for
+the ``created`` of refunds it makes, and ``refund_log``: every refund POST with its answer
+and whatever ``before_refund(params)`` returned when it arrived.
 """
 
 from __future__ import annotations
@@ -47,6 +53,11 @@ class FakeStripe:
         self.on_list: Callable[[str, int], None] | None = None  # (listing, page), before answering
         self._list_page: dict[str, int] = {}
         self._idempotency: dict[str, tuple[JSON, int, JSON]] = {}
+        # Additions for the property tests (tests/property); unused, they change nothing.
+        self.clock: Any = None  # a callable giving Stripe's "now" for refunds it creates
+        self.before_refund: Any = None  # called with the parsed params before a refund POST is answered
+        self.refund_log: list[JSON] = []  # every refund POST with its answer (see _create_refund)
+        self.released_authorizations: set[str] = set()
         b = re.escape(base)
         mock.add_callback("GET", re.compile(rf"{b}/v1/charges(\?.*)?$"), self._list("charges"))
         mock.add_callback("GET", re.compile(rf"{b}/v1/charges/[^/?]+$"), self._retrieve_charge)
@@ -63,27 +74,6 @@ class FakeStripe:
         charge = p.charge(**fields)
         self.charges[charge["id"]] = charge
         return self.charge(charge["id"])
-
-    def add_authorization(self, *, amount: int = 4999, currency: str = "usd", metadata: dict | None = None, created: int | None = None, with_intent: bool = True) -> JSON:
-        """An uncaptured authorisation: a charge with ``captured: false``, and (unless
-        ``with_intent`` is false: a bare charge) its PaymentIntent in ``requires_capture``."""
-        intent_id = p.new_id("pi") if with_intent else None
-        charge = p.charge(amount=amount, currency=currency, captured=False, payment_intent=intent_id, metadata=metadata, created=created)
-        self.charges[charge["id"]] = charge
-        if intent_id is not None:
-            self.payment_intents[intent_id] = p.payment_intent(
-                id=intent_id, amount=amount, currency=currency, status="requires_capture",
-                latest_charge=charge["id"], metadata=metadata, created=created,
-            )
-        return self.charge(charge["id"])
-
-    def capture(self, charge_id: str) -> JSON:
-        """The merchant captures an authorisation (outside this service)."""
-        charge = self.charges[charge_id]
-        charge.update(captured=True, amount_captured=charge["amount"])
-        if charge.get("payment_intent") in self.payment_intents:
-            self.payment_intents[charge["payment_intent"]]["status"] = "succeeded"
-        return self.charge(charge_id)
 
     def add_refund(self, charge_id: str, amount: int, **fields: Any) -> JSON:
         charge = self.charges[charge_id]
@@ -106,9 +96,63 @@ class FakeStripe:
             for r in self.refunds.values()
             if r["charge"] == charge_id and r["status"] in ("pending", "succeeded", "requires_action")
         )
+        if charge_id in self.released_authorizations:
+            refunded = charge["amount"]  # Stripe reports a released authorisation as refunded
         charge["amount_refunded"] = refunded
         charge["refunded"] = refunded >= charge["amount"]
         return charge
+
+    # -- later state changes (additions for the property tests) ----------------------------
+
+    def set_refund_status(self, refund_id: str, status: str, *, failure_reason: str | None = None) -> JSON:
+        """A refund moving on at Stripe: pending -> succeeded/failed/canceled, or a
+        succeeded refund failing later. Returns the refund as Stripe renders it now."""
+        refund = dict(self.refunds[refund_id], status=status)
+        if status == "failed":
+            refund["failure_reason"] = failure_reason or "expired_or_canceled_card"
+            refund["failure_balance_transaction"] = p.new_id("txn")
+        if status in ("failed", "canceled"):
+            refund["destination_details"] = {**refund["destination_details"], "card": {**refund["destination_details"]["card"], "reference_status": "unavailable"}}
+        self.refunds[refund_id] = refund
+        return refund
+
+    def set_dispute_status(self, dispute_id: str, status: str) -> JSON:
+        """A dispute moving on (under_review, won, lost, ...). The charge stays ``disputed``,
+        as at Stripe, whatever the outcome."""
+        dispute = dict(self.disputes[dispute_id], status=status)
+        self.disputes[dispute_id] = dispute
+        return dispute
+
+    def add_authorization(self, *, with_intent: bool = False, **fields: Any) -> JSON:
+        """An uncaptured authorisation: ``status`` succeeded, ``captured`` false; with
+        ``with_intent``, on its own PaymentIntent in ``requires_capture`` (else a bare
+        charge)."""
+        intent_id = p.new_id("pi") if with_intent else fields.pop("payment_intent", None)
+        charge = self.add_charge(captured=False, payment_intent=intent_id, **fields)
+        if with_intent:
+            self.payment_intents[intent_id] = p.payment_intent(
+                id=intent_id, amount=charge["amount"], currency=charge["currency"], status="requires_capture",
+                latest_charge=charge["id"], metadata=fields.get("metadata"), created=charge["created"],
+            )
+        return charge
+
+    def capture_charge(self, charge_id: str) -> JSON:
+        """Capture an authorisation in full (its PaymentIntent, if any, succeeds)."""
+        charge = self.charges[charge_id]
+        charge.update(captured=True, amount_captured=charge["amount"], balance_transaction=p.new_id("txn"))
+        if charge.get("payment_intent") in self.payment_intents:
+            self.payment_intents[charge["payment_intent"]]["status"] = "succeeded"
+        return self.charge(charge_id)
+
+    def release_authorization(self, charge_id: str) -> JSON:
+        """Cancel (release) an uncaptured authorisation: Stripe then reports its whole
+        amount as refunded, and it stays uncaptured."""
+        self.released_authorizations.add(charge_id)
+        return self.charge(charge_id)
+
+    def fail_next_refunds(self, n: int, status: int = 500) -> None:
+        """The next ``n`` refund POSTs are answered ``status`` (429 or 5xx)."""
+        self.fail_refunds_with.extend([status] * n)
 
     def refunds_of(self, charge_id: str) -> list[JSON]:
         return [r for r in self.refunds.values() if r["charge"] == charge_id]
@@ -206,6 +250,26 @@ class FakeStripe:
     def _create_refund(self, request):  # type: ignore[no-untyped-def]
         params = {k: v[0] for k, v in parse_qs(request.body if isinstance(request.body, str) else request.body.decode()).items()}
         key = request.headers.get("Idempotency-Key")
+        context = self.before_refund(dict(params)) if self.before_refund is not None else None
+        replay = bool(key and key in self._idempotency)
+        creates_before = self.refund_creates
+        status, headers, body = self._answer_refund(request, params, key)
+        answer = json.loads(body)
+        self.refund_log.append(
+            {
+                "params": params,
+                "key": key,
+                "replay": replay,
+                "status": status,
+                "error_code": (answer.get("error") or {}).get("code") if status >= 400 else None,
+                "error_type": (answer.get("error") or {}).get("type") if status >= 400 else None,
+                "created_refund_id": answer.get("id") if self.refund_creates > creates_before else None,
+                "context": context,
+            }
+        )
+        return status, headers, body
+
+    def _answer_refund(self, request, params: JSON, key: str | None):  # type: ignore[no-untyped-def]
         self.refund_requests.append({**params, "_idempotency_key": key})
         if self.fail_refunds_with:
             status = self.fail_refunds_with.pop(0)
@@ -241,7 +305,8 @@ class FakeStripe:
                 "amount_too_large" if charge["amount_refunded"] == 0 else "charge_already_refunded",
             )
         metadata = {k[len("metadata[") : -1]: v for k, v in params.items() if k.startswith("metadata[")}
-        refund = p.refund(charge=charge_id, amount=amount, currency=charge["currency"], reason=params.get("reason"), metadata=metadata)
+        created = {"created": int(self.clock())} if self.clock is not None else {}
+        refund = p.refund(charge=charge_id, amount=amount, currency=charge["currency"], reason=params.get("reason"), metadata=metadata, **created)
         self.refunds[refund["id"]] = refund
         self.refund_creates += 1
         return 200, refund

@@ -100,7 +100,7 @@ def test_authorisation_of_another_amount_goes_to_finance_who_releases_it(stripe_
 def test_authorisation_captured_before_the_release_is_not_released(stripe_api, reconcile, session_factory, deliver, ledger) -> None:  # type: ignore[no-untyped-def]
     paid, auth = _paid_then_authorised(stripe_api, session_factory, deliver, "ord_cap")
     reconcile(mode="review")
-    stripe_api.capture(auth["id"])  # the merchant captured it meanwhile (no webhook yet)
+    stripe_api.capture_charge(auth["id"])  # the merchant captured it meanwhile (no webhook yet)
     summary = reconcile(mode="auto")
     # the case is now about captured money: the release is not sent; the duplicate
     # capture is a refund case for the next pass (or a person)
@@ -129,8 +129,8 @@ def test_expired_authorisation_closes_its_case(stripe_api, reconcile, session_fa
 
 def test_second_authorisation_before_any_capture_is_extra(stripe_api, reconcile, session_factory, deliver, ledger) -> None:  # type: ignore[no-untyped-def]
     make_order(session_factory, "ord_two_auth", 4999)
-    first = stripe_api.add_authorization(metadata={"order_id": "ord_two_auth"}, created=NOW - 60)
-    second = stripe_api.add_authorization(metadata={"order_id": "ord_two_auth"}, created=NOW - 59)
+    first = stripe_api.add_authorization(metadata={"order_id": "ord_two_auth"}, created=NOW - 60, with_intent=True)
+    second = stripe_api.add_authorization(metadata={"order_id": "ord_two_auth"}, created=NOW - 59, with_intent=True)
     reconcile(mode="auto")
     (cancel,) = stripe_api.cancel_requests
     assert cancel["_intent"] == second["payment_intent"]  # the first authorisation is the keeper

@@ -59,7 +59,7 @@ and show each check catches them (and accepts the matching good state).
 
 Running::
 
-    /work/main/.venv/bin/python -m pytest tests/property -q -p no:cacheprovider
+    scripts/test tests/property -q -p no:cacheprovider
 
 The default profile (``money-default``) is bounded and derandomized: 30 examples of up to
 25 steps, same sequence every run, and no shrinking (shrinking this machine can take
@@ -67,7 +67,7 @@ minutes): a failure prints the sequence as generated. ``HYPOTHESIS_PROFILE=money
 runs the same examples and shrinks the failing one. The long one explores with fresh
 randomness and shrinks::
 
-    HYPOTHESIS_PROFILE=money-long /work/main/.venv/bin/python -m pytest tests/property -q -p no:cacheprovider
+    HYPOTHESIS_PROFILE=money-long scripts/test tests/property -q -p no:cacheprovider
 
 (``money-long``: 3000 examples of up to 40 steps.) ``MONEY_CHECKS=inv5,inv7`` (any of inv1..inv7, webhook200)
 checks only those, to find and shrink a sequence for one invariant alone; the default checks all. Each example gets its own database: a

@@ -177,6 +177,10 @@ class StripeGateway:
             lambda: client.v1.charges.retrieve(charge_id, options=_options(account))
         )
 
+    def retrieve_refund(self, refund_id: str, *, account: str | None = None) -> dict[str, Any]:
+        client = self._require_client()
+        return self._call(lambda: client.v1.refunds.retrieve(refund_id, options=_options(account)))
+
     def retrieve_payment_intent(
         self, payment_intent_id: str, *, account: str | None = None
     ) -> dict[str, Any]:

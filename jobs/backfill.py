@@ -51,7 +51,7 @@ from app.services.stripe_shapes import (
     payment_intent_snapshot,
     refund_snapshot,
 )
-from models import Charge, PaymentIntent, run_in_transaction
+from models import Charge, PaymentIntent, Refund, run_in_transaction
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class BackfillSummary:
     events: int = 0
     events_applied: int = 0
     skipped_objects: int = 0
+    refunds_rechecked: int = 0
     # The oldest of ``watermarks`` (what a single-watermark reader should start from).
     watermark: int | None = None
     # Listing -> newest Stripe ``created`` it has covered (see the module docstring).
@@ -173,6 +174,7 @@ def backfill(
         apply_listing("charge", gateway.list_charges(created_gte=since, page_size=PAGE), ledger.apply_charge)
         completed("charges")
         summary.payment_intents = _link_through_payment_intents(session_factory, gateway, limiter, clock)
+        summary.refunds_rechecked = _recheck_unsettled_refunds(session_factory, gateway, limiter, clock)
         apply_listing("refund", gateway.list_refunds(created_gte=since, page_size=PAGE), ledger.apply_refund)
         completed("refunds")
         try:
@@ -209,6 +211,43 @@ def _pages(
         yield as_of, page
         if len(page) < PAGE:
             return
+
+
+def _recheck_unsettled_refunds(
+    session_factory: sessionmaker[Session],
+    gateway: StripeGateway,
+    limiter: RateLimiter,
+    clock: Callable[[], float],
+) -> int:
+    """Read again every refund the ledger holds as ``pending`` or ``requires_action``.
+
+    Listings select by creation time, so a refund created before the watermark that later
+    fails or is canceled would be known only from its webhook; while it is unsettled the
+    order is not known to have reached its total, so every pass asks Stripe. A refund
+    that cannot be read is logged and left for the next pass."""
+    with session_factory() as session:
+        unsettled = session.execute(
+            select(Refund.id, Refund.account).where(Refund.status.in_(("pending", "requires_action"))).order_by(Refund.id)
+        ).all()
+    rechecked = 0
+    for refund_id, account in unsettled:
+        limiter.acquire()
+        as_of = int(clock())  # before the read: an event of the same second still applies
+        try:
+            snapshot = refund_snapshot(gateway.retrieve_refund(refund_id, account=account))
+        except StripeNotFound:
+            continue
+        except (GatewayError, ShapeError) as exc:
+            log.warning("refund not re-read: %s", exc, extra={"refund_id": refund_id})
+            continue
+        run_in_transaction(
+            session_factory,
+            lambda session, snapshot=snapshot, as_of=as_of, account=account: ledger.apply_refund(
+                session, snapshot, as_of=as_of, account=account
+            ),
+        )
+        rechecked += 1
+    return rechecked
 
 
 def _link_through_payment_intents(

@@ -63,6 +63,7 @@ class FakeStripe:
         mock.add_callback("GET", re.compile(rf"{b}/v1/charges/[^/?]+$"), self._retrieve_charge)
         mock.add_callback("GET", re.compile(rf"{b}/v1/refunds(\?.*)?$"), self._list("refunds"))
         mock.add_callback("POST", re.compile(rf"{b}/v1/refunds$"), self._create_refund)
+        mock.add_callback("GET", re.compile(rf"{b}/v1/refunds/[^/?]+$"), self._retrieve_refund)
         mock.add_callback("GET", re.compile(rf"{b}/v1/disputes(\?.*)?$"), self._list("disputes"))
         mock.add_callback("GET", re.compile(rf"{b}/v1/events(\?.*)?$"), self._list_events)
         mock.add_callback("GET", re.compile(rf"{b}/v1/payment_intents/[^/?]+$"), self._retrieve_intent)
@@ -213,6 +214,12 @@ class FakeStripe:
         if charge_id not in self.charges:
             return _error(404, "invalid_request_error", f"No such charge: '{charge_id}'", "resource_missing")
         return 200, {}, json.dumps(self.charge(charge_id))
+
+    def _retrieve_refund(self, request):  # type: ignore[no-untyped-def]
+        refund_id = urlparse(request.url).path.rsplit("/", 1)[1]
+        if refund_id not in self.refunds:
+            return _error(404, "invalid_request_error", f"No such refund: '{refund_id}'", "resource_missing")
+        return 200, {}, json.dumps(self.refunds[refund_id])
 
     def _retrieve_intent(self, request):  # type: ignore[no-untyped-def]
         intent_id = urlparse(request.url).path.rsplit("/", 1)[1]

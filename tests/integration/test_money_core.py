@@ -112,6 +112,24 @@ def test_outside_refund_failure_seen_only_by_backfill_reopens_the_case(stripe_ap
     assert cases(ledger, "ord_bf")[0].status == "open"
 
 
+def test_pending_outside_refund_that_fails_long_after_is_read_again_every_pass(stripe_api, reconcile, session_factory, deliver, ledger) -> None:  # type: ignore[no-untyped-def]
+    # Charges and a pending outside refund from before the backfill window, known from their
+    # webhooks; the refund's failure sends no webhook (or it is lost) and no listing shows
+    # it again (listings go by creation time): every pass re-reads unsettled refunds.
+    old = NOW - 9 * DAY
+    keeper, duplicate = _charges(stripe_api, session_factory, "ord_pending", 2, created=old, deliver=deliver)
+    reconcile(mode="review")
+    outside = stripe_api.add_refund(duplicate["id"], 4999, status="pending", created=old + 60)
+    assert deliver(p.event("refund.created", outside, created=old + 60)).status_code == 200
+    reconcile(mode="review")
+    assert cases(ledger, "ord_pending")[0].status == "refunded"  # external, while pending
+    _fail_refund(stripe_api, deliver, outside, webhook=False)
+    summary = reconcile(mode="review")
+    assert summary.backfill["refunds_rechecked"] == 1
+    (case,) = cases(ledger, "ord_pending")
+    assert case.status == "open"
+
+
 def test_our_refund_failing_after_the_case_closed_with_a_later_dismissed_case(stripe_api, reconcile, session_factory, deliver, ledger, client, api, api_headers) -> None:  # type: ignore[no-untyped-def]
     duplicate, second = _refunded_then_another_charge(stripe_api, session_factory, deliver, reconcile, ledger, "ord_later")
     # finance dismisses the second case

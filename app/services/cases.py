@@ -216,7 +216,11 @@ def case_view(session: Session, case_id: int, *, compact: bool = False) -> dict[
                 ],
                 "proposed_refund": member.proposed_refund,
                 "proposed_refund_display": format_amount(member.proposed_refund, charge.currency) if member.proposed_refund else None,
-                "refundable": position.dispute is None and member.charge_id != case.keeper_charge_id and position.held > 0,
+                # refund | release (an uncaptured authorisation is released whole, never captured)
+                "proposed_action": "release" if member.role == "authorization" else "refund",
+                "refundable": position.dispute is None
+                and member.charge_id != case.keeper_charge_id
+                and (position.held > 0 or (member.role == "authorization" and not charge.released and not charge.captured)),
                 "dashboard_url": dashboard_url(charge),
             }
         )
@@ -233,8 +237,10 @@ def case_view(session: Session, case_id: int, *, compact: bool = False) -> dict[
         "order_amount_display": (
             format_amount(order.amount, order.currency) if order is not None and order.amount is not None and order.currency else None
         ),
+        "kind": case.kind,
         "keeper_charge_id": case.keeper_charge_id,
         "automatic": case.automatic,
+        "escalation": case.escalation,
         "review_reasons": list(case.review_reasons or []),
         "excess": dict(case.excess or {}),
         "excess_display": {c: format_amount(a, c) for c, a in (case.excess or {}).items()},

@@ -455,3 +455,21 @@ def test_an_unknown_case_is_a_404_page(web) -> None:  # type: ignore[no-untyped-
     response = web.get("/review/cases/424242")
     assert response.status_code == 404 and response.mimetype == "text/html"
     assert post(web, "/review/cases/424242/approve").status_code == 404
+
+
+def test_authorisation_case_is_shown_and_released_from_the_page(stripe_api, session_factory, review_settings, ledger, web) -> None:  # type: ignore[no-untyped-def]
+    make_order(session_factory, "ord_auth_page", 4999)
+    paid = stripe_api.add_charge(amount=4999, metadata={"order_id": "ord_auth_page"}, created=NOW - 60)
+    auth = stripe_api.add_authorization(amount=4999, metadata={"order_id": "ord_auth_page"}, created=NOW - 50, with_intent=True)
+    run_reconciliation(session_factory, StripeGateway.from_settings(review_settings), review_settings, sleep=lambda s: None)
+    (case,) = ledger.all(DuplicateCase)
+    assert case.kind == "authorization" and case.status == "open"
+    login(web)
+    html = web.get(f"/review/cases/{case.id}").get_data(as_text=True)
+    assert "duplicate authorisation" in html and "Approve the proposed release" in html
+    response = post(web, f"/review/cases/{case.id}/approve")
+    assert response.status_code in (200, 302, 303)
+    (cancel,) = stripe_api.cancel_requests
+    assert cancel["_intent"] == auth["payment_intent"] and stripe_api.refund_requests == []
+    assert ledger.get(DuplicateCase, case.id).status == "refunded"
+    assert stripe_api.charge(paid["id"])["amount_refunded"] == 0

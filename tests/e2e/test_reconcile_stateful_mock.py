@@ -86,9 +86,9 @@ def checkout(emulator: StatefulMock, env: dict[str, str]) -> stripe.StripeClient
     return merchant.emulator_client(env["STRIPE_API_KEY"], emulator.base_url)
 
 
-def reconcile(env: dict[str, str]) -> dict[str, Any]:
+def reconcile(env: dict[str, str], mode: str = "auto") -> dict[str, Any]:
     result = subprocess.run(
-        [sys.executable, "-m", "app.cli", "reconcile", "--mode", "auto", "--json"],
+        [sys.executable, "-m", "app.cli", "reconcile", "--mode", mode, "--json"],
         cwd=ROOT,
         env=_clean_environ(env),
         capture_output=True,
@@ -224,3 +224,37 @@ def test_auto_reconcile_refunds_exactly_the_duplicates_at_the_emulator_and_a_rer
     assert ledger_refunds == {
         cid: ([(expected_ids[cid], "succeeded", "duplicate")] if cid in expected_ids else []) for cid in mine
     }
+
+
+def test_approved_refunds_are_checked_against_the_whole_order_at_the_emulator(service, checkout, env) -> None:  # type: ignore[no-untyped-def]
+    """A triple click found by a review pass; before finance approves, support refunds
+    10.00 of one duplicate at Stripe (no webhook). The approval re-reads every charge of
+    the order at the emulator: that duplicate is skipped (it no longer holds its refund),
+    the other is refunded once, and the case goes back to a person instead of closing."""
+    order_id = f"ord_{p.new_id('t')[2:12].lower()}_whole"
+    create_order(service, order_id, 4999)
+    charges = later([merchant.charge(checkout, order_id, 4999) for _ in range(3)])
+    for c in charges:
+        deliver(service, c)
+    first = reconcile(env, mode="review")
+    assert first["status"] == "succeeded", first
+    listed = requests.get(f"{service}/api/duplicates", params={"per_page": 200}, headers=AUTH, timeout=10).json()
+    (case,) = [c for c in listed["cases"] if c["order_id"] == order_id]
+    assert case["automatic"] and case["status"] == "open"
+
+    keeper, middle, last = charges
+    checkout.v1.refunds.create(params={"charge": last["id"], "amount": 1000})  # support, outside the service
+    approved = requests.post(f"{service}/api/duplicates/{case['id']}/refund", headers=AUTH, timeout=30)
+    assert approved.status_code == 200, approved.text
+    outcomes = {o["charge_id"]: o["result"] for o in approved.json()["outcomes"]}
+    assert outcomes == {middle["id"]: "refunded", last["id"]: "skipped"}, approved.json()
+
+    refunds = refunds_at_emulator(checkout, [c["id"] for c in charges])
+    assert refunds[keeper["id"]] == []
+    assert [(r.amount, r.reason) for r in refunds[middle["id"]]] == [(4999, "duplicate")]
+    assert [r.amount for r in refunds[last["id"]]] == [1000]  # only the outside refund
+    held = sum(checkout.v1.charges.retrieve(c["id"]).amount - checkout.v1.charges.retrieve(c["id"]).amount_refunded for c in charges)
+    assert held == 4999 + 3999  # never below the total; the rest is a person's decision
+    view = requests.get(f"{service}/api/duplicates/{case['id']}", headers=AUTH, timeout=10).json()
+    assert view["status"] == "open" and not view["automatic"]
+    assert any(r.startswith("refund_skipped") for r in view["review_reasons"]), view["review_reasons"]

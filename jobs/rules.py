@@ -138,7 +138,14 @@ def assess(
         )
     held = keeper_order(order, [c for c in charges if c.paid and c.held > 0])
     auths = _authorizations(order, charges)
-    keeper = held[0] if held else next(a for a in auths if a not in extras)
+    keeper = held[0] if held else next((a for a in auths if a not in extras), extras[0])
+    if keeper in extras:  # (a zero total) the order still keeps one authorisation
+        extras = [a for a in extras if a is not keeper]
+        clear = [a for a in clear if a is not keeper]
+        releases.pop(keeper.id, None)
+        auth_roles = tuple((a.id, "authorization") for a in extras)
+        if not extras:
+            return captured
     currencies = sorted({c.currency for c in held} | {a.currency for a in auths})
     foreign = order.amount is not None and order.currency is not None and any(c != order.currency for c in currencies)
     reasons = [
@@ -189,11 +196,15 @@ def _extra_authorizations(
     extras: list[ChargeFacts] = []
     if order.amount is not None:
         covered = sum(c.held for c in held if c.currency == order.currency)
+        paying = bool(held)  # something already stands for the payment
         for a in auths:
-            if a.currency != order.currency or covered >= order.amount:
+            if covered >= order.amount or (a.currency != order.currency and paying):
                 extras.append(a)
             else:
-                covered += a.amount
+                # needed: it completes the total (or, in another currency, it is the
+                # payment itself: a person's question, not a duplicate)
+                covered += a.amount if a.currency == order.currency else 0
+                paying = True
     else:
         have = bool(held)
         for a in auths:

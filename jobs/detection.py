@@ -48,6 +48,7 @@ class DetectionSummary:
     cases_updated: int = 0
     cases_resolved: int = 0
     cases_reopened: list[int] = field(default_factory=list)
+    orders_failed: list[str] = field(default_factory=list)  # the rule raised on these
     # dry-run: what would have been opened or refreshed (order id -> automatic?), and per
     # order what would be done (see _planned)
     would_open: dict[str, bool] = field(default_factory=dict)
@@ -60,6 +61,7 @@ class DetectionSummary:
         self.cases_updated += part.cases_updated
         self.cases_resolved += part.cases_resolved
         self.cases_reopened += part.cases_reopened
+        self.orders_failed += part.orders_failed
         self.would_open.update(part.would_open)
         self.plan += part.plan
         self.automatic_open_cases += part.automatic_open_cases
@@ -111,15 +113,31 @@ def candidate_orders(session: Session, *, touched_since: datetime | None) -> lis
 
 
 def assess_orders(
-    session: Session, order_ids: list[str], *, window_seconds: int, auto_refund_unknown_total: bool
+    session: Session,
+    order_ids: list[str],
+    *,
+    window_seconds: int,
+    auto_refund_unknown_total: bool,
+    failed: list[str] | None = None,
 ) -> Iterator[tuple[OrderBalance, Assessment]]:
-    """The rule's verdict for each order, loading its charges, refunds and disputes once."""
+    """The rule's verdict for each order, loading its charges, refunds and disputes once.
+
+    An order the rule cannot assess (a bug, or data it never expected) is logged and
+    listed in ``failed`` instead of stopping the pass for every other order."""
     balances = load_balances(session, order_ids)
     for order_id in order_ids:
         balance = balances.get(order_id)
         if balance is None:
             continue
-        yield balance, balance.assess(window_seconds=window_seconds, auto_refund_unknown_total=auto_refund_unknown_total)
+        try:
+            verdict = balance.assess(window_seconds=window_seconds, auto_refund_unknown_total=auto_refund_unknown_total)
+        except Exception:
+            log.exception("the duplicate rule failed on an order", extra={"order_id": order_id})
+            if failed is None:
+                raise
+            failed.append(order_id)
+            continue
+        yield balance, verdict
 
 
 class Step(StrEnum):
@@ -195,7 +213,8 @@ def detect(
             cases = _cases_of(session, chunk, lock=not dry_run)
             opened: list[DuplicateCase] = []
             for balance, verdict in assess_orders(
-                session, chunk, window_seconds=window_seconds, auto_refund_unknown_total=auto_refund_unknown_total
+                session, chunk, window_seconds=window_seconds, auto_refund_unknown_total=auto_refund_unknown_total,
+                failed=part.orders_failed,
             ):
                 part.orders_examined += 1
                 order_cases = cases.get(balance.order.id, [])

@@ -190,6 +190,11 @@ def _pass(
         run_id=summary.run_id,
     )
     summary.detection = asdict(found)
+    if found.orders_failed:
+        summary.errors.append(
+            f"detection could not assess {len(found.orders_failed)} order(s), see the log: "
+            + ", ".join(found.orders_failed[:20])
+        )
 
     # -- automatic refunds -----------------------------------------------------------------
     if summary.mode == "auto":

@@ -353,3 +353,22 @@ def test_a_person_cannot_refund_an_order_below_its_total(stripe_api, reconcile, 
     assert cases(ledger, "ord_person")[0].status == "refunded"
     assert sum(r.amount for r in ledger.all(Refund) if r.status == "succeeded") == 1000 + 3999
     assert ledger.get(DuplicateCase, case.id).status == "refunded"
+
+
+def test_an_order_the_rule_cannot_assess_does_not_stop_the_pass(stripe_api, reconcile, session_factory, ledger, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from app.services import balance as balance_module
+
+    _charges(stripe_api, session_factory, "ord_fine", 2)
+    _charges(stripe_api, session_factory, "ord_broken", 2)
+    real = balance_module.OrderBalance.assess
+
+    def flaky(self, **options):  # type: ignore[no-untyped-def]
+        if self.order.id == "ord_broken":
+            raise RuntimeError("unexpected data")
+        return real(self, **options)
+
+    monkeypatch.setattr(balance_module.OrderBalance, "assess", flaky)
+    summary = reconcile(mode="auto")
+    assert summary.status == "partial"
+    assert any("ord_broken" in e for e in summary.errors)
+    assert [c.status for c in cases(ledger, "ord_fine")] == ["refunded"]  # the rest went on

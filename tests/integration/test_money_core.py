@@ -372,3 +372,46 @@ def test_an_order_the_rule_cannot_assess_does_not_stop_the_pass(stripe_api, reco
     assert summary.status == "partial"
     assert any("ord_broken" in e for e in summary.errors)
     assert [c.status for c in cases(ledger, "ord_fine")] == ["refunded"]  # the rest went on
+
+
+@pytest.mark.postgres
+def test_refund_failures_racing_a_pass_on_postgres_keep_one_active_case(stripe_api, reconcile, session_factory, deliver, ledger, app) -> None:  # type: ignore[no-untyped-def]
+    """Copies of the refund.failed of an older case's refund, from ten threads, while a
+    pass runs over the same order (which has a newer open case): every copy is answered
+    200, the failure is applied once, and the order never has two active cases."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.conftest import WEBHOOK_SECRET
+
+    duplicate, second = _refunded_then_another_charge(stripe_api, session_factory, deliver, reconcile, ledger, "ord_race")
+    (our_refund,) = stripe_api.refunds_of(duplicate["id"])
+    failed = dict(our_refund, status="failed", failure_reason="expired_or_canceled_card")
+    stripe_api.refunds[failed["id"]] = failed
+    bodies = [p.encode(p.event("refund.failed", failed, created=NOW + DAY)) for _ in range(3)]  # three distinct events
+    barrier = threading.Barrier(11)
+
+    def post(index: int) -> list[int]:
+        barrier.wait()
+        client = app.test_client()
+        return [
+            client.post("/webhooks/stripe", data=body, headers={"Stripe-Signature": p.sign(body, WEBHOOK_SECRET)}).status_code
+            for body in bodies * 2
+        ]
+
+    def run_pass() -> str:
+        barrier.wait()
+        return reconcile(mode="review", full=True).status
+
+    with ThreadPoolExecutor(11) as pool:
+        posts = [pool.submit(post, i) for i in range(10)]
+        passed = pool.submit(run_pass)
+        statuses = [s for f in posts for s in f.result()]
+        assert passed.result() in ("succeeded", "partial")
+    assert statuses == [200] * len(statuses)
+    reconcile(mode="review")
+    active = [c for c in cases(ledger, "ord_race") if c.status in ("open", "refunding", "failed")]
+    assert len(active) == 1
+    assert active[0].excess == {"usd": 4999 + 1500}
+    (attempt,) = ledger.all(RefundAttempt)
+    assert attempt.status == "failed"

@@ -177,7 +177,9 @@ class ChargeTruth:
 
     @property
     def open_authorisation(self) -> bool:
-        return self.status == "succeeded" and not self.captured and not self.released
+        # Refunding an uncaptured charge in full is Stripe's way to release it (a bare
+        # charge has no PaymentIntent to cancel).
+        return self.status == "succeeded" and not self.captured and not self.released and self.refunded < self.amount
 
 
 def stripe_truth(fake: FakeStripe) -> dict[str, ChargeTruth]:

@@ -40,6 +40,7 @@ _CASE_ID = {
     "required": True,
     "description": "A case id; a number beyond 2^63 - 1 is simply not found (404).",
     "schema": {"type": "integer", "minimum": 0},
+    "examples": {"a case": {"value": 1}, "beyond 2^63": {"value": 2**64}},
 }
 _NOTE_BODY = {
     "required": False,
@@ -136,6 +137,7 @@ def openapi_document() -> dict[str, Any]:
                             "application/json": {
                                 "schema": {
                                     "type": "object",
+                                    "additionalProperties": False,
                                     "required": ["id", "amount", "currency"],
                                     "properties": {
                                         "id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.:#/-]{0,254}$"},
@@ -193,6 +195,7 @@ def openapi_document() -> dict[str, Any]:
                         {"name": "from", "in": "query", "schema": {"type": "string", "format": "date"},
                          "description": "Opened on or after (UTC), 1970-01-01 to 9998-12-31; 400 `invalid_date` otherwise"},
                         {"name": "until", "in": "query", "schema": {"type": "string", "format": "date"},
+                         "examples": {"a day": {"value": "2026-01-31"}, "the calendar's last": {"value": "9999-12-31"}},
                          "description": "Opened on or before (UTC, inclusive), same range"},
                         {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100000}},
                         {"name": "per_page", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},

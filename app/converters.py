@@ -2,9 +2,10 @@
 database or date arithmetic out of range (no 500 on ``/api/duplicates/99999999999999999999``
 or ``?until=9999-12-31``).
 
-* :class:`BoundedIntConverter`: Werkzeug's ``int`` converter capped at 2^63 - 1, the
-  largest BIGINT / SQLite INTEGER. A bigger id does not match the route: 404, like any
-  unknown id. :func:`register` installs it under its own name ``id`` and in place of
+* :class:`BoundedIntConverter`: Werkzeug's ``int`` converter capped at 2^31 - 1, the
+  largest PostgreSQL INTEGER, the type of every id column here (SQLite would take 2^63 - 1,
+  PostgreSQL refuses anything above its column's range with an error). A bigger id does
+  not match the route: 404, like any unknown id. :func:`register` installs it under its own name ``id`` and in place of
   ``int``, so every ``<int:...>`` rule of the app is bounded too.
 * :func:`parse_day`: a ``YYYY-MM-DD`` query value between :data:`MIN_DAY` and
   :data:`MAX_DAY` (an inclusive "until" adds a day, which 9999-12-31 cannot take), else
@@ -21,7 +22,7 @@ from typing import Any
 
 from werkzeug.routing import IntegerConverter, Map
 
-MAX_ID = 2**63 - 1
+MAX_ID = 2**31 - 1
 MIN_DAY = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MAX_DAY = datetime(9998, 12, 31, tzinfo=timezone.utc)
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")

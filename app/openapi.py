@@ -38,9 +38,9 @@ _CASE_ID = {
     "name": "case_id",
     "in": "path",
     "required": True,
-    "description": "A case id; a number beyond 2^63 - 1 is simply not found (404).",
+    "description": "A case id; a number beyond 2^31 - 1 (the id column's range) is simply not found (404).",
     "schema": {"type": "integer", "minimum": 0},
-    "examples": {"a case": {"value": 1}, "beyond 2^63": {"value": 2**64}},
+    "examples": {"a case": {"value": 1}, "beyond 2^31": {"value": 2**31}, "beyond 2^63": {"value": 2**64}},
 }
 _NOTE_BODY = {
     "required": False,

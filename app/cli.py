@@ -603,5 +603,31 @@ def scheduler() -> None:
         engine.dispose()
 
 
+
+
+@main.group("api-tokens")
+def api_tokens() -> None:
+    """Scoped API tokens (API_TOKENS)."""
+
+
+@api_tokens.command("create")
+@click.argument("name")
+@click.argument("scope", type=click.Choice(["pay", "finance", "read", "metrics"]))
+def api_tokens_create(name: str, scope: str) -> None:
+    """Make a new random token: prints the token (give it to the client, once) and the
+    API_TOKENS entry (name:scope:sha256:...) to configure; only the hash is stored."""
+    from app.services.api_tokens import hash_token, new_token
+    from config.security import parse_api_tokens
+
+    token = new_token()
+    entry = f"{name}:{scope}:{hash_token(token)}"
+    try:
+        parse_api_tokens(entry)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"token:            {token}")
+    click.echo(f"API_TOKENS entry: {entry}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

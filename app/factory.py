@@ -78,6 +78,12 @@ def create_app(
     if not settings.stripe_webhook_secrets:
         log.warning("STRIPE_WEBHOOK_SECRET is not set: webhooks will be refused with 503")
 
+    # API security: bounded URL converters (before any route is added), scoped API
+    # tokens, the sealer of client secrets at rest (app/api_auth.py).
+    from app.api_auth import install as install_api_security
+
+    install_api_security(app, settings)
+
     from app.blueprints import api, health, review, webhooks
     from app.blueprints import payments as payments_blueprint
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
+from . import security as _security  # stdlib only, like this module
+
 __all__ = ["Settings", "SettingsError", "DEFAULT_SQLITE_PATH"]
 
 DEFAULT_SQLITE_PATH = Path("instance") / "reconciler.db"
@@ -70,6 +72,12 @@ class Settings:
     signature_alert_window_seconds: int = 300
     # Review page users: (username, role, password hash); role is viewer or approver.
     review_users: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)
+    # API security (README "Security"): scoped API tokens (name, scope, "sha256:<hex>"),
+    # how alert e-mail reaches the SMTP server (starttls | implicit | none) and an extra CA
+    # file to verify its certificate with. Parsed by config/security.py.
+    api_tokens: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)
+    smtp_tls: str = "starttls"
+    smtp_ca_file: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -175,13 +183,14 @@ class Settings:
             raise SettingsError("SMTP_HOST needs ALERT_EMAIL_FROM and ALERT_EMAIL_TO")
         if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError("LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR")
+        settings = replace(settings, **_security.from_env(text, settings))  # API tokens, SMTP TLS
         if livemode:
             # A live deployment without these would accept forged webhooks or expose the API.
             for name, value in (
                 ("STRIPE_API_KEY", settings.stripe_api_key),
                 ("STRIPE_WEBHOOK_SECRET", settings.stripe_webhook_secrets),
                 ("SECRET_KEY", settings.secret_key),
-                ("API_TOKEN", settings.api_token),
+                ("API_TOKEN or API_TOKENS", settings.api_token or settings.api_tokens),
             ):
                 if not value:
                     raise SettingsError(f"{name} is required when STRIPE_LIVEMODE is true")

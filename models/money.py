@@ -18,7 +18,7 @@ THREE_DECIMAL = frozenset("bhd jod kwd omr tnd".split())
 # Stripe caps a single amount at 8 digits for most currencies (12 for a few); we accept up
 # to 12 so that a valid Stripe amount is never rejected, and nothing absurd is stored.
 MAX_AMOUNT = 999_999_999_999
-_CURRENCY = re.compile(r"^[a-z]{3}$")
+_CURRENCY = re.compile(r"^[a-z]{3}\Z")
 
 
 class MoneyError(ValueError):

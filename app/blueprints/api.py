@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import asdict
 
 from flask import Blueprint, jsonify, request
 
+from app.api_auth import actor as _actor
+from app.api_auth import require_token
 from app.errors import error_response
+from app.openapi import openapi_document
 from app.factory import services
 from app.services.cases import (
     CaseActionError,
@@ -32,17 +34,14 @@ from models import run_in_transaction
 bp = Blueprint("api", __name__, url_prefix="/api")
 
 
-@bp.before_request
-def require_token():  # type: ignore[no-untyped-def]
-    expected = services().settings.api_token
-    if expected is None:
-        return error_response(401, "api_token_not_configured", "API_TOKEN is not set on this server; the API is closed.")
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        response, status = error_response(401, "unauthorized", "A valid bearer token is required.")
-        response.headers["WWW-Authenticate"] = 'Bearer realm="api"'
-        return response, status
-    return None
+# Bearer token whose scope covers the endpoint (app/api_auth.py); 401/403 otherwise.
+bp.before_request(require_token)
+
+
+@bp.get("/openapi.json")
+def openapi():  # type: ignore[no-untyped-def]
+    """The OpenAPI 3.0 description of the JSON API and the pay endpoint (no token needed)."""
+    return jsonify(openapi_document())
 
 
 @bp.post("/orders")
@@ -96,15 +95,6 @@ def list_events():  # type: ignore[no-untyped-def]
 # -- duplicate cases -----------------------------------------------------------------------
 
 
-def _actor() -> str:
-    """Who acts through the API: the ``X-Actor`` header (a finance tool names its user),
-    else "api". Recorded in the audit log; the bearer token is what authorises."""
-    actor = request.headers.get("X-Actor", "").strip()
-    if actor and len(actor) <= 255 and actor.isprintable():
-        return f"api:{actor}"
-    return "api"
-
-
 def _case_error(exc: CaseActionError):  # type: ignore[no-untyped-def]
     return error_response(exc.http_status, exc.code, exc.message)
 
@@ -119,7 +109,7 @@ def list_duplicates():  # type: ignore[no-untyped-def]
         return jsonify(list_cases(session, case_filter))
 
 
-@bp.get("/duplicates/<int:case_id>")
+@bp.get("/duplicates/<id:case_id>")
 def get_duplicate(case_id: int):  # type: ignore[no-untyped-def]
     with services().read_session_factory() as session:
         view = case_view(session, case_id)
@@ -128,7 +118,7 @@ def get_duplicate(case_id: int):  # type: ignore[no-untyped-def]
     return jsonify(view)
 
 
-@bp.post("/duplicates/<int:case_id>/refund")
+@bp.post("/duplicates/<id:case_id>/refund")
 def refund_duplicate(case_id: int):  # type: ignore[no-untyped-def]
     """Approve the case's proposed refund (no body, or ``{}``), or refund chosen charges:
     ``{"refunds": [{"charge_id": "ch_...", "amount": 4999}], "note": "..."}``."""
@@ -146,7 +136,7 @@ def refund_duplicate(case_id: int):  # type: ignore[no-untyped-def]
     return jsonify({"case": view, "outcomes": [asdict(o) for o in result.outcomes]})
 
 
-@bp.post("/duplicates/<int:case_id>/dismiss")
+@bp.post("/duplicates/<id:case_id>/dismiss")
 def dismiss_duplicate(case_id: int):  # type: ignore[no-untyped-def]
     body = _optional_json()
     if isinstance(body, tuple):

@@ -27,7 +27,13 @@ def healthz():  # type: ignore[no-untyped-def]
 @bp.get("/metrics")
 def prometheus_metrics():  # type: ignore[no-untyped-def]
     """Prometheus exposition: every worker's counters plus series read from the ledger.
-    Unauthenticated, like /healthz: bind the service to a private interface."""
+    Needs a bearer token with scope ``metrics`` (or the full legacy ``API_TOKEN``); 404
+    ``metrics_disabled`` when none is configured (refunded amounts are business data)."""
     from app import metrics
+    from app.api_auth import metrics_guard
+
+    refused = metrics_guard()
+    if refused is not None:
+        return refused
 
     return Response(metrics.render(services().read_session_factory), mimetype=metrics.CONTENT_TYPE_LATEST)

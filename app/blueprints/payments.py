@@ -12,11 +12,11 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from app.blueprints.api import require_token
+from app.api_auth import require_token, sealer
 from app.errors import error_response
 from app.factory import services
 from app.services import idempotency
-from app.services.payments import PayError, PaymentService, PayRequest
+from app.services.payments import PayError, PaymentService, PayRequest, reply_to_store, restore_reply
 from app.services.stripe_shapes import ORDER_ID
 
 bp = Blueprint("payments", __name__)
@@ -24,8 +24,9 @@ bp.before_request(require_token)
 
 IDEMPOTENCY_SCOPE = "pay"
 _STRIPE_IDS = {
-    "payment_method": re.compile(r"^(pm|card|src)_[A-Za-z0-9_]{1,250}$"),
-    "customer": re.compile(r"^cus_[A-Za-z0-9_]{1,250}$"),
+    # fullmatch: "$" would also accept a trailing newline (pm_abc\n reached Stripe).
+    "payment_method": re.compile(r"(pm|card|src)_[A-Za-z0-9_]{1,250}"),
+    "customer": re.compile(r"cus_[A-Za-z0-9_]{1,250}"),
 }
 # Answers that say "try again", never replayed for an Idempotency-Key.
 _TRANSIENT_CODES = {"payment_in_progress"}
@@ -41,7 +42,7 @@ def pay(order_id: str):  # type: ignore[no-untyped-def]
     if error is not None:
         return error
     assert body is not None
-    if not ORDER_ID.match(order_id):
+    if not ORDER_ID.fullmatch(order_id):
         # No order can have this id; same answer as an unknown one.
         return error_response(404, "order_not_found", "No such order.")
 
@@ -59,7 +60,13 @@ def pay(order_id: str):  # type: ignore[no-untyped-def]
         except idempotency.IdempotencyKeyError as exc:
             return error_response(exc.http_status, exc.code, exc.message)
         if isinstance(claimed, idempotency.Replay):
-            response = Response(claimed.body, status=claimed.status, mimetype="application/json")
+            try:
+                replayed = json.dumps(restore_reply(json.loads(claimed.body), sealer(), svc.gateway))
+            except PayError as exc:
+                response, status = error_response(exc.http_status, exc.code, exc.message)
+                response.headers["Retry-After"] = str(exc.extra.get("retry_after", 1))
+                return response, status
+            response = Response(replayed, status=claimed.status, mimetype="application/json")
             response.headers["Idempotent-Replayed"] = "true"
             return response
         held = claimed
@@ -75,7 +82,8 @@ def pay(order_id: str):  # type: ignore[no-untyped-def]
         if status >= 500 or payload.get("error") in _TRANSIENT_CODES:
             idempotency.release(svc.session_factory, held)
         else:
-            idempotency.finish(svc.session_factory, held, status, text)
+            # Kept with the client_secret sealed, never in clear.
+            idempotency.finish(svc.session_factory, held, status, json.dumps(reply_to_store(payload, sealer())))
     response = Response(text, status=status, mimetype="application/json")
     if retry_after is not None:
         response.headers["Retry-After"] = str(retry_after)
@@ -83,7 +91,7 @@ def pay(order_id: str):  # type: ignore[no-untyped-def]
 
 
 def _pay(svc: Any, order_id: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], int | None]:
-    service = PaymentService(svc.settings, svc.session_factory, svc.gateway)
+    service = PaymentService(svc.settings, svc.session_factory, svc.gateway, sealer=sealer())
     try:
         result = service.pay(
             PayRequest(order_id=order_id, customer=body.get("customer"), payment_method=body.get("payment_method"))
@@ -112,7 +120,7 @@ def _parse_body() -> tuple[dict[str, Any] | None, Any]:
         value = body.get(name)
         if value is None:
             continue
-        if not isinstance(value, str) or not pattern.match(value):
+        if not isinstance(value, str) or not pattern.fullmatch(value):
             return None, error_response(
                 400, f"invalid_{name}", f"{name} must be a Stripe {name.replace('_', ' ')} id.", field=name
             )

@@ -16,6 +16,11 @@ bp = Blueprint("webhooks", __name__)
 def stripe_webhook():  # type: ignore[no-untyped-def]
     # The signature covers the raw bytes: read them before anything parses the body.
     payload = request.get_data(cache=False)
+    if request.content_length is None and len(payload) >= services().settings.webhook_max_bytes:
+        # A chunked body (no Content-Length) is cut at MAX_CONTENT_LENGTH without an error
+        # by Werkzeug's stream: reaching the limit means there was more (or exactly that).
+        metrics.EVENTS.labels(type="unknown", outcome="rejected").inc()
+        return error_response(413, "payload_too_large", "The body is larger than WEBHOOK_MAX_BYTES.")
     with metrics.Timer() as timer:
         try:
             result = services().ingestor.ingest(payload, request.headers.get("Stripe-Signature"))

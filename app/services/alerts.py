@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import smtplib
+import ssl
 from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any, Callable
@@ -43,7 +44,9 @@ class Alerter:
         *,
         http_post: Callable[..., Any] = requests.post,
         smtp_factory: Callable[..., smtplib.SMTP] = smtplib.SMTP,
+        smtp_ssl_factory: Callable[..., smtplib.SMTP] = smtplib.SMTP_SSL,
     ) -> None:
+        self._smtp_ssl_factory = smtp_ssl_factory
         self._settings = settings
         self._session_factory = session_factory
         self._http_post = http_post
@@ -99,12 +102,44 @@ class Alerter:
         message["From"] = settings.alert_email_from
         message["To"] = ", ".join(settings.alert_email_to)
         message.set_content(alert.body)
-        with self._smtp_factory(settings.smtp_host, settings.smtp_port, timeout=CHANNEL_TIMEOUT) as smtp:
-            smtp.ehlo()
-            if smtp.has_extn("starttls"):
-                smtp.starttls()
-                smtp.ehlo()
+        with self._connect() as smtp:
             if settings.smtp_user:
+                # Belt and braces: SMTP_TLS=none with a user is refused at start.
+                if not isinstance(smtp.sock, ssl.SSLSocket):
+                    raise SmtpSecurityError("refusing to send the SMTP password over a connection without TLS")
                 smtp.login(settings.smtp_user, settings.smtp_password or "")
             smtp.send_message(message)
 
+    def _connect(self) -> smtplib.SMTP:
+        """A connection in the mode SMTP_TLS asks for, the certificate verified against the
+        system's CAs (plus SMTP_CA_FILE) and the host name: ``implicit`` (TLS from the first
+        byte, usually port 465), ``starttls`` (required: a server that does not offer it
+        gets nothing, not even the message) or ``none`` (plain, only without a password)."""
+        settings = self._settings
+        host, port = settings.smtp_host, settings.smtp_port
+        if settings.smtp_tls == "implicit":
+            return self._smtp_ssl_factory(host, port, timeout=CHANNEL_TIMEOUT, context=self._tls_context())
+        smtp = self._smtp_factory(host, port, timeout=CHANNEL_TIMEOUT)
+        try:
+            smtp.ehlo()
+            if settings.smtp_tls == "starttls":
+                if not smtp.has_extn("starttls"):
+                    raise SmtpSecurityError(
+                        f"{host}:{port} does not offer STARTTLS; nothing was sent (SMTP_TLS=starttls)"
+                    )
+                smtp.starttls(context=self._tls_context())
+                smtp.ehlo()
+        except BaseException:
+            smtp.close()
+            raise
+        return smtp
+
+    def _tls_context(self) -> ssl.SSLContext:
+        # Verifies the chain and the host name (check_hostname), TLS 1.2 at least.
+        context = ssl.create_default_context(cafile=self._settings.smtp_ca_file)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
+
+
+class SmtpSecurityError(RuntimeError):
+    """The SMTP server cannot be reached the way SMTP_TLS asks; nothing was sent."""

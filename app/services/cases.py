@@ -8,6 +8,7 @@ all three behave the same: approving runs the one phased refund path
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable
@@ -15,6 +16,7 @@ from typing import Any, Iterable
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.converters import DateParamError, parse_day
 from app.services import case_lifecycle as lifecycle
 from app.services import ledger
 from app.services.balance import load_balance
@@ -98,12 +100,12 @@ def parse_filter(args: dict[str, Any]) -> CaseFilter:
         raise CaseActionError(400, "invalid_currency", "currency is a three-letter ISO code")
     dates = {}
     for name in ("from", "until"):
-        raw = (args.get(name) or "").strip()
-        if raw:
-            try:
-                dates[name] = datetime.strptime(raw, "%Y-%m-%d").replace(tzinfo=timezone.utc)
-            except ValueError:
-                raise CaseActionError(400, "invalid_date", f"{name} must be a date YYYY-MM-DD") from None
+        try:
+            day = parse_day(args.get(name), name)
+        except DateParamError as exc:
+            raise CaseActionError(exc.http_status, exc.code, str(exc)) from None
+        if day is not None:
+            dates[name] = day
     try:
         page = int(args.get("page") or 1)
         per_page = int(args.get("per_page") or 25)
@@ -474,16 +476,22 @@ def report_rows(session: Session, *, since: datetime, until: datetime | None) ->
                     "decision": case.decision or "",
                     "decided_by": case.decided_by or "",
                     "decided_at": view["decided_at"] or "",
-                    "note": _spreadsheet_safe(case.note or ""),
-                    "review_reasons": _spreadsheet_safe("; ".join(case.review_reasons or [])),
+                    "note": case.note or "",
+                    "review_reasons": "; ".join(case.review_reasons or []),
                 }
             )
     return rows
 
 
-def _spreadsheet_safe(text: str) -> str:
-    # A cell starting with = + - @ is a formula to a spreadsheet (CSV injection).
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+_PLAIN_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A cell starting with = + - @ (or a tab or CR) is a formula to a spreadsheet (CSV
+    injection): prefixed with ``'`` so it is shown as text. A plain number is left alone."""
+    if text[:1] in ("=", "+", "-", "@", "\t", "\r") and not _PLAIN_NUMBER.fullmatch(text):
+        return "'" + text
+    return text
 
 
 def report_csv(rows: list[dict[str, str]]) -> str:
@@ -494,5 +502,6 @@ def report_csv(rows: list[dict[str, str]]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=REPORT_COLUMNS, lineterminator="\r\n")
     writer.writeheader()
-    writer.writerows(rows)
+    # Every cell, whatever its column: ids and names come from Stripe events and people.
+    writer.writerows({key: spreadsheet_safe(str(value)) for key, value in row.items()} for row in rows)
     return out.getvalue()

@@ -40,7 +40,7 @@ from models.payments import DONE, IN_FLIGHT, IdempotencyRecord
 log = logging.getLogger(__name__)
 
 #: Stripe's own limit; printable ASCII only (a header value has no business holding more).
-KEY_PATTERN = re.compile(r"^[\x20-\x7e]{1,255}$")
+KEY_PATTERN = re.compile(r"^[\x20-\x7e]{1,255}\Z")
 #: Longer than any request can run (gunicorn kills a worker after 30 s).
 IN_FLIGHT_TAKEOVER_SECONDS = 120
 #: Expired rows removed per opportunistic purge: bounded, so a request never pays for a

@@ -43,8 +43,8 @@ from models.db import insert_ignore
 
 log = logging.getLogger(__name__)
 
-_EVENT_ID = re.compile(r"^evt_[A-Za-z0-9_]{1,250}$")
-_EVENT_TYPE = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+){1,5}$")
+_EVENT_ID = re.compile(r"^evt_[A-Za-z0-9_]{1,250}\Z")
+_EVENT_TYPE = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+){1,5}\Z")
 MAX_ERROR_CHARS = 2000
 
 

@@ -83,6 +83,7 @@ from app.gateway import (
     StripeUnavailable,
 )
 from app.services.ledger import apply_payment_intent
+from app.services.sealing import Sealer
 from app.services.stripe_shapes import payment_intent_snapshot
 from config import Settings
 from models import Order, PaymentIntent, run_in_transaction, utcnow
@@ -172,7 +173,9 @@ class _Attempt:
     customer: str | None
     payment_method: str | None
     payment_intent_id: str | None
-    client_secret: str | None
+    # Sealed as stored (app/services/sealing.py); ``client_secret`` is only ever the
+    # clear value in memory, once opened or read from Stripe.
+    sealed_client_secret: str | None
     created_at: datetime
     # When the previous Stripe call of this attempt was claimed (None: never called).
     previous_call_at: datetime | None
@@ -189,10 +192,12 @@ class _Attempt:
             customer=row.customer,
             payment_method=row.payment_method,
             payment_intent_id=row.payment_intent_id,
-            client_secret=row.client_secret,
+            sealed_client_secret=row.client_secret_sealed,
             created_at=_aware(row.created_at),
             previous_call_at=previous_call_at,
         )
+
+    client_secret: str | None = None
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -251,7 +256,10 @@ class PaymentService:
         *,
         sleep: Callable[[float], None] = time.sleep,
         monotonic: Callable[[], float] = time.monotonic,
+        sealer: Sealer | None = None,
     ) -> None:
+        # Without a sealer no client_secret is stored at all: each answer reads it from Stripe.
+        self._sealer = sealer
         self._settings = settings
         self._session_factory = session_factory
         self._gateway = gateway
@@ -390,18 +398,28 @@ class PaymentService:
     # -- phase 2 ---------------------------------------------------------------------------
 
     def _existing(self, decision: _Existing) -> PayResult | _Again:
-        attempt = decision.attempt
-        if not decision.stale:
+        attempt = replace(decision.attempt, client_secret=self._open(decision.attempt.sealed_client_secret))
+        if not decision.stale and attempt.client_secret is not None:
             return _answer(attempt, decision.status, created=False)
+        # Stale, or its client_secret cannot be opened (SECRET_KEY changed, or the row
+        # predates sealing): read the PaymentIntent again; Stripe always has the secret.
         try:
             intent = self._gateway.retrieve_payment_intent(attempt.payment_intent_id or "")
         except GatewayError as exc:
+            if attempt.client_secret is None:
+                raise _transient(exc, attempt) from None
             # Our ledger's view is still a safe answer: the intent was payable when we
             # last heard, and a canceled one cannot be paid by mistake.
             log.warning("pay: could not re-read the PaymentIntent (%s); answering from the ledger", type(exc).__name__,
                         extra={"order_id": attempt.order_id, "payment_intent_id": attempt.payment_intent_id})
             return _answer(attempt, decision.status, created=False)
         return self._record(attempt, intent, created=False)
+
+    def _seal(self, value: str | None) -> str | None:
+        return self._sealer.seal(value) if self._sealer is not None and value else None
+
+    def _open(self, sealed: str | None) -> str | None:
+        return self._sealer.open(sealed) if self._sealer is not None else None
 
     def _call(self, attempt: _Attempt, *, resolving: bool) -> PayResult | _Again:
         key_alive = utcnow() - attempt.created_at < KEY_WINDOW
@@ -601,7 +619,7 @@ class PaymentService:
                 apply_payment_intent(session, snapshot, as_of=snapshot.created, account=None)
                 return "orphaned", row.status
             row.payment_intent_id = snapshot.id
-            row.client_secret = intent.get("client_secret") or row.client_secret
+            row.client_secret_sealed = self._seal(intent.get("client_secret")) or row.client_secret_sealed
             row.error = None
             session.flush()
             known = session.get(PaymentIntent, snapshot.id)
@@ -618,7 +636,9 @@ class PaymentService:
 
         intent_status, attempt_status = run_in_transaction(self._session_factory, work)
         recorded = replace(
-            attempt, payment_intent_id=snapshot.id, client_secret=intent.get("client_secret") or attempt.client_secret
+            attempt,
+            payment_intent_id=snapshot.id,
+            client_secret=intent.get("client_secret") or attempt.client_secret or self._open(attempt.sealed_client_secret),
         )
         log.info("pay: PaymentIntent recorded", extra={"order_id": attempt.order_id, "attempt": attempt.attempt,
                                                       "payment_intent_id": snapshot.id, "status": intent_status})
@@ -738,3 +758,32 @@ def _describe(exc: BaseException) -> str:
 def _aware(value: datetime) -> datetime:
     # SQLite hands back naive datetimes for timezone-aware columns; they were written in UTC.
     return value if value.tzinfo is not None else value.replace(tzinfo=utcnow().tzinfo)
+
+
+# -- stored replies (Idempotency-Key) ------------------------------------------------------
+
+
+def reply_to_store(body: dict[str, Any], sealer: Sealer) -> dict[str, Any]:
+    """The answer as kept for an Idempotency-Key replay: its ``client_secret`` sealed."""
+    secret = body.get("client_secret")
+    if not isinstance(secret, str):
+        return body
+    return {**body, "client_secret": sealer.seal(secret)}
+
+
+def restore_reply(body: dict[str, Any], sealer: Sealer, gateway: StripeGateway) -> dict[str, Any]:
+    """A stored answer ready to send again: its ``client_secret`` opened, or read again
+    from Stripe when it cannot be (another SECRET_KEY, or a reply stored before sealing).
+    Raises :class:`PayError` 503 when Stripe cannot be asked (nothing is changed)."""
+    if "client_secret" not in body or not isinstance(body.get("id"), str):
+        return body
+    secret = sealer.open(body["client_secret"]) if isinstance(body["client_secret"], str) else None
+    if secret is None:
+        try:
+            secret = gateway.retrieve_payment_intent(body["id"]).get("client_secret")
+        except GatewayError as exc:
+            log.warning("pay: could not read a replayed PaymentIntent's client_secret (%s)", type(exc).__name__,
+                        extra={"payment_intent_id": body["id"]})
+            raise PayError(503, "stripe_unavailable", "Stripe did not answer; retry shortly (retrying is safe).",
+                           retry_after=1) from None
+    return {**body, "client_secret": secret}

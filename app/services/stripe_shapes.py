@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 MAX_ID_LENGTH = 255
 MAX_TIMESTAMP = 10**11  # unix seconds; year 5138. Anything larger is not a Stripe time.
 # The merchant's order id, as the orders API accepts it.
-ORDER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:#/-]{0,254}$")
+ORDER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:#/-]{0,254}\Z")  # \Z: no trailing newline
 
 
 class ShapeError(ValueError):

@@ -56,6 +56,9 @@ def _alert_settings(settings: Settings, smtp_port: int) -> Settings:
         alert_slack_webhook_url=SLACK,
         smtp_host="127.0.0.1",
         smtp_port=smtp_port,
+        # This local test server offers no TLS; no password is configured (SMTP_TLS=none
+        # allows plain SMTP only then: tests/integration/test_smtp_tls.py).
+        smtp_tls="none",
         alert_email_from="reconciler@merchant.test",
         alert_email_to=("finance@merchant.test",),
     )

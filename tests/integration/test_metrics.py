@@ -26,8 +26,12 @@ def value(samples, name: str, **labels: str) -> float:  # type: ignore[no-untype
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+# /metrics needs a metrics-scoped or the full legacy token (tests/integration/test_api_scopes.py).
+METRICS_AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
+
+
 def test_metrics_after_ingest(client, deliver, api_headers) -> None:  # type: ignore[no-untyped-def]
-    before = scrape(client.get("/metrics").get_data(as_text=True))
+    before = scrape(client.get("/metrics", headers=METRICS_AUTH).get_data(as_text=True))
     charge = p.charge(metadata={"order_id": "ord_metrics"})
     event = p.event("charge.succeeded", charge)
     assert deliver(event).get_json()["status"] == "processed"
@@ -36,7 +40,7 @@ def test_metrics_after_ingest(client, deliver, api_headers) -> None:  # type: ig
     assert client.post("/webhooks/stripe", data=b"{}", headers={"Stripe-Signature": "t=1,v1=00"}).status_code == 400
     client.post("/orders/ord_metrics/pay", headers=api_headers)  # already paid: 409
 
-    response = client.get("/metrics")
+    response = client.get("/metrics", headers=METRICS_AUTH)
     assert response.status_code == 200 and response.mimetype == "text/plain"
     after = scrape(response.get_data(as_text=True))
 
@@ -71,7 +75,7 @@ def test_cases_refunds_and_last_pass_come_from_the_database(client, session_fact
         session.add(ReconciliationRun(mode="auto", status="succeeded", started_at=started, finished_at=started + timedelta(seconds=12), counts={}, errors=[]))
 
     run_in_transaction(session_factory, seed)
-    samples = scrape(client.get("/metrics").get_data(as_text=True))
+    samples = scrape(client.get("/metrics", headers=METRICS_AUTH).get_data(as_text=True))
     assert value(samples, "reconciler_duplicate_cases", status="refunded") == 1
     assert value(samples, "reconciler_refunds", status="succeeded", currency="jpy") == 1
     assert value(samples, "reconciler_refunded_minor_units", currency="jpy") == 5000
@@ -104,7 +108,7 @@ def test_counters_add_up_across_worker_processes(database_url, session_factory, 
             assert list(pool.map(post, range(20))) == [200] * 20
         # every scrape, whichever worker answers, sees all 20
         for _ in range(4):
-            samples = scrape(requests.get(f"{base}/metrics", timeout=10).text)
+            samples = scrape(requests.get(f"{base}/metrics", headers=METRICS_AUTH, timeout=10).text)
             assert value(samples, "reconciler_webhook_events_total", type="charge.succeeded", outcome="processed") == 20
     answered = set(re.findall(r'pid=<(\d+)> .*"POST /webhooks/stripe', log_path.read_text()))
     assert len(answered) == 2  # both workers counted some of the 20

@@ -132,6 +132,15 @@ class DatabaseSessionInterface(SessionInterface):
         response.vary.add("Cookie")
 
 
+class ServerSessionLoginManager(LoginManager):
+    """Flask-Login, minus its "remember me" cookie: that cookie is signed with
+    ``SECRET_KEY`` alone, so honouring it would let whoever holds the key log in as anyone
+    without a server-side session. Users are only ever loaded from the server session."""
+
+    def _load_user_from_remember_cookie(self, cookie: str) -> None:
+        return None
+
+
 def is_loopback(address: str | None) -> bool:
     try:
         return ipaddress.ip_address((address or "").strip()).is_loopback
@@ -164,14 +173,13 @@ def init_web_security(app: Flask, settings: Settings, session_factory: sessionma
         send_alert=Alerter(settings, session_factory).send,
     )
 
-    login_manager = LoginManager()
+    login_manager = ServerSessionLoginManager()
     login_manager.session_protection = None  # the session is server-side and rotated at login
     login_manager.init_app(app)
 
     @login_manager.user_loader
     def _load_user(user_id: str):  # type: ignore[no-untyped-def]
-        # Only the id kept in the server-side session; Flask-Login also calls this for a
-        # "remember me" cookie, which only SECRET_KEY signs: never honoured here.
+        # Only the id kept in the server-side session (never a "remember me" cookie).
         if session.get("_user_id") != user_id:
             return None
         return directory.from_session_id(user_id)

@@ -23,7 +23,7 @@ from app.gateway import StripeGateway
 from app.services.auth import UserDirectory
 from app.services.cases import CaseActionError
 from jobs.reconcile import run_reconciliation
-from models import AuditEntry, CaseCharge, Charge, DuplicateCase, Order, RefundAttempt, WebSession, run_in_transaction, utcnow
+from models import AuditEntry, CaseCharge, Charge, DuplicateCase, Order, RefundAttempt, run_in_transaction, utcnow
 from tests.fake_stripe import API
 from tests.integration.test_reconcile import NOW, _double_click, make_order
 
@@ -196,6 +196,8 @@ def test_login_rotates_the_session_and_logout_ends_it(web, case_id) -> None:  # 
 def test_a_login_expires_and_a_removed_user_is_out_at_once(web, review_app, session_factory, case_id) -> None:  # type: ignore[no-untyped-def]
     # The login's age is the server-side session's (SESSION_MAX_HOURS, 12 by default);
     # the browser cannot make it younger.
+    from models import WebSession
+
     login(web)
     with session_factory.begin() as db:
         db.execute(update(WebSession).values(created_at=utcnow() - timedelta(hours=13)))

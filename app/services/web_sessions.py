@@ -29,6 +29,7 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import WebSession, run_in_transaction, utcnow
+from models.db import make_read_session_factory
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{43}$")
 TOUCH_EVERY = timedelta(seconds=60)
@@ -56,6 +57,9 @@ class SessionStore:
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._session_factory = session_factory
+        # Looking a session up takes no write lock (SQLite: BEGIN DEFERRED); only ending or
+        # touching one writes, in a short transaction of its own.
+        self._read_factory = make_read_session_factory(session_factory.kw["bind"])
         self._key = secret_key.encode()
         self.idle = idle
         self.absolute = absolute
@@ -71,19 +75,22 @@ class SessionStore:
             return None
         key = self.key_of(session_id)
         now = self._clock()
-        with self._session_factory() as db:
+        with self._read_factory() as db:
             row = db.get(WebSession, key)
             if row is None:
                 return None
-            if self._ended(row, now):
-                db.execute(delete(WebSession).where(WebSession.id_hash == key))
-                db.commit()
-                return None
+            ended = self._ended(row, now)
+            stale = now - _aware(row.last_seen_at) >= TOUCH_EVERY
             stored = StoredSession(dict(row.data or {}), row.username, _aware(row.created_at))
-            if now - _aware(row.last_seen_at) >= TOUCH_EVERY:
-                row.last_seen_at = now
-                db.commit()
-            return stored
+        if ended:
+            self.delete(session_id)
+            return None
+        if stale:
+            run_in_transaction(
+                self._session_factory,
+                lambda db: db.execute(update(WebSession).where(WebSession.id_hash == key).values(last_seen_at=now)),
+            )
+        return stored
 
     def create(self, data: dict[str, Any], username: str | None) -> str:
         """A new session holding ``data``; returns its id (for the cookie)."""

@@ -272,3 +272,17 @@ def test_hsts_and_security_headers_over_https(review_app, review_settings, sessi
     proxied = create_app(review_settings.with_overrides(trusted_proxies=1), session_factory=session_factory).test_client()
     forwarded = proxied.get("/review/login", headers={"X-Forwarded-Proto": "https"})
     assert "Strict-Transport-Security" in forwarded.headers and "Secure" in forwarded.headers["Set-Cookie"]
+
+
+def test_an_operator_ends_every_session_of_a_user_from_the_command_line(review_app, database_url, monkeypatch, case_id) -> None:  # type: ignore[no-untyped-def]
+    from click.testing import CliRunner
+
+    from app.cli import main
+
+    client = review_app.test_client()
+    login(client)
+    assert client.get("/review").status_code == 200
+    monkeypatch.delenv("REVIEW_USERS", raising=False)
+    result = CliRunner().invoke(main, ["users", "logout", APPROVER], env={"DATABASE_URL": database_url})
+    assert result.exit_code == 0 and f"1 session(s) of {APPROVER} ended" in result.output
+    assert client.get("/review").status_code == 302

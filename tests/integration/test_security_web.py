@@ -286,3 +286,20 @@ def test_an_operator_ends_every_session_of_a_user_from_the_command_line(review_a
     result = CliRunner().invoke(main, ["users", "logout", APPROVER], env={"DATABASE_URL": database_url})
     assert result.exit_code == 0 and f"1 session(s) of {APPROVER} ended" in result.output
     assert client.get("/review").status_code == 302
+
+
+def test_parallel_guesses_cannot_slip_past_the_limit(review_app, case_id) -> None:  # type: ignore[no-untyped-def]
+    """Each attempt is counted, under a row lock, before its password is checked: ten
+    wrong passwords sent at once get five 401s and five 429s, on SQLite and PostgreSQL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    clients = [review_app.test_client() for _ in range(10)]
+    tokens = [csrf_in(c.get("/review/login").get_data(as_text=True)) for c in clients]
+
+    def guess(i: int) -> int:
+        data = {"username": APPROVER, "password": f"guess-{i}", "csrf_token": tokens[i]}
+        return clients[i].post("/review/login", data=data).status_code
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        statuses = sorted(pool.map(guess, range(10)))
+    assert statuses == [401] * 5 + [429] * 5

@@ -566,6 +566,25 @@ def users_hash_password(password: str) -> None:
     click.echo(generate_password_hash(password))
 
 
+@users.command("logout")
+@click.argument("username")
+def users_logout(username: str) -> None:
+    """End every review session of USERNAME (a lost laptop, a leaked password)."""
+    from models import WebSession, make_engine, make_session_factory, run_in_transaction
+    from sqlalchemy import delete
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    try:
+        ended = run_in_transaction(
+            make_session_factory(engine),
+            lambda db: db.execute(delete(WebSession).where(WebSession.username == username)).rowcount or 0,
+        )
+    finally:
+        engine.dispose()
+    click.echo(f"{ended} session(s) of {username} ended")
+
+
 @main.command()
 @click.option("--serve/--no-serve", "serve_after", default=False, help="Keep the service running afterwards (Ctrl-C stops it).")
 @click.option("--stripe", "stripe_choice", type=click.Choice(["auto", "emulator", "simulated"]), default="auto", show_default=True,

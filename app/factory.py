@@ -17,6 +17,7 @@ from app.services.alerts import Alerter
 from app.services.ratelimit import RateLimiter
 from app.services.refunds import RefundService
 from app.services.signature_watch import SignatureFailureWatch
+from app.web_security import init_web_security
 from config import Settings
 from models import make_engine, make_session_factory
 from models.db import make_read_session_factory
@@ -52,9 +53,11 @@ def create_app(
     gateway = StripeGateway(stripe) if stripe is not None else StripeGateway.from_settings(settings)
 
     app = Flask(__name__)
+    # Without a configured key each process invents one: fine until there are logins, and
+    # Settings refuses REVIEW_USERS without a SECRET_KEY of at least 32 bytes.
+    secret_key = settings.secret_key or secrets.token_hex(32)
     app.config.update(
-        # Without a configured key each process invents one; fine until there are logins.
-        SECRET_KEY=settings.secret_key or secrets.token_hex(32),
+        SECRET_KEY=secret_key,
         # Werkzeug refuses bigger bodies with a 413 before reading them.
         MAX_CONTENT_LENGTH=settings.webhook_max_bytes,
         JSON_SORT_KEYS=False,
@@ -83,6 +86,8 @@ def create_app(
     from app.api_auth import install as install_api_security
 
     install_api_security(app, settings)
+    # Server-side sessions, Flask-Login, login throttling, security headers, proxy trust.
+    init_web_security(app, settings, session_factory, secret_key)
 
     from app.blueprints import api, health, review, webhooks
     from app.blueprints import payments as payments_blueprint

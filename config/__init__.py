@@ -18,7 +18,7 @@ from typing import Mapping
 
 from . import security as _security  # stdlib only, like this module
 
-__all__ = ["Settings", "SettingsError", "DEFAULT_SQLITE_PATH"]
+__all__ = ["Settings", "SettingsError", "DEFAULT_SQLITE_PATH", "password_hash_problem"]
 
 DEFAULT_SQLITE_PATH = Path("instance") / "reconciler.db"
 _TRUE = {"1", "true", "yes", "on"}
@@ -31,9 +31,13 @@ class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class Settings:
-    """The service's configuration. Immutable; build it with :meth:`from_env`."""
+    """The service's configuration. Immutable; build it with :meth:`from_env`.
+
+    Its repr never shows a secret (see :data:`_SECRET_FIELDS`): only whether it is set.
+    However it is built, the review page's security rules hold (:meth:`__post_init__`).
+    """
 
     database_url: str
     stripe_api_key: str | None = None
@@ -78,6 +82,56 @@ class Settings:
     api_tokens: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)
     smtp_tls: str = "starttls"
     smtp_ca_file: str | None = None
+
+    # -- web security: review sessions, login throttling, cookies, proxies -----------------
+    # Server-side review sessions end after this long without a request, and this long
+    # after login whatever happens.
+    session_idle_minutes: int = 30
+    session_max_hours: int = 12
+    # Failed logins: a username is locked after this many in a row, a client address after
+    # LOGIN_ADDRESS_MAX_FAILURES; the lock lasts LOGIN_LOCK_SECONDS and doubles with each
+    # further failure (at most an hour). This many failures across the service within
+    # five minutes raise one alert.
+    login_max_failures: int = 5
+    login_address_max_failures: int = 20
+    login_lock_seconds: int = 60
+    login_alert_threshold: int = 20
+    # Development only: no Secure flag on the session cookie for plain-http requests from a
+    # loopback peer address (reconciler serve on http://127.0.0.1). Refused in live mode.
+    dev_allow_http_loopback: bool = False
+    # Reverse proxies in front of the service whose X-Forwarded-For/-Proto are trusted.
+    trusted_proxies: int = 0
+
+    def __post_init__(self) -> None:
+        if self.review_users:
+            key = self.secret_key or ""
+            if len(key.encode()) < MIN_SECRET_KEY_BYTES:
+                raise SettingsError(
+                    f"SECRET_KEY must be set to at least {MIN_SECRET_KEY_BYTES} bytes when REVIEW_USERS is set "
+                    f"(it has {len(key.encode())}); make one with: python -c 'import secrets; print(secrets.token_hex(32))'"
+                )
+            for username, _, password_hash in self.review_users:
+                problem = password_hash_problem(password_hash)
+                if problem:
+                    raise SettingsError(
+                        f"REVIEW_USERS: the password hash for {username!r} {problem}; "
+                        "make a new one with `reconciler users hash-password`"
+                    )
+        if self.dev_allow_http_loopback and self.stripe_livemode:
+            raise SettingsError("DEV_ALLOW_HTTP_LOOPBACK is for development and cannot be true when STRIPE_LIVEMODE is true")
+
+    def __repr__(self) -> str:
+        parts = []
+        for name, spec in self.__dataclass_fields__.items():
+            value = getattr(self, name)
+            if name in _SECRET_FIELDS or not spec.repr:  # field(repr=False) marks a secret too
+                shown = "'<set>'" if value else repr(value)
+            elif name == "database_url":
+                shown = repr(_mask_url_password(value))
+            else:
+                shown = repr(value)
+            parts.append(f"{name}={shown}")
+        return f"Settings({', '.join(parts)})"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -178,6 +232,19 @@ class Settings:
             signature_alert_window_seconds=_parse_int(
                 "SIGNATURE_ALERT_WINDOW_SECONDS", text("SIGNATURE_ALERT_WINDOW_SECONDS"), 300, minimum=10
             ),
+            # web security (review sessions, login throttling, cookies, proxies)
+            session_idle_minutes=_parse_int("SESSION_IDLE_MINUTES", text("SESSION_IDLE_MINUTES"), 30, minimum=1),
+            session_max_hours=_parse_int("SESSION_MAX_HOURS", text("SESSION_MAX_HOURS"), 12, minimum=1),
+            login_max_failures=_parse_int("LOGIN_MAX_FAILURES", text("LOGIN_MAX_FAILURES"), 5, minimum=1),
+            login_address_max_failures=_parse_int(
+                "LOGIN_ADDRESS_MAX_FAILURES", text("LOGIN_ADDRESS_MAX_FAILURES"), 20, minimum=1
+            ),
+            login_lock_seconds=_parse_int("LOGIN_LOCK_SECONDS", text("LOGIN_LOCK_SECONDS"), 60, minimum=1),
+            login_alert_threshold=_parse_int("LOGIN_ALERT_THRESHOLD", text("LOGIN_ALERT_THRESHOLD"), 20, minimum=1),
+            dev_allow_http_loopback=_parse_bool(
+                "DEV_ALLOW_HTTP_LOOPBACK", text("DEV_ALLOW_HTTP_LOOPBACK") or "false"
+            ),
+            trusted_proxies=_parse_int("TRUSTED_PROXIES", text("TRUSTED_PROXIES"), 0, minimum=0),
         )
         if settings.smtp_host and not (settings.alert_email_from and settings.alert_email_to):
             raise SettingsError("SMTP_HOST needs ALERT_EMAIL_FROM and ALERT_EMAIL_TO")
@@ -205,6 +272,60 @@ class Settings:
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+# -- web security helpers ------------------------------------------------------------------
+
+MIN_SECRET_KEY_BYTES = 32
+# Fields whose value never appears in repr (nor, through it, in logs or tracebacks).
+_SECRET_FIELDS = frozenset(
+    {
+        "stripe_api_key",
+        "stripe_webhook_secrets",
+        "secret_key",
+        "api_token",
+        "alert_slack_webhook_url",
+        "smtp_password",
+        "review_users",
+    }
+)
+# Werkzeug password hashes: "method$salt$hexdigest". The floors are werkzeug's own scrypt
+# default (N=2^15, r=8, p=1) and OWASP's PBKDF2 minimums (600,000 for SHA-256, 210,000 for
+# SHA-512); anything weaker, or another method, is refused.
+_SCRYPT = re.compile(r"^scrypt:(\d{1,10}):(\d{1,4}):(\d{1,4})\$([^$]{8,})\$([0-9a-f]{128})$")
+_PBKDF2 = re.compile(r"^pbkdf2:(sha256|sha512):(\d{1,10})\$([^$]{8,})\$([0-9a-f]+)$")
+_PBKDF2_MIN_ITERATIONS = {"sha256": 600_000, "sha512": 210_000}
+_PBKDF2_HEX_LENGTH = {"sha256": 64, "sha512": 128}
+SCRYPT_MIN_N = 2**15
+
+
+def password_hash_problem(password_hash: str) -> str | None:
+    """Why ``password_hash`` may not be used for a review user, or None when it is fine."""
+    scrypt = _SCRYPT.match(password_hash)
+    if scrypt:
+        n, r, p = (int(scrypt.group(i)) for i in (1, 2, 3))
+        if n < SCRYPT_MIN_N or n & (n - 1) or r < 8 or p < 1:
+            return f"is too weak (scrypt N={n}, r={r}, p={p}; at least N={SCRYPT_MIN_N}, r=8, p=1)"
+        return None
+    pbkdf2 = _PBKDF2.match(password_hash)
+    if pbkdf2:
+        digest, iterations = pbkdf2.group(1), int(pbkdf2.group(2))
+        if len(pbkdf2.group(4)) != _PBKDF2_HEX_LENGTH[digest]:
+            return "is malformed (a pbkdf2 digest of the wrong length)"
+        if iterations < _PBKDF2_MIN_ITERATIONS[digest]:
+            return (
+                f"is too weak (pbkdf2:{digest} with {iterations} iterations; "
+                f"at least {_PBKDF2_MIN_ITERATIONS[digest]})"
+            )
+        return None
+    method = password_hash.split("$", 1)[0][:40]
+    if method.startswith(("scrypt", "pbkdf2")) and "$" in password_hash:
+        return "is malformed (expected scrypt:N:r:p$salt$hex or pbkdf2:sha256:iterations$salt$hex)"
+    return "is not a werkzeug scrypt or pbkdf2 hash"
+
+
+def _mask_url_password(url: str) -> str:
+    return re.sub(r"^([a-z0-9+]+://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
 def _normalise_database_url(url: str) -> str:

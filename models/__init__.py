@@ -16,6 +16,7 @@ from models.ledger import (
     StripeEvent,
 )
 from models import payments as _payments  # noqa: F401  (registers the tables)
+from models.web import LoginThrottle, WebSession
 from models.reconciliation import (
     ACTIVE_CASE_STATUSES,
     CASE_STATUSES,
@@ -52,6 +53,8 @@ __all__ = [
     "PaymentIntent",
     "Refund",
     "StripeEvent",
+    "LoginThrottle",
+    "WebSession",
     "make_engine",
     "make_session_factory",
     "run_in_transaction",

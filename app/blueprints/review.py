@@ -9,16 +9,15 @@ Thin on purpose: reading and deciding are :mod:`app.services.cases`, users and r
   :func:`hmac.compare_digest`; a missing or wrong token is a 400 page and nothing changes.
 * Decisions (approve, refund, dismiss, reopen) need the ``approver`` role (a viewer gets a
   403 page); the actor in the audit log is the logged-in username.
-* Pages are HTML, errors included (404, 400, 422, 500), with a strict Content-Security-Policy,
-  ``X-Frame-Options: DENY``, ``Referrer-Policy: same-origin`` and ``Cache-Control: no-store``.
-
-The session cookie (Flask's signed cookie, key ``SECRET_KEY``) is HttpOnly and
-SameSite=Lax, and Secure except when the app is testing, when
-``REVIEW_INSECURE_COOKIES`` is set, or when the request itself is plain http to a
-loopback host (127.0.0.1, localhost, ::1): a browser never sends a Secure cookie over
-http, so without that exception nobody could log in to ``reconciler serve`` on
-http://127.0.0.1, and such traffic never leaves the machine. Behind a TLS-terminating
-proxy the Host is the public name, so the cookie is Secure there.
+* Pages are HTML, errors included (404, 400, 422, 429, 500), with ``Cache-Control:
+  no-store``; the security headers (CSP, frame, referrer, HSTS over https) come from
+  Flask-Talisman for the whole app (:mod:`app.web_security`).
+* Sessions are server-side (:mod:`app.web_security`, wired by the factory): the cookie is
+  a random id, logout deletes the session, "log out everywhere" deletes every session of
+  the user, and a login always starts a new session (nothing planted before survives).
+* Logins go through :class:`app.services.login_guard.LoginGuard`: too many failures for a
+  username or from an address answer 429 with ``Retry-After`` without checking the
+  password; failures, refusals and logins are audited.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from __future__ import annotations
 import hmac
 import re
 import secrets
-import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -34,22 +32,23 @@ from urllib.parse import urlencode, urlsplit
 
 from flask import (
     Blueprint,
-    Flask,
     Response,
+    current_app,
     flash,
-    g,
-    has_request_context,
     redirect,
     render_template,
     request,
     session,
     url_for,
 )
-from flask.sessions import SecureCookieSessionInterface
+from flask_login import current_user as login_current_user
+from flask_login import login_user, logout_user
 from werkzeug.exceptions import HTTPException
 
 from app.factory import services
 from app.services.auth import ReviewUser, UserDirectory
+from app.services.login_guard import LoginGuard, Locked
+from app.services.web_sessions import SessionStore
 from app.services.cases import (
     CaseActionError,
     approve,
@@ -68,60 +67,19 @@ from models.money import MoneyError, check_amount, decimals, format_amount
 bp = Blueprint("review", __name__, url_prefix="/review")
 
 CSRF_FIELD = "csrf_token"
-# A login lasts a working day; after that the next request asks again.
-SESSION_MAX_AGE = 12 * 3600
-_LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 _MAJOR_AMOUNT = re.compile(r"^\d{1,15}(\.\d{1,6})?$")
-
-SECURITY_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'self'; style-src 'self' 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
-    ),
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "same-origin",
-    "X-Content-Type-Options": "nosniff",
-    "Cache-Control": "no-store",
-}
-
-
-# -- session cookie ------------------------------------------------------------------------
-
-
-class ReviewSessionInterface(SecureCookieSessionInterface):
-    """Flask's signed-cookie session, Secure unless the request is plain http to loopback
-    (or the app is testing, or ``REVIEW_INSECURE_COOKIES`` is set)."""
-
-    def get_cookie_secure(self, app: Flask) -> bool:  # type: ignore[override]
-        if app.testing or app.config.get("REVIEW_INSECURE_COOKIES"):
-            return False
-        if has_request_context() and request.scheme == "http" and _request_hostname() in _LOOPBACK_HOSTS:
-            return False
-        return True
-
-
-def _request_hostname() -> str:
-    host = request.host.lower()
-    if host.startswith("["):
-        return host.split("]", 1)[0] + "]"
-    return host.rsplit(":", 1)[0] if ":" in host else host
-
-
-@bp.record_once
-def _configure_app(state: Any) -> None:
-    app: Flask = state.app
-    app.config.update(SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Lax")
-    app.session_interface = ReviewSessionInterface()
-    app.extensions["review_users"] = UserDirectory(services_for(app).settings.review_users)
-
-
-def services_for(app: Flask):  # type: ignore[no-untyped-def]
-    return app.extensions["reconciler"]
 
 
 def _directory() -> UserDirectory:
-    from flask import current_app
-
     return current_app.extensions["review_users"]
+
+
+def _store() -> SessionStore:
+    return current_app.extensions["review_sessions"]
+
+
+def _guard_service() -> LoginGuard:
+    return current_app.extensions["login_guard"]
 
 
 # -- login, CSRF, roles --------------------------------------------------------------------
@@ -145,15 +103,10 @@ def _csrf_ok() -> bool:
 
 
 def current_user() -> ReviewUser | None:
-    """The logged-in user as configured now, or None (never logged in, expired, removed)."""
-    if "review_user" in g:
-        return g.review_user
-    user = None
-    logged_in_at = session.get("login_at")
-    if isinstance(logged_in_at, (int, float)) and 0 <= time.time() - logged_in_at < SESSION_MAX_AGE:
-        user = _directory().get(session.get("user"))
-    g.review_user = user
-    return user
+    """The logged-in user as configured now, or None (never logged in, session ended,
+    user removed, password changed)."""
+    user = login_current_user._get_current_object()  # type: ignore[attr-defined]
+    return user if isinstance(user, ReviewUser) else None
 
 
 def _safe_next(target: str | None) -> str:
@@ -186,9 +139,8 @@ def _require_approver():  # type: ignore[no-untyped-def]
 
 
 @bp.after_request
-def _security_headers(response: Response) -> Response:
-    for name, value in SECURITY_HEADERS.items():
-        response.headers[name] = value
+def _no_store(response: Response) -> Response:
+    response.headers["Cache-Control"] = "no-store"
     response.vary.add("Cookie")
     return response
 
@@ -230,32 +182,58 @@ def login_form():  # type: ignore[no-untyped-def]
 
 @bp.post("/login")
 def login():  # type: ignore[no-untyped-def]
-    user = _directory().authenticate(request.form.get("username"), request.form.get("password"))
+    username = request.form.get("username")
     target = _safe_next(request.form.get("next"))
+
+    def again(status: int, error: str):  # type: ignore[no-untyped-def]
+        return _page("login.html", status, error=error, next=target, username=(username or "")[:255], configured=bool(_directory()))
+
+    attempt = _guard_service().begin(username, request.remote_addr)
+    if isinstance(attempt, Locked):
+        body, status = again(429, f"Too many failed logins. Try again in {_duration(attempt.retry_after)}.")
+        response = current_app.make_response((body, status))
+        response.headers["Retry-After"] = str(attempt.retry_after)
+        return response
+    user = _directory().authenticate(username, request.form.get("password"))
     if user is None:
-        return _page(
-            "login.html",
-            401,
-            error="Invalid username or password",
-            next=target,
-            username=(request.form.get("username") or "")[:255],
-            configured=bool(_directory()),
-        )
+        _guard_service().failed(attempt)
+        return again(401, "Invalid username or password")
+    _guard_service().succeeded(attempt)
     # A new session on login: nothing from before (a planted token or id) survives.
     session.clear()
-    session["user"] = user.username
-    session["login_at"] = int(time.time())
+    session.rotate()  # type: ignore[attr-defined]
+    login_user(user)
     session["csrf"] = secrets.token_urlsafe(32)
-    g.pop("review_user", None)
     return redirect(target, 303)
 
 
 @bp.post("/logout")
 def logout():  # type: ignore[no-untyped-def]
-    session.clear()
-    g.pop("review_user", None)
+    """End this session: its row is deleted, the old cookie opens nothing any more."""
+    _end_session()
     flash("You are logged out.")
     return redirect(url_for("review.login_form"), 303)
+
+
+@bp.post("/logout-everywhere")
+def logout_everywhere():  # type: ignore[no-untyped-def]
+    """End every session of the logged-in user, on every browser and device."""
+    user = current_user()
+    assert user is not None  # _guard let the request through
+    ended = _store().delete_user(user.username)
+    _end_session()
+    flash(f"You are logged out everywhere ({ended} session(s) ended).")
+    return redirect(url_for("review.login_form"), 303)
+
+
+def _end_session() -> None:
+    logout_user()
+    session.clear()
+    session.rotate()  # type: ignore[attr-defined]
+
+
+def _duration(seconds: int) -> str:
+    return f"{seconds} seconds" if seconds < 120 else f"{-(-seconds // 60)} minutes"
 
 
 # -- reading -------------------------------------------------------------------------------

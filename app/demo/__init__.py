@@ -100,6 +100,8 @@ def run_demo(
             "API_TOKEN": token,
             "SECRET_KEY": secrets.token_hex(32),
             "REVIEW_USERS": f"demo:approver:{_hash(password)}",
+            # The demo serves plain http on 127.0.0.1 only: let the session cookie work there.
+            "DEV_ALLOW_HTTP_LOOPBACK": "true",
             "REFUND_MODE": "auto",
             "LOG_LEVEL": "WARNING",
             "LOG_FORMAT": "json",

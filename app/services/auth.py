@@ -10,17 +10,25 @@ Guarantees:
   against a dummy hash made with the same method as the configured users' hashes, so the
   response time does not tell which names exist.
 * Only the roles ``viewer`` (reads) and ``approver`` (reads and decides) exist; an
-  unknown role in the configuration is refused when the directory is built.
+  unknown role in the configuration is refused when the directory is built, and so is a
+  weak or malformed password hash (:func:`config.password_hash_problem`).
+* A user is what Flask-Login calls a user (``get_id``, ``is_authenticated``...) without
+  importing it. The id kept in a session is ``name/tag``, the tag being derived from the
+  user's password hash: after a password change (a new hash in ``REVIEW_USERS``) every
+  session opened with the old password no longer finds its user.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import threading
 from dataclasses import dataclass
 from typing import Iterable
 
 from werkzeug.security import check_password_hash, generate_password_hash
+
+from config import password_hash_problem
 
 VIEWER = "viewer"
 APPROVER = "approver"
@@ -34,11 +42,20 @@ MAX_USERNAME_LENGTH = 255
 class ReviewUser:
     username: str
     role: str
+    credential_tag: str = ""
 
     @property
     def can_decide(self) -> bool:
         """Approve, refund, dismiss and reopen: approvers only."""
         return self.role == APPROVER
+
+    # Flask-Login's user protocol.
+    is_authenticated = True
+    is_active = True
+    is_anonymous = False
+
+    def get_id(self) -> str:
+        return f"{self.username}/{self.credential_tag}"
 
 
 class UserDirectory:
@@ -49,7 +66,11 @@ class UserDirectory:
         for username, role, password_hash in users:
             if role not in ROLES:
                 raise ValueError(f"unknown review role {role!r} for {username!r}")
-            self._users[username] = (ReviewUser(username, role), password_hash)
+            problem = password_hash_problem(password_hash)
+            if problem:
+                raise ValueError(f"the password hash for review user {username!r} {problem}")
+            tag = hashlib.sha256(password_hash.encode()).hexdigest()[:16]
+            self._users[username] = (ReviewUser(username, role, tag), password_hash)
         self._dummy_hash: str | None = None
         self._dummy_lock = threading.Lock()
 
@@ -62,6 +83,14 @@ class UserDirectory:
             return None
         entry = self._users.get(username)
         return entry[0] if entry else None
+
+    def from_session_id(self, user_id: object) -> ReviewUser | None:
+        """The user a session's ``name/tag`` id stands for, if the tag is still current."""
+        if not isinstance(user_id, str) or "/" not in user_id:
+            return None
+        username, tag = user_id.split("/", 1)
+        user = self.get(username)
+        return user if user is not None and tag and secrets.compare_digest(tag, user.credential_tag) else None
 
     def authenticate(self, username: object, password: object) -> ReviewUser | None:
         """The user when ``password`` is theirs; ``None`` otherwise, with no hint why."""

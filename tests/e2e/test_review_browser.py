@@ -5,8 +5,8 @@ proposed refund; the Stripe emulator (stripe-stateful-mock, a real Node process 
 
 The browser is Debian's chromium at /usr/bin/chromium driven by Playwright; no browser is
 ever downloaded (``scripts/setup-dev.sh`` installs the Debian package). The login runs
-over plain http to 127.0.0.1, so this also shows that the session cookie works there
-(it is Secure everywhere else; see app/blueprints/review.py).
+over plain http to 127.0.0.1 with ``DEV_ALLOW_HTTP_LOOPBACK=true``, so this also shows
+that the session cookie works there (it is Secure everywhere else; see app/web_security.py).
 
 The case is seeded as in production: two 49.99 charges for one order at the emulator,
 their ``charge.succeeded`` webhooks (signed, built from the emulator's own charge JSON),
@@ -60,7 +60,7 @@ def emulator() -> Iterator[StatefulMock]:
 
 @pytest.fixture
 def env(emulator: StatefulMock, database_url: str) -> dict[str, str]:
-    password_hash = generate_password_hash(PASSWORD, method="pbkdf2:sha256:1000")
+    password_hash = generate_password_hash(PASSWORD)  # werkzeug's default; weak hashes are refused
     return {
         "DATABASE_URL": database_url,
         "STRIPE_API_KEY": p.new_id("sk_test"),
@@ -70,6 +70,9 @@ def env(emulator: StatefulMock, database_url: str) -> dict[str, str]:
         "API_TOKEN": TOKEN,
         "SECRET_KEY": "review-browser-secret-key-0123456789abcdef",
         "REVIEW_USERS": f"{USERNAME}:approver:{password_hash}",
+        # The service is on plain http://127.0.0.1: the session cookie may go without
+        # Secure only with this development setting (README, Security).
+        "DEV_ALLOW_HTTP_LOOPBACK": "true",
         "REFUND_MODE": "review",
         "BACKFILL_DAYS": "1",
         "LOG_LEVEL": "WARNING",

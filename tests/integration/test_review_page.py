@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import update
@@ -22,7 +23,7 @@ from app.gateway import StripeGateway
 from app.services.auth import UserDirectory
 from app.services.cases import CaseActionError
 from jobs.reconcile import run_reconciliation
-from models import AuditEntry, CaseCharge, Charge, DuplicateCase, Order, RefundAttempt, run_in_transaction
+from models import AuditEntry, CaseCharge, Charge, DuplicateCase, Order, RefundAttempt, run_in_transaction, utcnow
 from tests.fake_stripe import API
 from tests.integration.test_reconcile import NOW, _double_click, make_order
 
@@ -33,14 +34,19 @@ SCRIPT = "<script>alert(1)</script>"
 IMG = '"><img src=x onerror=alert(1)>'
 
 
+SECRET_KEY = "review-page-test-secret-key-0123456789abcdef"  # REVIEW_USERS needs >= 32 bytes
+
+
 def _hash(password: str) -> str:
-    return generate_password_hash(password, method="pbkdf2:sha256:1000")
+    # werkzeug's default (scrypt N=2^15): weaker hashes are refused at start.
+    return generate_password_hash(password)
 
 
 @pytest.fixture
 def review_settings(settings):  # type: ignore[no-untyped-def]
     return settings.with_overrides(
         review_users=((APPROVER, "approver", _hash(PASSWORD)), (VIEWER, "viewer", _hash(PASSWORD))),
+        secret_key=SECRET_KEY,
         stripe_api_base=API,
         stripe_max_network_retries=0,
         refund_mode="review",
@@ -167,11 +173,13 @@ def test_unknown_users_are_checked_against_a_dummy_hash_of_the_same_method() -> 
     assert directory.authenticate("someone", PASSWORD).role == "approver"
     assert directory.authenticate("someone", "nope") is None
     assert directory.authenticate("nobody", PASSWORD) is None
-    assert directory._dummy().startswith("pbkdf2:sha256:1000$")
+    assert directory._dummy().startswith("scrypt:32768:8:1$")
     assert directory.authenticate(None, None) is None
     assert directory.authenticate("someone", "x" * 5000) is None
     with pytest.raises(ValueError):
         UserDirectory([("someone", "admin", _hash(PASSWORD))])
+    with pytest.raises(ValueError, match="too weak"):  # however the directory is built
+        UserDirectory([("someone", "approver", generate_password_hash(PASSWORD, method="pbkdf2:sha256:1000"))])
 
 
 def test_login_rotates_the_session_and_logout_ends_it(web, case_id) -> None:  # type: ignore[no-untyped-def]
@@ -185,14 +193,18 @@ def test_login_rotates_the_session_and_logout_ends_it(web, case_id) -> None:  # 
     assert web.get("/review").status_code == 302
 
 
-def test_a_login_expires_and_a_removed_user_is_out_at_once(web, review_app, case_id) -> None:  # type: ignore[no-untyped-def]
+def test_a_login_expires_and_a_removed_user_is_out_at_once(web, review_app, session_factory, case_id) -> None:  # type: ignore[no-untyped-def]
+    # The login's age is the server-side session's (SESSION_MAX_HOURS, 12 by default);
+    # the browser cannot make it younger.
+    from models import WebSession
+
     login(web)
-    with web.session_transaction() as session:
-        session["login_at"] = int(time.time()) - 13 * 3600
+    with session_factory.begin() as db:
+        db.execute(update(WebSession).values(created_at=utcnow() - timedelta(hours=13)))
     assert web.get("/review").status_code == 302
     login(web)
     with web.session_transaction() as session:
-        session["user"] = "someone-not-configured"
+        session["_user_id"] = "someone-not-configured/0123456789abcdef"
     assert web.get("/review").status_code == 302
 
 
@@ -210,21 +222,27 @@ def test_a_viewer_reads_but_cannot_decide(web, stripe_api, ledger, case_id, acti
     unchanged(ledger, stripe_api, case_id)
 
 
-def test_session_cookie_is_httponly_lax_and_secure_except_plain_http_to_loopback(review_app) -> None:  # type: ignore[no-untyped-def]
+def test_session_cookie_is_httponly_lax_and_secure_unless_the_dev_setting_allows_loopback_http(review_app, review_settings, session_factory) -> None:  # type: ignore[no-untyped-def]
+    # Secure by default, whatever the Host (issue 12, point 4): plain http only for a
+    # loopback peer when DEV_ALLOW_HTTP_LOOPBACK is on. tests/integration/test_security_web.py
+    # has the proxy cases.
     review_app.config["TESTING"] = False
 
-    def cookie(base_url: str) -> str:
-        response = review_app.test_client().get("/review/login", base_url=base_url)
+    def cookie(app, base_url: str, peer: str = "127.0.0.1") -> str:  # type: ignore[no-untyped-def]
+        response = app.test_client().get("/review/login", base_url=base_url, environ_base={"REMOTE_ADDR": peer})
         return response.headers["Set-Cookie"]
 
-    local = cookie("http://127.0.0.1:8000")
-    assert "HttpOnly" in local and "SameSite=Lax" in local and "Secure" not in local
-    assert "Secure" not in cookie("http://localhost:8000")
-    assert "Secure" in cookie("https://127.0.0.1:8000")
-    assert "Secure" in cookie("http://review.example.com")
-    assert "Secure" in cookie("https://review.example.com")
-    review_app.config["REVIEW_INSECURE_COOKIES"] = True
-    assert "Secure" not in cookie("http://review.example.com")
+    local = cookie(review_app, "http://127.0.0.1:8000")
+    assert "HttpOnly" in local and "SameSite=Lax" in local and "Secure" in local
+    assert "Secure" in cookie(review_app, "http://localhost:8000")
+    assert "Secure" in cookie(review_app, "https://127.0.0.1:8000")
+    assert "Secure" in cookie(review_app, "http://review.example.com")
+    assert "Secure" in cookie(review_app, "https://review.example.com")
+    dev = create_app(review_settings.with_overrides(dev_allow_http_loopback=True), session_factory=session_factory)
+    assert "Secure" not in cookie(dev, "http://127.0.0.1:8000")
+    assert "Secure" not in cookie(dev, "http://localhost:8000", peer="::1")
+    assert "Secure" in cookie(dev, "https://127.0.0.1:8000")
+    assert "Secure" in cookie(dev, "http://127.0.0.1:8000", peer="192.0.2.10")  # not a loopback peer
 
 
 def test_review_responses_carry_the_security_headers(web, case_id) -> None:  # type: ignore[no-untyped-def]

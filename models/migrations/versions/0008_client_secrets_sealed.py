@@ -11,7 +11,7 @@ from Stripe.
 Downgrade restores the column empty (secrets are not decrypted back into clear).
 
 Revision ID: 0008
-Revises: 0006 (to be rebased onto 0007 when it lands)
+Revises: 0007 (to be rebased onto 0007 when it lands)
 Create Date: 2026-12-01
 """
 
@@ -24,7 +24,7 @@ from alembic import op
 
 
 revision = '0008'
-down_revision = '0006'
+down_revision = '0007'
 branch_labels = None
 depends_on = None
 

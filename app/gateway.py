@@ -234,6 +234,13 @@ class StripeGateway:
         params: dict[str, Any] = {"limit": page_size, "created": {"gt": created_gte - 1}}
         return self._paginate(lambda p: client.v1.disputes.list(params=p), params)  # type: ignore[arg-type]
 
+    def list_checkout_sessions(self, *, created_gte: int, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Every Checkout Session created at or after ``created_gte``, following pages to
+        the end (:class:`StripeNotFound` where an emulator does not serve sessions)."""
+        client = self._require_client()
+        params: dict[str, Any] = {"limit": page_size, "created": {"gt": created_gte - 1}}
+        return self._paginate(lambda p: client.v1.checkout.sessions.list(params=p), params)  # type: ignore[arg-type]
+
     def list_undelivered_events(
         self, *, created_gte: int, page_size: int = 100
     ) -> Iterator[dict[str, Any]]:

@@ -102,6 +102,14 @@ class Settings:
     # Reverse proxies in front of the service whose X-Forwarded-For/-Proto are trusted.
     trusted_proxies: int = 0
 
+    # -- Checkout Sessions (README "Checkout Sessions and Payment Links") ------------------
+    # A session names its order in client_reference_id, else in metadata[this key].
+    checkout_order_metadata_key: str = "order_id"
+    # Payment Links used one link per product: link id -> order key. A session of such a
+    # link that names no order is linked to the order "<order key>:<customer>" (customer
+    # id, else a hash of the e-mail Checkout collected). Empty: off.
+    payment_link_orders: tuple[tuple[str, str], ...] = ()
+
     def __post_init__(self) -> None:
         if self.review_users:
             key = self.secret_key or ""
@@ -245,6 +253,11 @@ class Settings:
                 "DEV_ALLOW_HTTP_LOOPBACK", text("DEV_ALLOW_HTTP_LOOPBACK") or "false"
             ),
             trusted_proxies=_parse_int("TRUSTED_PROXIES", text("TRUSTED_PROXIES"), 0, minimum=0),
+            # Checkout Sessions and Payment Links
+            checkout_order_metadata_key=_parse_metadata_key(
+                "CHECKOUT_ORDER_METADATA_KEY", text("CHECKOUT_ORDER_METADATA_KEY") or "order_id"
+            ),
+            payment_link_orders=_parse_payment_link_orders(text("PAYMENT_LINK_ORDERS")),
         )
         if settings.smtp_host and not (settings.alert_email_from and settings.alert_email_to):
             raise SettingsError("SMTP_HOST needs ALERT_EMAIL_FROM and ALERT_EMAIL_TO")
@@ -402,6 +415,37 @@ def _parse_http_url(name: str, raw: str | None) -> str | None:
     if not re.match(r"^https?://[^\s/]+", raw):
         raise SettingsError(f"{name} must be an http(s) URL")
     return raw
+
+
+def _parse_metadata_key(name: str, raw: str) -> str:
+    # Stripe metadata keys are at most 40 characters and may not contain square brackets.
+    if len(raw) > 40 or "[" in raw or "]" in raw:
+        raise SettingsError(f"{name} must be a Stripe metadata key (at most 40 characters, no brackets)")
+    return raw
+
+
+_PAYMENT_LINK_ID = re.compile(r"^plink_[A-Za-z0-9]{1,250}$")
+_ORDER_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:#/-]{0,127}$")
+
+
+def _parse_payment_link_orders(raw: str | None) -> tuple[tuple[str, str], ...]:
+    """``plink_A=KEY,plink_B=OTHER``: Payment Link id -> order key (one link per product)."""
+    if raw is None:
+        return ()
+    pairs: list[tuple[str, str]] = []
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        link, sep, key = (part.strip() for part in item.partition("="))
+        if not sep or not _PAYMENT_LINK_ID.match(link) or not _ORDER_KEY.match(key):
+            raise SettingsError(
+                "PAYMENT_LINK_ORDERS must be comma-separated plink_...=ORDER_KEY pairs "
+                "(order keys: letters, digits and _.:#/-, at most 128 characters)"
+            )
+        if any(link == seen for seen, _ in pairs):
+            raise SettingsError(f"PAYMENT_LINK_ORDERS names {link} twice")
+        pairs.append((link, key))
+    return tuple(pairs)
 
 
 def _parse_int(name: str, raw: str | None, default: int, *, minimum: int) -> int:

@@ -1,7 +1,7 @@
 """Backfill: what the webhooks missed, read from the Stripe API and applied through the
 same idempotent upserts as webhooks.
 
-* Charges, refunds and disputes created since ``since`` (Stripe ``created``), every page
+* Charges, refunds, disputes and Checkout Sessions created since ``since`` (Stripe ``created``), every page
   to the end. An object read from the API counts as of the second taken just *before* the
   request that read it (for a listing: before the request of its page), so it never loses
   to an older event, and an event created in the same second as the read or later (it may
@@ -59,7 +59,7 @@ PAGE = 100
 Progress = Callable[[str, int], None]
 
 # The listings that carry a watermark, in the order a pass reads them.
-LISTINGS = ("charges", "refunds", "disputes", "events")
+LISTINGS = ("charges", "refunds", "disputes", "checkout_sessions", "events")
 
 
 @dataclass
@@ -67,6 +67,7 @@ class BackfillSummary:
     charges: int = 0
     refunds: int = 0
     disputes: int = 0
+    checkout_sessions: int = 0
     payment_intents: int = 0
     events: int = 0
     events_applied: int = 0
@@ -135,7 +136,12 @@ def backfill(
         if listing in newest and (known is None or newest[listing] > known):
             known = newest[listing]
 
-    def apply_listing(kind: str, listing: Iterable[dict[str, Any]], apply_one: Callable[..., Any]) -> None:
+    def apply_listing(
+        kind: str,
+        listing: Iterable[dict[str, Any]],
+        apply_one: Callable[..., Any],
+        read: Callable[[Any], Any] | None = None,
+    ) -> None:
         """Apply a listing page by page, one transaction a page, counting as it goes (a
         listing that stops half way still reports what it applied); an object whose shape
         we cannot read is logged and skipped, never a reason to stop the backfill."""
@@ -143,7 +149,7 @@ def backfill(
             readable: list[Any] = []
             for obj in page:
                 try:
-                    readable.append(_SNAPSHOTS[kind](obj))
+                    readable.append((read or _SNAPSHOTS[kind])(obj))
                 except ShapeError as exc:
                     log.warning("%s from the API skipped: %s", kind, exc, extra={"object_id": obj.get("id")})
                     summary.skipped_objects += 1
@@ -182,6 +188,17 @@ def backfill(
         except StripeNotFound:
             summary.notes.append("the disputes API is not available here; disputes come from webhooks only")
         completed("disputes")  # an API that is not there has nothing left to list
+        try:
+            # Read with the same linking settings as the webhooks.
+            apply_listing(
+                "checkout_session",
+                gateway.list_checkout_sessions(created_gte=since, page_size=PAGE),
+                ledger.apply_checkout_session,
+                ingestor.checkout_linking.snapshot,
+            )
+        except StripeNotFound:
+            summary.notes.append("the Checkout Sessions API is not available here; sessions come from webhooks only")
+        completed("checkout_sessions")
         try:
             replay_events()
         except StripeNotFound:

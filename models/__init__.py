@@ -8,6 +8,7 @@ from models.base import Base, utcnow
 from models.db import make_engine, make_session_factory, run_in_transaction
 from models.ledger import (
     Charge,
+    CheckoutSession,
     Dispute,
     EventFailure,
     Order,
@@ -47,6 +48,7 @@ __all__ = [
     "RunLease",
     "Base",
     "Charge",
+    "CheckoutSession",
     "Dispute",
     "EventFailure",
     "Order",

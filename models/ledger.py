@@ -199,6 +199,37 @@ class PaymentIntent(Base):
     )
 
 
+class CheckoutSession(Base):
+    """A Stripe Checkout Session: the order it names (``client_reference_id``, metadata, or
+    its Payment Link) is the order of its PaymentIntent and so of that PaymentIntent's
+    charges, whichever of them Stripe reports first."""
+
+    __tablename__ = "checkout_sessions"
+
+    id: Mapped[str] = mapped_column(STRIPE_ID, primary_key=True)
+    order_id: Mapped[str | None] = mapped_column(ForeignKey("orders.id"), index=True)
+    payment_intent_id: Mapped[str | None] = mapped_column(STRIPE_ID, index=True)
+    account: Mapped[str | None] = mapped_column(STRIPE_ID)
+    livemode: Mapped[bool] = mapped_column(Boolean, default=False)
+    mode: Mapped[str] = mapped_column(String(16))  # payment | setup | subscription
+    status: Mapped[str] = mapped_column(String(16))  # open | complete | expired
+    payment_status: Mapped[str] = mapped_column(String(24))  # paid | unpaid | no_payment_required
+    # True once checkout.session.async_payment_failed was applied (never goes back).
+    payment_failed: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    amount_total: Mapped[int | None] = mapped_column(BigInteger)
+    currency: Mapped[str | None] = mapped_column(CURRENCY)
+    client_reference_id: Mapped[str | None] = mapped_column(String(255))
+    payment_link: Mapped[str | None] = mapped_column(STRIPE_ID)
+    customer: Mapped[str | None] = mapped_column(STRIPE_ID)
+    created: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int | None] = mapped_column(BigInteger)
+    last_event_created: Mapped[int] = mapped_column(BigInteger)
+    first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+
 Index("ix_charges_order_currency", Charge.order_id, Charge.currency)
 # Incremental reconciliation reads "what changed since the last pass" through these.
 Index("ix_charges_updated_at", Charge.updated_at)

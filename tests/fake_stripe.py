@@ -7,6 +7,14 @@ queued (``fail_refunds_with``) to play 429s and 500s, and a listing can fail on 
 page (``fail_list_pages``) or run code before a page is answered (``on_list``: the world
 changing while a backfill reads, a slow answer moving a test clock).
 
+Checkout Sessions (``/v1/checkout/sessions``): create (``mode``, ``success_url``,
+``line_items`` with ``price_data``, ``client_reference_id``, ``metadata``,
+``payment_intent_data[metadata]``, ``customer``; Idempotency-Key replayed), retrieve, list
+(``created[gt]``, ``starting_after``, ``payment_intent``), expire (open sessions only), with
+Stripe's 400/404 errors; ``pay_checkout_session`` plays the customer paying one (a
+PaymentIntent and its charge appear); ``checkout_api = False`` answers 404 as an emulator
+without sessions does.
+
 For the property tests, additively: later state changes (``set_refund_status``,
 ``set_dispute_status``, ``capture_charge``, ``release_authorization``), uncaptured
 authorisations (``add_authorization``), ``fail_next_refunds``, an optional ``clock`` for
@@ -39,6 +47,8 @@ class FakeStripe:
         self.payment_intents: dict[str, JSON] = {}
         self.undelivered_events: list[JSON] = []
         self.events_api = True
+        self.checkout_sessions: dict[str, JSON] = {}
+        self.checkout_api = True
         self.refund_creates = 0  # refunds actually created (not replays)
         self.refund_requests: list[JSON] = []  # every POST /v1/refunds, parsed
         self.cancel_requests: list[JSON] = []  # every POST /v1/payment_intents/<id>/cancel
@@ -67,6 +77,10 @@ class FakeStripe:
         mock.add_callback("GET", re.compile(rf"{b}/v1/disputes(\?.*)?$"), self._list("disputes"))
         mock.add_callback("GET", re.compile(rf"{b}/v1/events(\?.*)?$"), self._list_events)
         mock.add_callback("GET", re.compile(rf"{b}/v1/payment_intents/[^/?]+$"), self._retrieve_intent)
+        mock.add_callback("GET", re.compile(rf"{b}/v1/checkout/sessions(\?.*)?$"), self._list_checkout_sessions)
+        mock.add_callback("POST", re.compile(rf"{b}/v1/checkout/sessions$"), self._create_checkout_session)
+        mock.add_callback("GET", re.compile(rf"{b}/v1/checkout/sessions/[^/?]+$"), self._retrieve_checkout_session)
+        mock.add_callback("POST", re.compile(rf"{b}/v1/checkout/sessions/[^/?]+/expire$"), self._expire_checkout_session)
         mock.add_callback("POST", re.compile(rf"{b}/v1/payment_intents/[^/?]+/cancel$"), self._cancel_intent)
 
     # -- seeding ---------------------------------------------------------------------------
@@ -88,6 +102,44 @@ class FakeStripe:
         self.disputes[dispute["id"]] = dispute
         charge["disputed"] = True
         return dispute
+
+    def add_checkout_session(self, **fields: Any) -> JSON:
+        """Seed a session as :func:`tests.stripe_payloads.checkout_session` builds it."""
+        fields.setdefault("api_version", self.api_version)
+        session = p.checkout_session(**fields)
+        self.checkout_sessions[session["id"]] = session
+        return dict(session)
+
+    def pay_checkout_session(
+        self, session_id: str, *, created: int | None = None, async_payment: str | None = None, **charge_fields: Any
+    ) -> tuple[JSON, JSON, JSON | None]:
+        """The customer pays an open session: its PaymentIntent (reused when the session
+        already has one, as before 2022-08-01) and a charge carrying no order metadata. The
+        session becomes ``complete``. ``async_payment`` ``"processing"`` leaves it unpaid
+        with a pending charge, ``"failed"`` fails the charge (session still complete and
+        unpaid, as after ``checkout.session.async_payment_failed``). Returns the session,
+        the PaymentIntent and the charge."""
+        session = self.checkout_sessions[session_id]
+        if session["status"] != "open":
+            raise ValueError(f"session {session_id} is {session['status']}")
+        intent_id = session.get("payment_intent") or p.new_id("pi")
+        charge_status = {"processing": "pending", "failed": "failed", None: "succeeded"}[async_payment]
+        charge = self.add_charge(
+            amount=session["amount_total"], currency=session["currency"], payment_intent=intent_id,
+            status=charge_status, customer=session.get("customer"), created=created, **charge_fields,
+        )
+        intent_status = {"processing": "processing", "failed": "requires_payment_method", None: "succeeded"}[async_payment]
+        self.payment_intents[intent_id] = p.payment_intent(
+            id=intent_id, amount=session["amount_total"], currency=session["currency"], status=intent_status,
+            latest_charge=charge["id"], customer=session.get("customer"), created=charge["created"],
+            api_version=self.api_version,
+        )
+        session.update(
+            status="complete", payment_intent=intent_id, url=None,
+            payment_status="paid" if async_payment is None else "unpaid",
+            customer_details={"address": None, "email": session.get("customer_email") or "jenny.rosen@example.com", "name": None, "phone": None, "tax_exempt": "none", "tax_ids": []},
+        )
+        return dict(session), self.payment_intents[intent_id], charge
 
     def charge(self, charge_id: str) -> JSON:
         """The charge as Stripe renders it now: amount_refunded follows its refunds."""
@@ -209,6 +261,91 @@ class FakeStripe:
         query = parse_qs(urlparse(request.url).query)
         return self._page(list(self.undelivered_events), query, "/v1/events")
 
+    # -- Checkout Sessions -------------------------------------------------------------------
+
+    def _checkout_unavailable(self, request):  # type: ignore[no-untyped-def]
+        path = urlparse(request.url).path
+        return _error(404, "invalid_request_error", f"Unrecognized request URL ({request.method}: {path}).", None)
+
+    def _list_checkout_sessions(self, request):  # type: ignore[no-untyped-def]
+        self.list_requests.append(request.url)
+        if not self.checkout_api:
+            return self._checkout_unavailable(request)
+        failure = self._before_list("checkout_sessions", request)
+        if failure is not None:
+            return failure
+        query = parse_qs(urlparse(request.url).query)
+        items = [dict(o) for o in self.checkout_sessions.values()]
+        if "payment_intent" in query:
+            items = [o for o in items if o.get("payment_intent") == query["payment_intent"][0]]
+        return self._page(items, query, "/v1/checkout/sessions")
+
+    def _retrieve_checkout_session(self, request):  # type: ignore[no-untyped-def]
+        if not self.checkout_api:
+            return self._checkout_unavailable(request)
+        session_id = urlparse(request.url).path.rsplit("/", 1)[1]
+        if session_id not in self.checkout_sessions:
+            return _error(404, "invalid_request_error", f"No such checkout.session: '{session_id}'", "resource_missing")
+        return 200, {}, json.dumps(self.checkout_sessions[session_id])
+
+    def _create_checkout_session(self, request):  # type: ignore[no-untyped-def]
+        if not self.checkout_api:
+            return self._checkout_unavailable(request)
+        raw = request.body if isinstance(request.body, str) else (request.body or b"").decode()
+        params = {k: v[0] for k, v in parse_qs(raw).items()}
+        key = request.headers.get("Idempotency-Key")
+        if key and key in self._idempotency:
+            seen, status, body = self._idempotency[key]
+            if seen != params:
+                return _error(400, "idempotency_error", "Keys for idempotent requests can only be used with the same parameters they were first used with.", None)
+            return status, {"Idempotent-Replayed": "true"}, json.dumps(body)
+        status, body = self._new_checkout_session(params)
+        if key:
+            self._idempotency[key] = (params, status, body)
+        return status, {}, json.dumps(body)
+
+    def _new_checkout_session(self, params: JSON) -> tuple[int, JSON]:
+        for required in ("mode", "success_url"):
+            if required not in params:
+                return 400, _error_body("invalid_request_error", f"Missing required param: {required}.", "parameter_missing", param=required)
+        if params["mode"] not in ("payment", "setup", "subscription"):
+            return 400, _error_body("invalid_request_error", f"Invalid mode: must be one of payment, setup, or subscription", "parameter_invalid_string", param="mode")
+        if params["mode"] == "payment" and "line_items[0][price_data][unit_amount]" not in params:
+            return 400, _error_body("invalid_request_error", "You must specify either `line_items` or `prices` in `payment` mode.", "parameter_missing", param="line_items")
+        total, currency, i = 0, None, 0
+        while f"line_items[{i}][price_data][unit_amount]" in params:
+            total += int(params[f"line_items[{i}][price_data][unit_amount]"]) * int(params.get(f"line_items[{i}][quantity]", "1"))
+            currency = params.get(f"line_items[{i}][price_data][currency]", currency)
+            i += 1
+        metadata = {k[len("metadata["):-1]: v for k, v in params.items() if k.startswith("metadata[")}
+        created = {"created": int(self.clock())} if self.clock is not None else {}
+        session = p.checkout_session(
+            amount_total=total if params["mode"] == "payment" else None, currency=currency, mode=params["mode"],
+            status="open", client_reference_id=params.get("client_reference_id"), metadata=metadata,
+            customer=params.get("customer"), customer_email=params.get("customer_email"),
+            api_version=self.api_version, **created,
+        )
+        session["success_url"] = params["success_url"]
+        session["cancel_url"] = params.get("cancel_url")
+        self.checkout_sessions[session["id"]] = session
+        return 200, dict(session)
+
+    def _expire_checkout_session(self, request):  # type: ignore[no-untyped-def]
+        if not self.checkout_api:
+            return self._checkout_unavailable(request)
+        session_id = urlparse(request.url).path.rstrip("/").split("/")[-2]
+        if session_id not in self.checkout_sessions:
+            return _error(404, "invalid_request_error", f"No such checkout.session: '{session_id}'", "resource_missing")
+        session = self.checkout_sessions[session_id]
+        if session["status"] != "open":
+            return 400, {}, json.dumps(_error_body(
+                "invalid_request_error",
+                f"Only Checkout Sessions with a status in [\"open\"] can be expired. This Checkout Session has a status of \"{session['status']}\".",
+                None,
+            ))
+        session.update(status="expired", url=None)
+        return 200, {}, json.dumps(session)
+
     def _retrieve_charge(self, request):  # type: ignore[no-untyped-def]
         charge_id = urlparse(request.url).path.rsplit("/", 1)[1]
         if charge_id not in self.charges:
@@ -319,10 +456,12 @@ class FakeStripe:
         return 200, refund
 
 
-def _error_body(kind: str, message: str, code: str | None) -> JSON:
+def _error_body(kind: str, message: str, code: str | None, *, param: str | None = None) -> JSON:
     error: JSON = {"type": kind, "message": message}
     if code:
         error["code"] = code
+    if param:
+        error["param"] = param
     return {"error": error}
 
 

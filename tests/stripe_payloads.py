@@ -78,6 +78,7 @@ __all__ = [
     "LEGACY_API_VERSION",
     "PRE_2019_API_VERSION",
     "charge",
+    "checkout_session",
     "dispute",
     "encode",
     "event",
@@ -98,6 +99,9 @@ CURRENT_API_VERSION: Final[str] = "2024-10-28.acacia"
 # First API versions (their date part) with each versioned change modelled here.
 _PAYMENT_METHOD_NAMES: Final = "2019-02-11"
 _EMBEDDED_LISTS_REMOVED: Final = "2022-11-15"
+# Checkout: the PaymentIntent is created only when the customer pays, shipping_details
+# replaces shipping, shipping_options replaces shipping_rates, customer_creation appears.
+_CHECKOUT_DEFERRED_PAYMENT_INTENT: Final = "2022-08-01"
 _AUTOMATIC_PAYMENT_METHODS_DEFAULT: Final = "2023-08-16"
 _AUTOMATIC_ASYNC_CAPTURE_DEFAULT: Final = "2024-04-10"
 
@@ -887,6 +891,144 @@ def _charge_for_intent(
         livemode=livemode,
         api_version=api_version,
     )
+
+
+_CHECKOUT_STATUSES: Final = frozenset({"open", "complete", "expired"})
+_CHECKOUT_PAYMENT_STATUSES: Final = frozenset({"paid", "unpaid", "no_payment_required"})
+_CHECKOUT_SESSION_LIFETIME: Final = _DAY  # expires_at defaults to 24 hours after created
+
+
+def checkout_session(
+    *,
+    id: str | None = None,
+    amount_total: int | None = 4999,
+    currency: str | None = "usd",
+    mode: str = "payment",
+    status: str = "complete",
+    payment_status: str | None = None,
+    payment_intent: str | None = None,
+    client_reference_id: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    customer: str | None = None,
+    customer_email: str | None = None,
+    payment_link: str | None = None,
+    created: int | None = None,
+    expires_at: int | None = None,
+    livemode: bool = False,
+    api_version: str = CURRENT_API_VERSION,
+) -> JSON:
+    """A Checkout Session (``"object": "checkout.session"``) as rendered in ``api_version``.
+
+    ``status`` is ``open``, ``complete`` or ``expired``; ``payment_status`` defaults to
+    ``paid`` for a complete session and ``unpaid`` otherwise (``unpaid`` with ``complete``
+    is an async payment, e.g. a bank debit, still processing or failed).
+
+    * From 2022-08-01 the PaymentIntent is created when the customer pays:
+      ``payment_intent`` is ``null`` on an open or expired session unless given;
+      ``shipping_details``/``shipping_options``/``customer_creation`` replace
+      ``shipping``/``shipping_rates``.
+    * Before it (e.g. ``2020-08-27``), a payment-mode session gets its PaymentIntent at
+      creation: ``payment_intent`` is set whatever the status (a ``pi_`` id is made up
+      when none is given).
+    * From 2023-08-16 ``payment_method_configuration_details`` is set and
+      ``payment_method_types`` includes ``link``.
+
+    ``url`` is the hosted page while ``open`` and ``null`` afterwards; ``client_secret``
+    is ``null`` for hosted sessions.
+    """
+    date = _version_date(api_version)
+    _check(status, _CHECKOUT_STATUSES, "checkout session status")
+    if payment_status is None:
+        payment_status = "paid" if status == "complete" else "unpaid"
+    _check(payment_status, _CHECKOUT_PAYMENT_STATUSES, "checkout payment status")
+    if mode not in ("payment", "setup", "subscription"):
+        raise ValueError(f"checkout mode {mode!r} is not payment, setup or subscription")
+    session_id = id or f"cs_{'live' if livemode else 'test'}_{_random(58)}"
+    created = _now() if created is None else created
+    expires_at = created + _CHECKOUT_SESSION_LIFETIME if expires_at is None else expires_at
+    deferred = date >= _CHECKOUT_DEFERRED_PAYMENT_INTENT
+    if payment_intent is None and mode == "payment" and (not deferred or status == "complete"):
+        payment_intent = new_id("pi")
+    automatic = date >= _AUTOMATIC_PAYMENT_METHODS_DEFAULT
+    complete = status == "complete"
+    obj: JSON = {
+        "id": session_id,
+        "object": "checkout.session",
+        "after_expiration": None,
+        "allow_promotion_codes": None,
+        "amount_subtotal": amount_total,
+        "amount_total": amount_total,
+        "automatic_tax": {"enabled": False, "liability": None, "status": None},
+        "billing_address_collection": None,
+        "cancel_url": "https://example.com/cart",
+        "client_reference_id": client_reference_id,
+        "client_secret": None,
+        "consent": None,
+        "consent_collection": None,
+        "created": created,
+        "currency": currency,
+        "currency_conversion": None,
+        "custom_fields": [],
+        "custom_text": {"after_submit": None, "shipping_address": None, "submit": None, "terms_of_service_acceptance": None},
+        "customer": customer,
+    }
+    if deferred:
+        obj["customer_creation"] = None if customer else "if_required"
+    obj.update(
+        {
+            "customer_details": (
+                {
+                    "address": None,
+                    "email": customer_email or "jenny.rosen@example.com",
+                    "name": None,
+                    "phone": None,
+                    "tax_exempt": "none",
+                    "tax_ids": [],
+                }
+                if complete
+                else None
+            ),
+            "customer_email": customer_email,
+            "expires_at": expires_at,
+            "invoice": None,
+            "invoice_creation": {"enabled": False, "invoice_data": {"account_tax_ids": None, "custom_fields": None, "description": None, "footer": None, "issuer": None, "metadata": {}, "rendering_options": None}} if mode == "payment" else None,
+            "livemode": livemode,
+            "locale": None,
+            "metadata": dict(metadata or {}),
+            "mode": mode,
+            "payment_intent": payment_intent if mode == "payment" else None,
+            "payment_link": payment_link,
+            "payment_method_collection": "if_required" if mode != "payment" else None,
+            "payment_method_configuration_details": {"id": new_id("pmc"), "parent": None} if automatic else None,
+            "payment_method_options": {"card": {"request_three_d_secure": "automatic"}},
+            "payment_method_types": ["card", "link"] if automatic else ["card"],
+            "payment_status": payment_status,
+            "phone_number_collection": {"enabled": False},
+            "recovered_from": None,
+            "saved_payment_method_options": None,
+            "setup_intent": new_id("seti") if mode == "setup" else None,
+            "shipping_address_collection": None,
+            "shipping_cost": None,
+        }
+    )
+    if deferred:
+        obj["shipping_details"] = None
+        obj["shipping_options"] = []
+    else:
+        obj["shipping"] = None
+        obj["shipping_rates"] = []
+    obj.update(
+        {
+            "status": status,
+            "submit_type": None,
+            "subscription": new_id("sub") if mode == "subscription" and complete else None,
+            "success_url": "https://example.com/success?session_id={CHECKOUT_SESSION_ID}",
+            "total_details": {"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0},
+            "ui_mode": "hosted",
+            "url": f"https://checkout.stripe.com/c/pay/{session_id}#fidkdWxOYHwnPyd1blpxYHZxWjA0" if status == "open" else None,
+        }
+    )
+    return obj
 
 
 # -- events and delivery -------------------------------------------------------------------

@@ -17,6 +17,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -33,6 +34,7 @@ from app.services.stripe_shapes import (
     ChargeSnapshot,
     ShapeError,
     charge_snapshot,
+    checkout_session_snapshot,
     dispute_snapshot,
     payment_intent_snapshot,
     refund_snapshot,
@@ -107,6 +109,32 @@ def _payment_intent_event(session: Session, event: EventEnvelope) -> None:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class CheckoutLinking:
+    """How a Checkout Session names its order (settings CHECKOUT_ORDER_METADATA_KEY and
+    PAYMENT_LINK_ORDERS)."""
+
+    metadata_key: str = "order_id"
+    payment_link_orders: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "CheckoutLinking":
+        return cls(settings.checkout_order_metadata_key, dict(settings.payment_link_orders))
+
+    def snapshot(self, obj: Mapping[str, Any]):  # type: ignore[no-untyped-def]
+        return checkout_session_snapshot(obj, metadata_key=self.metadata_key, payment_link_orders=self.payment_link_orders)
+
+
+def _checkout_session_event(session: Session, event: EventEnvelope, linking: CheckoutLinking = CheckoutLinking()) -> None:
+    ledger.apply_checkout_session(
+        session,
+        linking.snapshot(event.object),
+        as_of=event.created,
+        account=event.account,
+        payment_failed=event.type == "checkout.session.async_payment_failed",
+    )
+
+
 HANDLERS: dict[str, Handler] = {
     "charge.succeeded": _charge_event,
     "charge.failed": _charge_event,
@@ -125,6 +153,11 @@ HANDLERS: dict[str, Handler] = {
     "refund.created": _refund_event,
     "refund.updated": _refund_event,
     "refund.failed": _refund_event,
+    # Checkout: the session names the order of its PaymentIntent and charges.
+    "checkout.session.completed": _checkout_session_event,
+    "checkout.session.async_payment_succeeded": _checkout_session_event,
+    "checkout.session.async_payment_failed": _checkout_session_event,
+    "checkout.session.expired": _checkout_session_event,
 }
 
 
@@ -141,6 +174,7 @@ class WebhookIngestor:
     ) -> None:
         self._settings = settings
         self._session_factory = session_factory
+        self.checkout_linking = CheckoutLinking.from_settings(settings)
         self._handlers = HANDLERS if handlers is None else handlers
         bind = getattr(session_factory, "kw", {}).get("bind")
         # The lean path for new charges speaks PostgreSQL through psycopg's pipeline mode.
@@ -184,6 +218,9 @@ class WebhookIngestor:
             return IngestResult(200, {"status": "ignored", "reason": "livemode_mismatch", "event_id": event.id}, event.type)
 
         handler = self._handlers.get(event.type)
+        if handler is _checkout_session_event:
+            # The checkout handler reads the merchant's linking settings.
+            handler = functools.partial(_checkout_session_event, linking=self.checkout_linking)
         text_payload = payload.decode("utf-8")
         lean = self._lean_charge(event, handler)
         if lean is not None:

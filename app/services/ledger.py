@@ -30,11 +30,12 @@ from app.services import case_lifecycle as lifecycle
 from app.services.case_lifecycle import CaseAction
 from app.services.stripe_shapes import (
     ChargeSnapshot,
+    CheckoutSessionSnapshot,
     DisputeSnapshot,
     PaymentIntentSnapshot,
     RefundSnapshot,
 )
-from models import Charge, Dispute, DuplicateCase, Order, PaymentIntent, Refund, RefundAttempt
+from models import Charge, CheckoutSession, Dispute, DuplicateCase, Order, PaymentIntent, Refund, RefundAttempt
 from models.db import insert_ignore, lock_key
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ _DISPUTE_RANK = {
     "lost": 2,
     "prevented": 2,
 }
+_CHECKOUT_STATUS_RANK = {"open": 0, "complete": 1, "expired": 1}
+_CHECKOUT_PAYMENT_RANK = {"unpaid": 0, "paid": 1, "no_payment_required": 1}
 _PAYMENT_INTENT_RANK = {
     "requires_payment_method": 0,
     "requires_confirmation": 0,
@@ -435,6 +438,9 @@ def apply_payment_intent(
             "PaymentIntent metadata names another order; keeping the first link",
             extra={"payment_intent_id": intent.id, "order_id": intent.order_id},
         )
+    if intent.order_id is None:
+        # Checkout: the order is named by the session, which may have come first.
+        intent.order_id = _order_of_checkout_session(session, intent.id)
     for charge in snapshot.charges:
         apply_charge(session, charge, as_of=as_of, account=account, order_hint=intent.order_id)
     if intent.order_id:
@@ -468,6 +474,118 @@ def apply_payment_intent(
         release_charges(session, payment_intent_id=intent.id)
     _settle_payment_attempt(session, intent)
     return intent
+
+
+def apply_checkout_session(
+    session: Session,
+    snapshot: CheckoutSessionSnapshot,
+    *,
+    as_of: int,
+    account: str | None,
+    payment_failed: bool = False,
+) -> CheckoutSession:
+    """Upsert a Checkout Session and link its PaymentIntent, and every charge of it, to the
+    order the session names, whichever of them Stripe reported first: a charge arriving
+    later finds the order through the session (:func:`_order_of_payment_intent`), a
+    session arriving later links the charges already held (late linking). The session's
+    ``amount_total`` is the order's total while no other source gave one."""
+    if snapshot.payment_intent_id:
+        lock_key(session, "payment_intent", snapshot.payment_intent_id)
+    inserted = insert_ignore(
+        session,
+        CheckoutSession,
+        {
+            "id": snapshot.id,
+            "payment_intent_id": snapshot.payment_intent_id,
+            "account": account,
+            "livemode": snapshot.livemode,
+            "mode": snapshot.mode,
+            "status": snapshot.status,
+            "payment_status": snapshot.payment_status,
+            "payment_failed": False,
+            "amount_total": snapshot.amount_total,
+            "currency": snapshot.currency,
+            "client_reference_id": snapshot.client_reference_id,
+            "payment_link": snapshot.payment_link_id,
+            "customer": snapshot.customer_id,
+            "created": snapshot.created,
+            "expires_at": snapshot.expires_at,
+            "last_event_created": as_of,
+        },
+    )
+    checkout = _locked(session, CheckoutSession, snapshot.id)
+    if not inserted and as_of >= checkout.last_event_created:
+        tie = as_of == checkout.last_event_created
+        # complete and expired are final; a paid session stays paid. Otherwise the newer
+        # snapshot wins, and on a tie only what moves forward.
+        if _CHECKOUT_STATUS_RANK[checkout.status] == 0 and (
+            not tie or _CHECKOUT_STATUS_RANK[snapshot.status] > 0
+        ):
+            checkout.status = snapshot.status
+        if _CHECKOUT_PAYMENT_RANK[checkout.payment_status] == 0 and (
+            not tie or _CHECKOUT_PAYMENT_RANK[snapshot.payment_status] > 0
+        ):
+            checkout.payment_status = snapshot.payment_status
+        if checkout.amount_total is None or not tie:
+            checkout.amount_total = snapshot.amount_total if snapshot.amount_total is not None else checkout.amount_total
+            checkout.currency = snapshot.currency or checkout.currency
+        checkout.last_event_created = as_of
+    elif not inserted:
+        log.info("older checkout session snapshot skipped", extra={"checkout_session_id": checkout.id, "as_of": as_of})
+    checkout.payment_intent_id = checkout.payment_intent_id or snapshot.payment_intent_id
+    checkout.customer = checkout.customer or snapshot.customer_id
+    checkout.client_reference_id = checkout.client_reference_id or snapshot.client_reference_id
+    checkout.payment_link = checkout.payment_link or snapshot.payment_link_id
+    checkout.expires_at = checkout.expires_at or snapshot.expires_at
+    checkout.account = checkout.account or account
+    # checkout.session.async_payment_failed: the session stays complete and unpaid; only
+    # the event says the payment failed. Never goes back.
+    checkout.payment_failed = checkout.payment_failed or payment_failed
+    if snapshot.order_id and checkout.order_id is None:
+        ensure_order(session, snapshot.order_id)  # before the link: autoflush + FK
+        checkout.order_id = snapshot.order_id
+    elif snapshot.order_id and checkout.order_id != snapshot.order_id:
+        log.warning(
+            "checkout session names another order; keeping the first link",
+            extra={"checkout_session_id": checkout.id, "order_id": checkout.order_id},
+        )
+    if checkout.order_id is None:
+        return checkout
+    order_id = checkout.order_id
+    intent_id = checkout.payment_intent_id
+    if intent_id is not None:
+        intent = session.execute(
+            select(PaymentIntent).where(PaymentIntent.id == intent_id).with_for_update()
+            .execution_options(populate_existing=True)
+        ).scalar_one_or_none()
+        if intent is not None and intent.order_id is None:
+            intent.order_id = order_id
+        elif intent is not None and intent.order_id != order_id:
+            log.warning(
+                "checkout session's PaymentIntent belongs to another order; keeping its link",
+                extra={"checkout_session_id": checkout.id, "payment_intent_id": intent_id, "order_id": intent.order_id},
+            )
+    order = _locked(session, Order, order_id)  # before the FK locks of the link below
+    if intent_id is not None:
+        linked = session.execute(
+            update(Charge)
+            .where(Charge.payment_intent_id == intent_id, Charge.order_id.is_(None))
+            .values(order_id=order_id)
+            .returning(Charge.id)
+        ).scalars().all()
+        if linked:
+            log.info(
+                "charges linked late through their checkout session",
+                extra={"checkout_session_id": checkout.id, "order_id": order_id, "charge_ids": linked},
+            )
+    if order.amount is None and checkout.amount_total is not None and checkout.currency is not None and checkout.mode == "payment":
+        order.amount = checkout.amount_total
+        order.currency = checkout.currency
+        order.amount_source = "checkout"
+    if order.payment_intent_id is None and intent_id is not None:
+        order.payment_intent_id = intent_id
+    refresh_order(session, order_id)
+    return checkout
 
 
 def _settle_payment_attempt(session: Session, intent: PaymentIntent) -> None:
@@ -565,7 +683,19 @@ def _refresh_order_of_charge(session: Session, charge_id: str | None) -> None:
 def _order_of_payment_intent(session: Session, payment_intent_id: str | None) -> str | None:
     if payment_intent_id is None:
         return None
-    return session.scalar(select(PaymentIntent.order_id).where(PaymentIntent.id == payment_intent_id))
+    return session.scalar(
+        select(PaymentIntent.order_id).where(PaymentIntent.id == payment_intent_id)
+    ) or _order_of_checkout_session(session, payment_intent_id)
+
+
+def _order_of_checkout_session(session: Session, payment_intent_id: str) -> str | None:
+    """The order the Checkout Session of this PaymentIntent names (the first, should two)."""
+    return session.scalar(
+        select(CheckoutSession.order_id)
+        .where(CheckoutSession.payment_intent_id == payment_intent_id, CheckoutSession.order_id.is_not(None))
+        .order_by(CheckoutSession.created, CheckoutSession.id)
+        .limit(1)
+    )
 
 
 def _locked(session: Session, model: type, key: str):  # type: ignore[no-untyped-def]
@@ -598,7 +728,12 @@ WITH c AS (
     ON CONFLICT DO NOTHING
     RETURNING id
 ), target AS (
-    SELECT COALESCE(%(order_id)s::varchar, (SELECT order_id FROM payment_intents WHERE id = %(payment_intent_id)s::varchar)) AS order_id
+    SELECT COALESCE(
+        %(order_id)s::varchar,
+        (SELECT order_id FROM payment_intents WHERE id = %(payment_intent_id)s::varchar),
+        (SELECT order_id FROM checkout_sessions WHERE payment_intent_id = %(payment_intent_id)s::varchar
+         AND order_id IS NOT NULL ORDER BY created, id LIMIT 1)
+    ) AS order_id
     FROM c
 ), o AS (
     INSERT INTO orders (id, status, version, created_at, updated_at)

@@ -21,6 +21,7 @@ Malformed input raises :class:`ShapeError` naming the field.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -102,6 +103,29 @@ class PaymentIntentSnapshot:
     # ``latest_charge``. Empty when it carries only ids.
     charges: tuple[ChargeSnapshot, ...]
 
+
+@dataclass(frozen=True, slots=True)
+class CheckoutSessionSnapshot:
+    id: str
+    mode: str  # payment | setup | subscription
+    status: str  # open | complete | expired
+    payment_status: str  # paid | unpaid | no_payment_required
+    amount_total: int | None
+    currency: str | None
+    created: int
+    expires_at: int | None
+    livemode: bool
+    payment_intent_id: str | None
+    customer_id: str | None
+    client_reference_id: str | None
+    payment_link_id: str | None
+    # The order the session names: client_reference_id, else metadata[<key>], else the
+    # Payment Link's order key (see :func:`checkout_session_snapshot`).
+    order_id: str | None
+
+
+CHECKOUT_SESSION_STATUSES = frozenset({"open", "complete", "expired"})
+CHECKOUT_PAYMENT_STATUSES = frozenset({"paid", "unpaid", "no_payment_required"})
 
 CHARGE_STATUSES = frozenset({"pending", "succeeded", "failed"})
 REFUND_STATUSES = frozenset({"pending", "requires_action", "succeeded", "failed", "canceled"})
@@ -251,6 +275,81 @@ def payment_intent_snapshot(obj: Mapping[str, Any]) -> PaymentIntentSnapshot:
         latest_charge_id=latest_charge_id,
         charges=tuple(charges),
     )
+
+
+def checkout_session_snapshot(
+    obj: Mapping[str, Any],
+    *,
+    metadata_key: str = "order_id",
+    payment_link_orders: Mapping[str, str] | None = None,
+) -> CheckoutSessionSnapshot:
+    """A Checkout Session (``"object": "checkout.session"``), any API version.
+
+    Its order: ``client_reference_id``, else ``metadata[metadata_key]``, else, for a session
+    of a Payment Link named in ``payment_link_orders`` (one link per product), the order
+    ``<order key>:<customer>`` (the customer id, else a hash of the e-mail address Checkout
+    collected). ``payment_intent`` is null on sessions not yet paid from API version
+    2022-08-01 on (and on setup/subscription sessions); ``status`` appeared in 2020-08-27
+    and is derived from ``payment_status`` when absent.
+    """
+    _expect_object(obj, "checkout.session")
+    mode = _str(obj, "mode")
+    payment_status = _str(obj, "payment_status")
+    if payment_status not in CHECKOUT_PAYMENT_STATUSES:
+        raise ShapeError(f"checkout.session.payment_status {payment_status!r} is not a payment status")
+    status = obj.get("status")
+    if status is None:  # versions before the field: a session with an event is complete
+        status = "complete" if payment_status != "unpaid" else "open"
+    if status not in CHECKOUT_SESSION_STATUSES:
+        raise ShapeError(f"checkout.session.status {status!r} is not a session status")
+    currency = _currency(obj) if obj.get("currency") is not None else None
+    amount_total = obj.get("amount_total")
+    if amount_total is not None:
+        amount_total = _amount_value(amount_total, "checkout.session.amount_total", currency or "")
+    expires_at = obj.get("expires_at")
+    customer_id = _ref(obj.get("customer"), "customer")
+    client_reference_id = _optional_str(obj, "client_reference_id", limit=MAX_ID_LENGTH)
+    payment_link_id = _ref(obj.get("payment_link"), "payment_link")
+    metadata = _metadata(obj)
+    order_id = _usable_order_id(client_reference_id, "client_reference_id") or _usable_order_id(
+        metadata.get(metadata_key) or None, f"metadata.{metadata_key}"
+    )
+    if order_id is None and payment_link_id and payment_link_orders and payment_link_id in payment_link_orders:
+        order_id = _payment_link_order(payment_link_orders[payment_link_id], customer_id, obj.get("customer_details"))
+    return CheckoutSessionSnapshot(
+        id=obj["id"],
+        mode=mode,
+        status=status,
+        payment_status=payment_status,
+        amount_total=amount_total,
+        currency=currency,
+        created=_int(obj, "created"),
+        expires_at=_int(obj, "expires_at") if expires_at is not None else None,
+        livemode=_bool(obj, "livemode", default=False),
+        payment_intent_id=_ref(obj.get("payment_intent"), "payment_intent"),
+        customer_id=customer_id,
+        client_reference_id=client_reference_id,
+        payment_link_id=payment_link_id,
+        order_id=order_id,
+    )
+
+
+def _usable_order_id(value: str | None, name: str) -> str | None:
+    if value is not None and not ORDER_ID.match(value):
+        log.warning("checkout session %s is not a usable order id; session left unlinked", name)
+        return None
+    return value
+
+
+def _payment_link_order(key: str, customer_id: str | None, details: Any) -> str | None:
+    """One order per Payment Link (product) and customer: ``<key>:<customer>``."""
+    who = customer_id
+    if who is None and isinstance(details, Mapping) and isinstance(details.get("email"), str) and details["email"].strip():
+        who = "email-" + hashlib.sha256(details["email"].strip().lower().encode()).hexdigest()[:24]
+    if who is None:
+        log.warning("payment link session names no customer; session left unlinked")
+        return None
+    return _usable_order_id(f"{key}:{who}", "payment link order")
 
 
 # -- field helpers -----------------------------------------------------------------------

@@ -21,7 +21,7 @@ from tests import stripe_payloads as p
 from tests.fake_stripe import API
 
 NOW = int(time.time())
-LISTING_PATHS = {"charges": "/v1/charges", "refunds": "/v1/refunds", "disputes": "/v1/disputes", "events": "/v1/events"}
+LISTING_PATHS = {"charges": "/v1/charges", "refunds": "/v1/refunds", "disputes": "/v1/disputes", "checkout_sessions": "/v1/checkout/sessions", "events": "/v1/events"}
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_a_charge_created_while_a_slow_pass_lists_refunds_is_read_by_the_next_pa
         listing: [start - 1] for listing in LISTING_PATHS
     }
     run = ledger.get(ReconciliationRun, first.run_id)
-    assert run.watermarks == {"charges": NOW - 10000, "refunds": NOW - 100, "disputes": NOW - 100, "events": NOW - 100}
+    assert run.watermarks == {"charges": NOW - 10000, "refunds": NOW - 100, "disputes": NOW - 100, "checkout_sessions": NOW - 100, "events": NOW - 100}
     assert run.watermark == NOW - 10000  # the oldest, for display and older readers
     assert ledger.get(ReconciliationRun, second.run_id).watermarks["charges"] == NOW - 100
 
@@ -123,7 +123,7 @@ def test_a_refund_listing_failing_on_its_second_page_keeps_the_refunds_watermark
     run = ledger.get(ReconciliationRun, failed.run_id)
     # charges completed and advance; refunds raised and keep theirs; disputes and events
     # were never listed and keep theirs too
-    assert run.watermarks == {"charges": NOW - 6000, "refunds": NOW - 19990, "disputes": NOW - 19990, "events": NOW - 19990}
+    assert run.watermarks == {"charges": NOW - 6000, "refunds": NOW - 19990, "disputes": NOW - 19990, "checkout_sessions": NOW - 19990, "events": NOW - 19990}
     assert run.watermark == NOW - 19990
     assert ledger.count(Refund) == 1 + 100
 
@@ -133,7 +133,7 @@ def test_a_refund_listing_failing_on_its_second_page_keeps_the_refunds_watermark
     assert list_starts(stripe_api, "refunds") == [NOW - 19990 - OVERLAP_SECONDS - 1]  # re-read from there
     assert ledger.count(Refund) == 1 + 150
     marks = ledger.get(ReconciliationRun, again.run_id).watermarks
-    assert marks == {"charges": NOW - 6000, "refunds": NOW - 5000 + 149, "disputes": NOW - 5000 + 149, "events": NOW - 5000 + 149}
+    assert marks == {"charges": NOW - 6000, "refunds": NOW - 5000 + 149, "disputes": NOW - 5000 + 149, "checkout_sessions": NOW - 5000 + 149, "events": NOW - 5000 + 149}
 
 
 def test_a_quiet_listing_does_not_hold_the_start_back(stripe_api, reconcile, ledger) -> None:  # type: ignore[no-untyped-def]
@@ -155,6 +155,7 @@ def test_a_quiet_listing_does_not_hold_the_start_back(stripe_api, reconcile, led
         "charges": NOW - 200,
         "refunds": NOW - 100,
         "disputes": NOW - 100,
+        "checkout_sessions": NOW - 100,
         "events": NOW - 100,
     }
 
@@ -181,6 +182,7 @@ def test_a_listing_that_never_completed_is_read_from_where_the_previous_pass_sta
         "charges": NOW - 100,
         "refunds": NOW - 90,
         "disputes": NOW - 90,
+        "checkout_sessions": NOW - 90,
         "events": NOW - 90,
     }
 

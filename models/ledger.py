@@ -74,7 +74,8 @@ class Order(Base):
     id: Mapped[str] = mapped_column(String(255), primary_key=True)
     amount: Mapped[int | None] = mapped_column(BigInteger)
     currency: Mapped[str | None] = mapped_column(CURRENCY)
-    # Where the total came from: "api", "import" or "metadata"; None while unknown.
+    # Where the total came from: "api", "import", "metadata" or "checkout" (a Checkout
+    # Session's amount_total); None while unknown.
     amount_source: Mapped[str | None] = mapped_column(String(16))
     customer: Mapped[str | None] = mapped_column(String(255))
     # pending | paid | partially_refunded | refunded; derived from the order's charges.

@@ -341,3 +341,41 @@ def test_order_from_metadata_key_and_payment_links(version) -> None:
     with pytest.raises(SettingsError):
         Settings.from_env({"PAYMENT_LINK_ORDERS": "mug"})
 
+
+
+# -- concurrency (PostgreSQL) --------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_a_session_and_its_charge_at_the_same_instant_always_link(app, ledger) -> None:  # type: ignore[no-untyped-def]
+    """Each event looks for the other (the charge for the session's order, the session for
+    the charges to link); the PaymentIntent lock keeps them from missing each other. On
+    PostgreSQL a new charge takes the lean ingest path, which reads the session too."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.conftest import WEBHOOK_SECRET
+
+    bodies: list[list[bytes]] = [[], []]
+    for n in range(40):
+        pi_id = p.new_id("pi")
+        charge = p.charge(payment_intent=pi_id, created=NOW - 10)  # no order metadata
+        session = p.checkout_session(payment_intent=pi_id, client_reference_id=f"ord_race_{n}", created=NOW - 20)
+        bodies[0].append(p.encode(p.event("charge.succeeded", charge)))
+        bodies[1].append(p.encode(p.event("checkout.session.completed", session)))
+
+    barrier = threading.Barrier(2)
+
+    def worker(index: int) -> list[int]:
+        barrier.wait()
+        client = app.test_client()
+        return [
+            client.post("/webhooks/stripe", data=raw, headers={"Stripe-Signature": p.sign(raw, WEBHOOK_SECRET)}).status_code
+            for raw in bodies[index]
+        ]
+
+    with ThreadPoolExecutor(2) as pool:
+        statuses = [s for chunk in pool.map(worker, range(2)) for s in chunk]
+    assert statuses == [200] * 80
+    assert ledger.all(Charge, Charge.order_id.is_(None)) == []
+    assert ledger.count(Order) == 40

@@ -187,6 +187,10 @@ CHECKOUT_COMPLETE = "complete"
 #: Expired at Stripe (by us, to replace it, or by its ``expires_at``): frees the order.
 CHECKOUT_EXPIRED = "expired"
 
+#: A complete session's ``payment_status`` values that mean the order is paid (``unpaid``:
+#: an async payment method, e.g. a bank debit, is still pending).
+CHECKOUT_PAID_STATUSES = ("paid", "no_payment_required")
+
 #: Statuses that hold the order's one Checkout slot (see the partial unique index below).
 LIVE_CHECKOUT_STATUSES = (CREATING, UNKNOWN, CHECKOUT_OPEN, CHECKOUT_COMPLETE)
 

@@ -90,6 +90,9 @@ from models import Order, PaymentIntent, run_in_transaction, utcnow
 from models.db import lock_key
 from models.payments import (
     CANCELED,
+    CHECKOUT_COMPLETE,
+    CHECKOUT_PAID_STATUSES,
+    CheckoutAttempt,
     CREATED,
     CREATING,
     FAILED,
@@ -328,14 +331,7 @@ class PaymentService:
             )
         )
         live = next((a for a in attempts if a.status in LIVE_ATTEMPT_STATUSES), None)
-        if order.status in PAID_ORDER_STATUSES or (live is not None and live.status == SUCCEEDED):
-            return _Paid()
-        # Paid through a PaymentIntent made elsewhere (the ledger knows every one of them).
-        if session.scalar(
-            select(PaymentIntent.id)
-            .where(PaymentIntent.order_id == order.id, PaymentIntent.status == "succeeded")
-            .limit(1)
-        ):
+        if (live is not None and live.status == SUCCEEDED) or order_paid(session, order):
             return _Paid()
 
         if live is not None and live.status == CREATED:
@@ -661,6 +657,36 @@ class PaymentService:
                 row.error = error[:2000]
 
         run_in_transaction(self._session_factory, work)
+
+
+def order_paid(session: Session, order: Order) -> bool:
+    """Whether the order is paid, by any route we know of: its status (from its charges),
+    a succeeded PaymentIntent naming it (the ledger knows every one, ours or not), a pay
+    attempt that succeeded, or a Checkout Session of ours that completed paid. Read under
+    the order's row lock by the pay and checkout endpoints alike."""
+    if order.status in PAID_ORDER_STATUSES:
+        return True
+    if session.scalar(
+        select(PaymentIntent.id)
+        .where(PaymentIntent.order_id == order.id, PaymentIntent.status == "succeeded")
+        .limit(1)
+    ):
+        return True
+    if session.scalar(
+        select(PaymentAttempt.id).where(PaymentAttempt.order_id == order.id, PaymentAttempt.status == SUCCEEDED).limit(1)
+    ):
+        return True
+    return bool(
+        session.scalar(
+            select(CheckoutAttempt.id)
+            .where(
+                CheckoutAttempt.order_id == order.id,
+                CheckoutAttempt.status == CHECKOUT_COMPLETE,
+                CheckoutAttempt.payment_status.in_(CHECKOUT_PAID_STATUSES),
+            )
+            .limit(1)
+        )
+    )
 
 
 def _decide_change(order: Order, live: PaymentAttempt, status: str, now: datetime) -> _Wait | _Change | None:

@@ -237,10 +237,15 @@ class CheckoutService:
         live = next((a for a in attempts if a.status in LIVE_CHECKOUT_STATUSES), None)
 
         if live is not None and live.expire_key is not None:
-            # An expire is in flight, or its outcome is unknown: it goes first, same key.
+            # An expire is in flight, or its outcome is unknown: it goes first, before
+            # anything else. Under a new key: expiring is idempotent in effect (an expired
+            # session is refused and then read), and a 5xx Stripe stored for the old key
+            # would otherwise be replayed for 24 h.
             claimed = live.expire_claimed_at
             if claimed is not None and (now - _aware(claimed)).total_seconds() < CREATING_STALE_SECONDS:
                 return _Wait()
+            live.expire_count += 1
+            live.expire_key = checkout_expire_key(order.id, live.attempt, live.expire_count)
             live.expire_claimed_at = now
             return _Expire(_Attempt.of(live), live.expire_key)
 

@@ -62,11 +62,13 @@ from models.payments import (
     CHECKOUT_EXPIRED,
     CHECKOUT_OPEN,
     CHECKOUT_PAID_STATUSES,
+    CREATED,
     CREATING,
     FAILED,
     LIVE_CHECKOUT_STATUSES,
     UNKNOWN,
     CheckoutAttempt,
+    PaymentAttempt,
     checkout_expire_key,
     checkout_key,
 )
@@ -296,6 +298,17 @@ class CheckoutService:
             raise PayError(
                 422, "checkout_urls_missing",
                 "No success_url: send one in the body or set CHECKOUT_SUCCESS_URL (and CHECKOUT_CANCEL_URL).",
+            )
+        # Never a session beside a payable PaymentIntent of the pay endpoint's.
+        if session.scalar(
+            select(PaymentAttempt.id)
+            .where(PaymentAttempt.order_id == order.id, PaymentAttempt.status.in_((CREATING, UNKNOWN, CREATED)))
+            .limit(1)
+        ):
+            raise PayError(
+                409, "payment_intent_open",
+                f"Order {order.id} has a PaymentIntent from the pay endpoint that can still be paid; "
+                "pay it, or cancel it first.",
             )
         number = attempts[0].attempt + 1 if attempts else 1
         row = CheckoutAttempt(

@@ -97,6 +97,7 @@ from models.payments import (
     CREATING,
     FAILED,
     LIVE_ATTEMPT_STATUSES,
+    LIVE_CHECKOUT_STATUSES,
     SUCCEEDED,
     UNKNOWN,
     PaymentAttempt,
@@ -372,6 +373,17 @@ class PaymentService:
         if order.amount is None or order.currency is None:
             raise PayError(
                 422, "order_amount_unknown", f"Order {order.id} has no amount yet; set it with POST /api/orders."
+            )
+        # Never a PaymentIntent beside a Checkout Session of ours that could still be paid
+        # (read under the same order lock the checkout endpoint takes).
+        if session.scalar(
+            select(CheckoutAttempt.id)
+            .where(CheckoutAttempt.order_id == order.id, CheckoutAttempt.status.in_(LIVE_CHECKOUT_STATUSES))
+            .limit(1)
+        ):
+            raise PayError(
+                409, "checkout_session_open",
+                f"Order {order.id} has a Checkout Session that can still be paid; pay there, or let it expire.",
             )
         number = attempts[0].attempt + 1 if attempts else 1
         row = PaymentAttempt(

@@ -349,3 +349,16 @@ def test_unknown_order_is_404_order_not_found(co_client, stripe_double) -> None:
         response = checkout(co_client, order_id)
         assert response.status_code == 404 and response.get_json()["error"] == "order_not_found", order_id
     assert session_requests(stripe_double) == []
+
+
+def test_never_a_session_beside_a_payable_payment_intent_nor_the_other_way_round(co_client, stripe_double) -> None:  # type: ignore[no-untyped-def]
+    new_order(co_client, "ord_co_mix")
+    assert co_client.post("/orders/ord_co_mix/pay", headers=AUTH).status_code == 201
+    response = checkout(co_client, "ord_co_mix")
+    assert response.status_code == 409 and response.get_json()["error"] == "payment_intent_open"
+    assert stripe_double.session_creates == 0
+    new_order(co_client, "ord_co_mix2")
+    assert checkout(co_client, "ord_co_mix2").status_code == 201
+    pay = co_client.post("/orders/ord_co_mix2/pay", headers=AUTH)
+    assert pay.status_code == 409 and pay.get_json()["error"] == "checkout_session_open"
+    assert stripe_double.creates == 1  # only ord_co_mix's PaymentIntent

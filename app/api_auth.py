@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 ENDPOINT_SCOPES: dict[str, frozenset[str]] = {
     "payments.pay": frozenset({"pay"}),
+    "payments.checkout": frozenset({"pay"}),
     "api.create_or_update_order": frozenset({"pay"}),
     "api.get_order": frozenset({"pay", "read"}),
     "api.get_event": frozenset({"read"}),

@@ -392,6 +392,63 @@ class StripeGateway:
             params = {**params, "starting_after": intents[-1]["id"]}
 
 
+    # --- Checkout Sessions (checkout endpoint) ---
+
+    def create_checkout_session(
+        self,
+        *,
+        amount: int,
+        currency: str,
+        product_name: str,
+        idempotency_key: str,
+        client_reference_id: str,
+        metadata: dict[str, str],
+        success_url: str,
+        cancel_url: str,
+        expires_at: int,
+        account: str | None = None,
+    ) -> dict[str, Any]:
+        """Create a Checkout Session (mode ``payment``, one line item priced inline) under
+        our own idempotency key; the order rides on ``client_reference_id``, the session's
+        metadata and its PaymentIntent's metadata. Every retry of one attempt must send the
+        same parameters (Stripe rejects a reused key with others)."""
+        client = self._require_client()
+        params: dict[str, Any] = {
+            "mode": "payment",
+            "line_items": [
+                {
+                    "quantity": 1,
+                    "price_data": {
+                        "currency": currency,
+                        "unit_amount": amount,
+                        "product_data": {"name": product_name},
+                    },
+                }
+            ],
+            "client_reference_id": client_reference_id,
+            "metadata": dict(metadata),
+            "payment_intent_data": {"metadata": dict(metadata)},
+            "success_url": success_url,
+            "cancel_url": cancel_url,
+            "expires_at": expires_at,
+        }
+        options: dict[str, Any] = {"idempotency_key": idempotency_key, **_options(account)}
+        return self._call(lambda: client.v1.checkout.sessions.create(params=params, options=options))  # type: ignore[arg-type]
+
+    def retrieve_checkout_session(self, session_id: str, *, account: str | None = None) -> dict[str, Any]:
+        client = self._require_client()
+        return self._call(lambda: client.v1.checkout.sessions.retrieve(session_id, options=_options(account)))  # type: ignore[arg-type]
+
+    def expire_checkout_session(
+        self, session_id: str, *, idempotency_key: str, account: str | None = None
+    ) -> dict[str, Any]:
+        """Expire an open Checkout Session (``POST /v1/checkout/sessions/<id>/expire``);
+        Stripe refuses (400) a session that is not open any more."""
+        client = self._require_client()
+        options: dict[str, Any] = {"idempotency_key": idempotency_key, **_options(account)}
+        return self._call(lambda: client.v1.checkout.sessions.expire(session_id, options=options))  # type: ignore[arg-type]
+
+
 def _translate(exc: stripe.StripeError) -> GatewayError:
     detail = {"code": getattr(exc, "code", None), "http_status": exc.http_status}
     if isinstance(exc, stripe.RateLimitError):

@@ -1,4 +1,4 @@
-"""The OpenAPI 3.0 document of the JSON API and the pay endpoint, served at
+"""The OpenAPI 3.0 document of the JSON API and the pay and checkout endpoints, served at
 ``/api/openapi.json`` and driven by the fuzz test (tests/integration/test_openapi_fuzz.py),
 which fails when an answer is a 5xx, has a status not listed here, or a body that does not
 match its schema. Keep it next to the routes: a new route needs an entry (the test checks
@@ -120,6 +120,21 @@ def openapi_document() -> dict[str, Any]:
                         "currency": {"type": "string"},
                         "order_id": {"type": "string"},
                         "attempt": {"type": "integer"},
+                        "created": {"type": "boolean"},
+                    },
+                },
+                "CheckoutSession": {
+                    "type": "object",
+                    "required": ["id", "url", "status", "amount", "currency", "order_id", "attempt", "expires_at", "created"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "url": {"type": "string"},
+                        "status": {"type": "string", "enum": ["open"]},
+                        "amount": {"type": "integer"},
+                        "currency": {"type": "string"},
+                        "order_id": {"type": "string"},
+                        "attempt": {"type": "integer"},
+                        "expires_at": {"type": "integer"},
                         "created": {"type": "boolean"},
                     },
                 },
@@ -294,6 +309,35 @@ def openapi_document() -> dict[str, Any]:
                         "201": _json({"$ref": "#/components/schemas/PaymentIntent"}, "Created now"),
                         **_errors(400, 401, 403, 404, 409, 413, 422, 503),
                         "402": _json(_ERROR, "Stripe declined the payment"),
+                    },
+                }
+            },
+            "/orders/{order_id}/checkout": {
+                "post": {
+                    "operationId": "checkoutOrder",
+                    "summary": "The order's one open Stripe Checkout Session URL (scope pay); "
+                               "`replace: true` expires the open one first and creates the next",
+                    "parameters": [{"name": "order_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "requestBody": {
+                        "required": False,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "replace": {"type": "boolean"},
+                                        "success_url": {"type": "string", "pattern": r"^https?://[^\s/?#]+[^\s]{0,2000}$"},
+                                        "cancel_url": {"type": "string", "pattern": r"^https?://[^\s/?#]+[^\s]{0,2000}$"},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json({"$ref": "#/components/schemas/CheckoutSession"}, "The open session"),
+                        "201": _json({"$ref": "#/components/schemas/CheckoutSession"}, "Created now"),
+                        **_errors(400, 401, 403, 404, 409, 413, 422, 503),
                     },
                 }
             },

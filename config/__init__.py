@@ -56,6 +56,11 @@ class Settings:
     # waits for another request's PaymentIntent creation before answering 409.
     idempotency_key_ttl_hours: int = 24
     pay_wait_seconds: float = 2.0
+    # Checkout endpoint: where Stripe Checkout sends the customer back (a request may name
+    # its own), and how long a session stays open (Stripe allows 30 min to 24 h).
+    checkout_success_url: str | None = None
+    checkout_cancel_url: str | None = None
+    checkout_expires_minutes: int = 1440
     # Reconciliation.
     reconcile_cron: str = "0 2 * * *"
     backfill_days: int = 7
@@ -208,6 +213,11 @@ class Settings:
             pay_wait_seconds=_parse_float(
                 "PAY_WAIT_SECONDS", text("PAY_WAIT_SECONDS"), 2.0, minimum=0.0
             ),
+            checkout_success_url=_parse_http_url("CHECKOUT_SUCCESS_URL", text("CHECKOUT_SUCCESS_URL")),
+            checkout_cancel_url=_parse_http_url("CHECKOUT_CANCEL_URL", text("CHECKOUT_CANCEL_URL")),
+            checkout_expires_minutes=min(1440, _parse_int(
+                "CHECKOUT_EXPIRES_MINUTES", text("CHECKOUT_EXPIRES_MINUTES"), 1440, minimum=30
+            )),
             reconcile_cron=_parse_cron(text("RECONCILE_CRON") or "0 2 * * *"),
             backfill_days=_parse_int("BACKFILL_DAYS", text("BACKFILL_DAYS"), 7, minimum=1),
             refund_mode=_parse_choice(

@@ -176,3 +176,83 @@ class IdempotencyRecord(Base):
     # taken over after a while).
     locked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+# -- Checkout Sessions (checkout endpoint) -------------------------------------------------
+
+#: The session is open at Stripe: its URL is handed out.
+CHECKOUT_OPEN = "open"
+#: Stripe says the session is complete (the customer paid, or an async payment is pending).
+CHECKOUT_COMPLETE = "complete"
+#: Expired at Stripe (by us, to replace it, or by its ``expires_at``): frees the order.
+CHECKOUT_EXPIRED = "expired"
+
+#: A complete session's ``payment_status`` values that mean the order is paid (``unpaid``:
+#: an async payment method, e.g. a bank debit, is still pending).
+CHECKOUT_PAID_STATUSES = ("paid", "no_payment_required")
+
+#: Statuses that hold the order's one Checkout slot (see the partial unique index below).
+LIVE_CHECKOUT_STATUSES = (CREATING, UNKNOWN, CHECKOUT_OPEN, CHECKOUT_COMPLETE)
+
+_LIVE_CHECKOUT_SQL = "status IN ('creating', 'unknown', 'open', 'complete')"
+
+
+def checkout_key(order_id: str, attempt: int) -> str:
+    """The Stripe idempotency key of a Checkout attempt's create."""
+    return f"order-{order_id}-cs-{attempt}"
+
+
+def checkout_expire_key(order_id: str, attempt: int, sequence: int) -> str:
+    """The key of the attempt's ``sequence``-th expire request. Expiring is idempotent in
+    effect (a second expire of an expired session is refused, and we then read the
+    session), so a retry after an unknown outcome may use a new key: a 5xx Stripe stored
+    for the previous key is not replayed for ever."""
+    return f"order-{order_id}-cs-{attempt}-expire-{sequence}"
+
+
+class CheckoutAttempt(Base):
+    """One attempt to create the Checkout Session of an order (``POST /orders/<id>/checkout``),
+    in the pay endpoint's phases. A table of its own rather than a ``kind`` on
+    ``payment_attempts``: its columns differ (URL, ``expires_at``, the expire in flight),
+    and its own one-live-per-order index keeps the pay endpoint's invariant untouched."""
+
+    __tablename__ = "checkout_attempts"
+    __table_args__ = (UniqueConstraint("order_id", "attempt", name="uq_checkout_attempts_order_attempt"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    idempotency_key: Mapped[str] = mapped_column(String(255), unique=True)
+    # creating | unknown | open | complete | expired | failed
+    status: Mapped[str] = mapped_column(String(16))
+    # The create's parameters, kept so a retry under the same key is the same request.
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(CURRENCY)
+    success_url: Mapped[str] = mapped_column(String(2048))
+    cancel_url: Mapped[str] = mapped_column(String(2048))
+    # Unix time sent as the session's expires_at: no session this attempt creates can be
+    # paid after it (an unknown outcome is given up once it has passed).
+    expires_at: Mapped[int] = mapped_column(BigInteger)
+    session_id: Mapped[str | None] = mapped_column(STRIPE_ID, unique=True)
+    url: Mapped[str | None] = mapped_column(Text)
+    payment_status: Mapped[str | None] = mapped_column(String(32))
+    calls: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    # An expire of the open session not yet recorded: its key, and when its call was
+    # claimed (None: not in flight, outcome unknown; the next request sends it again).
+    expire_key: Mapped[str | None] = mapped_column(String(255))
+    expire_claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expire_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # For ``creating``: when the call was claimed; for ``open``: when its state was learned.
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+# The backstop: at most one live Checkout attempt (so at most one open session) per order.
+Index(
+    "uq_checkout_attempts_one_live_per_order",
+    CheckoutAttempt.order_id,
+    unique=True,
+    sqlite_where=text(_LIVE_CHECKOUT_SQL),
+    postgresql_where=text(_LIVE_CHECKOUT_SQL),
+)

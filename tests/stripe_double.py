@@ -17,6 +17,19 @@ It behaves as Stripe does where the pay endpoint depends on it:
 * ``GET /v1/payment_intents/<id>`` and ``GET /v1/payment_intents`` (newest first,
   ``created[gt|gte]``, ``customer``, ``limit``, ``starting_after``).
 
+Checkout Sessions (the checkout endpoint), in Stripe's shape (:func:`checkout_session`):
+
+* ``POST /v1/checkout/sessions`` creates an ``open`` session (``cs_test_...``, ``url``,
+  ``amount_total`` from its one ``price_data`` line item, ``client_reference_id``,
+  ``metadata``, ``expires_at``, ``payment_intent`` null until paid), honouring
+  Idempotency-Key as the PaymentIntent create does (``scripts["session_create"]``);
+* ``GET /v1/checkout/sessions/<id>``; ``GET /v1/checkout/sessions`` (newest first);
+* ``POST /v1/checkout/sessions/<id>/expire``: 400 unless the session is ``open``
+  (``scripts["expire"]``).
+
+``session_creates`` counts sessions actually created. :meth:`complete_session` and
+:meth:`expire_session` change a session as a customer paying or its timeout would.
+
 ``creates`` counts PaymentIntents actually created; ``create_requests`` counts every POST
 to the create endpoint (replays included). ``script`` queues misbehaviour for the next
 create requests, ``scripts["update"]`` and ``scripts["cancel"]`` for the next updates and
@@ -59,7 +72,10 @@ class StripeDouble:
         self.script: collections.deque[dict[str, Any]] = collections.deque()
         self.scripts: dict[str, collections.deque[dict[str, Any]]] = {
             "create": self.script, "update": collections.deque(), "cancel": collections.deque(),
+            "session_create": collections.deque(), "expire": collections.deque(),
         }
+        self.sessions: dict[str, dict[str, Any]] = {}
+        self.session_creates = 0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -107,6 +123,8 @@ class StripeDouble:
             self.delay = delay
             self.api_version = p.CURRENT_API_VERSION
             self.intents.clear()
+            self.sessions.clear()
+            self.session_creates = 0
             self.creates = 0
             self.create_requests = 0
             self.requests.clear()
@@ -152,6 +170,30 @@ class StripeDouble:
         with self.lock:
             self.intents[intent_id]["status"] = status
 
+    def complete_session(self, session_id: str) -> dict[str, Any]:
+        """The customer paid: ``complete``/``paid`` with a succeeded PaymentIntent."""
+        with self.lock:
+            session = self.sessions[session_id]
+            intent = p.payment_intent(
+                amount=session["amount_total"], currency=session["currency"], status="succeeded",
+                metadata=session["_pi_metadata"], api_version=self.api_version,
+            )
+            self.intents[intent["id"]] = intent
+            session.update(status="complete", payment_status="paid", payment_intent=intent["id"])
+            return _public(session)
+
+    def expire_session(self, session_id: str) -> None:
+        """The session reached its ``expires_at`` (Stripe expires it by itself)."""
+        with self.lock:
+            self.sessions[session_id].update(status="expired", url=None)
+
+    def open_sessions(self, order_id: str | None = None) -> list[dict[str, Any]]:
+        with self.lock:
+            return [
+                _public(s) for s in self.sessions.values()
+                if s["status"] == "open" and (order_id is None or s["client_reference_id"] == order_id)
+            ]
+
     def count(self, method: str, path_prefix: str) -> int:
         with self.lock:
             return sum(1 for m, path in self.requests if m == method and path.startswith(path_prefix))
@@ -161,13 +203,30 @@ class StripeDouble:
     def _handle(self, handler: BaseHTTPRequestHandler, method: str) -> None:
         url = urlsplit(handler.path)
         length = int(handler.headers.get("Content-Length") or 0)
-        form = _nested(parse_qsl(handler.rfile.read(length).decode(), keep_blank_values=True)) if length else {}
+        raw_body = handler.rfile.read(length).decode() if length else ""
+        form = _nested(parse_qsl(raw_body, keep_blank_values=True)) if length else {}
         query = _nested(parse_qsl(url.query, keep_blank_values=True))
         with self.lock:
             self.requests.append((method, url.path))
         parts = [part for part in url.path.split("/") if part]
         status, body, headers = 404, _error("invalid_request_error", "Unrecognized request URL", code="resource_missing"), {}
-        if parts[:2] == ["v1", "payment_intents"]:
+        if parts[:3] == ["v1", "checkout", "sessions"]:
+            key = handler.headers.get("Idempotency-Key")
+            if method == "POST" and len(parts) == 3:
+                form = _deep_nested(parse_qsl(raw_body, keep_blank_values=True))
+                status, body, headers = self._session_call("session_create", key, form, lambda: self._create_session(form))
+            elif method == "GET" and len(parts) == 3:
+                with self.lock:
+                    sessions = sorted(self.sessions.values(), key=lambda s: (s["created"], s["id"]), reverse=True)
+                status, body = 200, {"object": "list", "data": [_public(s) for s in sessions[:int(query.get("limit") or 10)]],
+                                     "has_more": len(sessions) > int(query.get("limit") or 10), "url": "/v1/checkout/sessions"}
+            elif method == "GET" and len(parts) == 4:
+                status, body = self._retrieve_session(parts[3])
+            elif method == "POST" and len(parts) == 5 and parts[4] == "expire":
+                status, body, headers = self._session_call(
+                    "expire", key, {"endpoint": f"expire {parts[3]}", **form}, lambda: self._expire_session(parts[3])
+                )
+        elif parts[:2] == ["v1", "payment_intents"]:
             if method == "POST" and len(parts) == 2:
                 status, body, headers = self._create(form, handler.headers.get("Idempotency-Key"))
             elif method == "GET" and len(parts) == 2:
@@ -324,6 +383,145 @@ class StripeDouble:
             intent["canceled_at"] = int(time.time())
             intent["cancellation_reason"] = form.get("cancellation_reason")
             return 200, copy.deepcopy(intent)
+
+    # -- Checkout Sessions -------------------------------------------------------------------
+
+    def _session_call(self, kind: str, key: str | None, form: dict[str, Any], act: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """A session create or expire under Idempotency-Key, with ``scripts[kind]``."""
+        params = json.dumps({"endpoint": kind, **form}, sort_keys=True)
+        with self.lock:
+            replay = self._claim_key(key, params)
+            if replay is not None:
+                return replay
+            action = self.scripts[kind].popleft() if self.scripts[kind] else {"kind": "ok"}
+            delay = self.delay
+        try:
+            time.sleep(action.get("seconds", delay) if action["kind"] == "slow" else delay)
+            store = True
+            if action["kind"] == "error":
+                status, body = action.get("status", 500), {"error": action.get("error") or {"type": "api_error", "message": "boom"}}
+                store = action.get("store", True)
+            else:
+                status, body = act()
+                if action["kind"] == "create_then_error" and status == 200:
+                    status, body = action.get("status", 500), {"error": {"type": "api_error", "message": "boom after create"}}
+            self._store_key(key, params, status, body, store)
+            return status, body, {}
+        finally:
+            self._release_key(key)
+
+    def _create_session(self, form: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        items = form.get("line_items") or {}
+        item = items.get("0") if isinstance(items, dict) else None
+        if form.get("mode") != "payment" or not item or "price_data" not in item or not form.get("success_url"):
+            return 400, _error("invalid_request_error", "Missing required param: line_items[0][price_data], mode or success_url.",
+                               code="parameter_missing")
+        price = item["price_data"]
+        session = checkout_session(
+            amount_total=int(price["unit_amount"]) * int(item.get("quantity") or 1),
+            currency=price["currency"],
+            client_reference_id=form.get("client_reference_id"),
+            metadata=form.get("metadata") or {},
+            success_url=form["success_url"],
+            cancel_url=form.get("cancel_url"),
+            expires_at=int(form["expires_at"]) if form.get("expires_at") else None,
+        )
+        session["_pi_metadata"] = (form.get("payment_intent_data") or {}).get("metadata") or {}
+        with self.lock:
+            self.sessions[session["id"]] = session
+            self.session_creates += 1
+        return 200, _public(session)
+
+    def _retrieve_session(self, session_id: str) -> tuple[int, dict[str, Any]]:
+        with self.lock:
+            session = self.sessions.get(session_id)
+            if session is None:
+                return 404, _error("invalid_request_error", f"No such checkout.session: '{session_id}'", code="resource_missing")
+            return 200, _public(session)
+
+    def _expire_session(self, session_id: str) -> tuple[int, dict[str, Any]]:
+        with self.lock:
+            session = self.sessions.get(session_id)
+            if session is None:
+                return 404, _error("invalid_request_error", f"No such checkout.session: '{session_id}'", code="resource_missing")
+            if session["status"] != "open":
+                return 400, _error(
+                    "invalid_request_error",
+                    f"Only Checkout Sessions with a status in [\"open\"] can be expired. This Checkout Session has a status of {session['status']}.",
+                )
+            session.update(status="expired", url=None)
+            return 200, _public(session)
+
+
+def checkout_session(
+    *,
+    amount_total: int,
+    currency: str,
+    client_reference_id: str | None = None,
+    metadata: dict[str, str] | None = None,
+    success_url: str = "https://shop.example/success",
+    cancel_url: str | None = None,
+    expires_at: int | None = None,
+    status: str = "open",
+) -> dict[str, Any]:
+    """A Checkout Session (``"object": "checkout.session"``, mode payment) as Stripe
+    returns it."""
+    session_id = p.new_id("cs_test")
+    created = int(time.time())
+    return {
+        "id": session_id,
+        "object": "checkout.session",
+        "after_expiration": None,
+        "allow_promotion_codes": None,
+        "amount_subtotal": amount_total,
+        "amount_total": amount_total,
+        "automatic_tax": {"enabled": False, "liability": None, "status": None},
+        "billing_address_collection": None,
+        "cancel_url": cancel_url,
+        "client_reference_id": client_reference_id,
+        "consent": None,
+        "created": created,
+        "currency": currency,
+        "customer": None,
+        "customer_creation": "if_required",
+        "customer_details": None,
+        "customer_email": None,
+        "expires_at": expires_at or created + 24 * 3600,
+        "invoice": None,
+        "livemode": False,
+        "locale": None,
+        "metadata": dict(metadata or {}),
+        "mode": "payment",
+        "payment_intent": None,
+        "payment_link": None,
+        "payment_method_types": ["card"],
+        "payment_status": "unpaid",
+        "recovered_from": None,
+        "status": status,
+        "submit_type": None,
+        "subscription": None,
+        "success_url": success_url,
+        "total_details": {"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0},
+        "ui_mode": "hosted",
+        "url": f"https://checkout.stripe.com/c/pay/{session_id}#fidkdWxOYHwnPyd1blpxYHZxWjA0",
+    }
+
+
+def _public(session: dict[str, Any]) -> dict[str, Any]:
+    return {k: copy.deepcopy(v) for k, v in session.items() if not k.startswith("_")}
+
+
+def _deep_nested(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """``line_items[0][price_data][currency]=usd`` -> nested dicts (list indexes as keys)."""
+    result: dict[str, Any] = {}
+    for name, value in pairs:
+        head, _, rest = name.partition("[")
+        keys = [head] + ([k for k in rest.rstrip("]").split("][")] if rest else [])
+        node = result
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return result
 
 
 def card_declined() -> dict[str, Any]:

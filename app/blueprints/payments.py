@@ -1,4 +1,5 @@
-"""``POST /orders/<order_id>/pay``: the order's one payable PaymentIntent (bearer token).
+"""``POST /orders/<order_id>/pay``: the order's one payable PaymentIntent, and
+``POST /orders/<order_id>/checkout``: its one open Checkout Session (bearer token).
 
 Thin: checks the token, the ``Idempotency-Key`` header and the body, then hands over to
 :mod:`app.services.payments` (the phases) and :mod:`app.services.idempotency` (replay).
@@ -16,6 +17,7 @@ from app.api_auth import require_token, sealer
 from app.errors import error_response
 from app.factory import services
 from app.services import idempotency
+from app.services.checkout import CheckoutRequest, CheckoutService
 from app.services.payments import PayError, PaymentService, PayRequest, reply_to_store, restore_reply
 from app.services.stripe_shapes import ORDER_ID
 
@@ -124,4 +126,63 @@ def _parse_body() -> tuple[dict[str, Any] | None, Any]:
             return None, error_response(
                 400, f"invalid_{name}", f"{name} must be a Stripe {name.replace('_', ' ')} id.", field=name
             )
+    return body, None
+
+
+# -- POST /orders/<order_id>/checkout ------------------------------------------------------
+
+_URL = re.compile(r"https?://[^\s/?#]+[^\s]{0,2000}")
+_CHECKOUT_FIELDS = frozenset({"replace", "success_url", "cancel_url"})
+
+
+@bp.post("/orders/<path:order_id>/checkout")
+def checkout(order_id: str):  # type: ignore[no-untyped-def]
+    """The order's one open Stripe Checkout Session: 201 created now, 200 the open one."""
+    body, error = _parse_checkout_body()
+    if error is not None:
+        return error
+    assert body is not None
+    if not ORDER_ID.fullmatch(order_id):
+        return error_response(404, "order_not_found", "No such order.")
+    svc = services()
+    service = CheckoutService(svc.settings, svc.session_factory, svc.gateway)
+    try:
+        result = service.checkout(
+            CheckoutRequest(
+                order_id=order_id,
+                replace=bool(body.get("replace", False)),
+                success_url=body.get("success_url"),
+                cancel_url=body.get("cancel_url"),
+            )
+        )
+    except PayError as exc:
+        extra = {k: v for k, v in exc.extra.items() if k != "retry_after"}
+        response, status = error_response(exc.http_status, exc.code, exc.message, **extra)
+        if "retry_after" in exc.extra:
+            response.headers["Retry-After"] = str(exc.extra["retry_after"])
+        return response, status
+    return Response(json.dumps(result.body), status=result.http_status, mimetype="application/json")
+
+
+def _parse_checkout_body() -> tuple[dict[str, Any] | None, Any]:
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        return {}, None
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None, error_response(400, "invalid_json", "The body must be a JSON object.")
+    if not isinstance(body, dict):
+        return None, error_response(400, "invalid_json", "The body must be a JSON object.")
+    unknown = set(body) - _CHECKOUT_FIELDS
+    if unknown:
+        return None, error_response(400, "unknown_field", f"unknown field(s): {', '.join(sorted(unknown))}")
+    if "replace" in body and not isinstance(body["replace"], bool):
+        return None, error_response(400, "invalid_replace", "replace must be true or false.", field="replace")
+    for name in ("success_url", "cancel_url"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not _URL.fullmatch(value):
+            return None, error_response(400, f"invalid_{name}", f"{name} must be an http(s) URL.", field=name)
     return body, None

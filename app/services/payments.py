@@ -90,10 +90,14 @@ from models import Order, PaymentIntent, run_in_transaction, utcnow
 from models.db import lock_key
 from models.payments import (
     CANCELED,
+    CHECKOUT_COMPLETE,
+    CHECKOUT_PAID_STATUSES,
+    CheckoutAttempt,
     CREATED,
     CREATING,
     FAILED,
     LIVE_ATTEMPT_STATUSES,
+    LIVE_CHECKOUT_STATUSES,
     SUCCEEDED,
     UNKNOWN,
     PaymentAttempt,
@@ -328,14 +332,7 @@ class PaymentService:
             )
         )
         live = next((a for a in attempts if a.status in LIVE_ATTEMPT_STATUSES), None)
-        if order.status in PAID_ORDER_STATUSES or (live is not None and live.status == SUCCEEDED):
-            return _Paid()
-        # Paid through a PaymentIntent made elsewhere (the ledger knows every one of them).
-        if session.scalar(
-            select(PaymentIntent.id)
-            .where(PaymentIntent.order_id == order.id, PaymentIntent.status == "succeeded")
-            .limit(1)
-        ):
+        if (live is not None and live.status == SUCCEEDED) or order_paid(session, order):
             return _Paid()
 
         if live is not None and live.status == CREATED:
@@ -376,6 +373,17 @@ class PaymentService:
         if order.amount is None or order.currency is None:
             raise PayError(
                 422, "order_amount_unknown", f"Order {order.id} has no amount yet; set it with POST /api/orders."
+            )
+        # Never a PaymentIntent beside a Checkout Session of ours that could still be paid
+        # (read under the same order lock the checkout endpoint takes).
+        if session.scalar(
+            select(CheckoutAttempt.id)
+            .where(CheckoutAttempt.order_id == order.id, CheckoutAttempt.status.in_(LIVE_CHECKOUT_STATUSES))
+            .limit(1)
+        ):
+            raise PayError(
+                409, "checkout_session_open",
+                f"Order {order.id} has a Checkout Session that can still be paid; pay there, or let it expire.",
             )
         number = attempts[0].attempt + 1 if attempts else 1
         row = PaymentAttempt(
@@ -661,6 +669,36 @@ class PaymentService:
                 row.error = error[:2000]
 
         run_in_transaction(self._session_factory, work)
+
+
+def order_paid(session: Session, order: Order) -> bool:
+    """Whether the order is paid, by any route we know of: its status (from its charges),
+    a succeeded PaymentIntent naming it (the ledger knows every one, ours or not), a pay
+    attempt that succeeded, or a Checkout Session of ours that completed paid. Read under
+    the order's row lock by the pay and checkout endpoints alike."""
+    if order.status in PAID_ORDER_STATUSES:
+        return True
+    if session.scalar(
+        select(PaymentIntent.id)
+        .where(PaymentIntent.order_id == order.id, PaymentIntent.status == "succeeded")
+        .limit(1)
+    ):
+        return True
+    if session.scalar(
+        select(PaymentAttempt.id).where(PaymentAttempt.order_id == order.id, PaymentAttempt.status == SUCCEEDED).limit(1)
+    ):
+        return True
+    return bool(
+        session.scalar(
+            select(CheckoutAttempt.id)
+            .where(
+                CheckoutAttempt.order_id == order.id,
+                CheckoutAttempt.status == CHECKOUT_COMPLETE,
+                CheckoutAttempt.payment_status.in_(CHECKOUT_PAID_STATUSES),
+            )
+            .limit(1)
+        )
+    )
 
 
 def _decide_change(order: Order, live: PaymentAttempt, status: str, now: datetime) -> _Wait | _Change | None:

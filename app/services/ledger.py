@@ -585,7 +585,29 @@ def apply_checkout_session(
     if order.payment_intent_id is None and intent_id is not None:
         order.payment_intent_id = intent_id
     refresh_order(session, order_id)
+    _settle_checkout_attempt(session, checkout)  # after the order's lock, as the checkout endpoint takes them
     return checkout
+
+
+def _settle_checkout_attempt(session: Session, checkout: CheckoutSession) -> None:
+    """The checkout endpoint's attempt for this session follows it: ``expired`` (or a
+    complete session whose async payment failed) frees the order for attempt ``n + 1``;
+    ``complete`` ends it. An attempt already ended never comes back."""
+    from models.payments import CHECKOUT_COMPLETE, CHECKOUT_EXPIRED, CHECKOUT_OPEN, CREATING, FAILED, UNKNOWN, CheckoutAttempt
+
+    attempt = session.execute(
+        select(CheckoutAttempt).where(CheckoutAttempt.session_id == checkout.id).with_for_update()
+    ).scalar_one_or_none()
+    if attempt is None or attempt.status not in (CREATING, UNKNOWN, CHECKOUT_OPEN, CHECKOUT_COMPLETE):
+        return
+    attempt.payment_status = checkout.payment_status
+    if checkout.status == "expired":
+        attempt.status = CHECKOUT_EXPIRED
+    elif checkout.status == "complete" and checkout.payment_failed:
+        attempt.status = FAILED
+        attempt.error = f"the asynchronous payment of {checkout.id} failed"
+    elif checkout.status == "complete":
+        attempt.status = CHECKOUT_COMPLETE
 
 
 def _settle_payment_attempt(session: Session, intent: PaymentIntent) -> None:

@@ -362,3 +362,27 @@ def test_never_a_session_beside_a_payable_payment_intent_nor_the_other_way_round
     pay = co_client.post("/orders/ord_co_mix2/pay", headers=AUTH)
     assert pay.status_code == 409 and pay.get_json()["error"] == "checkout_session_open"
     assert stripe_double.creates == 1  # only ord_co_mix's PaymentIntent
+
+
+@pytest.mark.parametrize("news", ["expired", "async_payment_failed"])
+def test_the_webhook_of_an_ended_session_frees_the_order_without_a_stripe_read(co_client, stripe_double, deliver, ledger, news) -> None:  # type: ignore[no-untyped-def]
+    """The ledger's checkout.session.* events settle the endpoint's attempt: an expired
+    session, or a complete one whose asynchronous payment failed, frees the order for the
+    next attempt at once (no 5-second-old re-read needed)."""
+    from tests import stripe_payloads as p
+
+    new_order(co_client, "ord_co_hook")
+    first = checkout(co_client, "ord_co_hook").get_json()
+    session = dict(stripe_double.sessions[first["id"]])
+    if news == "expired":
+        session.update(status="expired")
+    else:
+        session.update(status="complete", payment_status="unpaid")
+    event = p.event(f"checkout.session.{news}", session)
+    assert deliver(event).status_code == 200
+    [row] = rows(ledger, "ord_co_hook")
+    assert row.status == ("expired" if news == "expired" else "failed")
+    reads_before = stripe_double.count("GET", f"/v1/checkout/sessions/{first['id']}")
+    response = checkout(co_client, "ord_co_hook")
+    assert response.status_code == 201 and response.get_json()["attempt"] == 2
+    assert stripe_double.count("GET", f"/v1/checkout/sessions/{first['id']}") == reads_before

@@ -30,6 +30,8 @@ from models.reconciliation import (
     ReconciliationRun,
     RefundAttempt,
     RunLease,
+    UNLINKED_ORDER_PREFIX,
+    is_unlinked_order,
 )
 
 __all__ = [
@@ -45,6 +47,8 @@ __all__ = [
     "ReconciliationRun",
     "RefundAttempt",
     "RunLease",
+    "UNLINKED_ORDER_PREFIX",
+    "is_unlinked_order",
     "Base",
     "Charge",
     "Dispute",

@@ -192,6 +192,9 @@ def test_unlinked_cases_are_counted_apart_from_real_cases(
     assert listing["totals"] == {"usd": {"excess": 4999, "refunded": 0, "excess_display": "49.99 USD", "refunded_display": "0.00 USD"}}
     assert listing["unlinked"] == {"count": 1, "active": 1, "held": {"usd": 5000}, "held_display": {"usd": "50.00 USD"}}
     assert [c["kind"] for c in listing["cases"]] == ["duplicate", "unlinked"]  # the real case first
+    metrics = api.get("/metrics", headers=AUTH).get_data(as_text=True)
+    assert 'reconciler_duplicate_cases{status="open"} 1.0' in metrics
+    assert 'reconciler_unlinked_cases{status="open"} 1.0' in metrics
     run_alert = ledger.get(AlertSent, f"run:{summary.run_id}")
     assert run_alert is not None and "duplicates found" in run_alert.subject
     # a run that finds only unlinked charges says so in its subject

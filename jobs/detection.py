@@ -642,6 +642,14 @@ def _fill_unlinked(
         member.currency = charge.currency
         member.held = positions[cid].held
         member.proposed_refund = 0
+    # A charge that left the group (refunded, or now linked to an order) stays in the
+    # evidence, after the group, with what it holds now.
+    extra = [cc for cc in case.charges if cc.charge_id not in set(group.charge_ids)]
+    for index, member in enumerate(sorted(extra, key=lambda cc: cc.position), start=len(group.charge_ids)):
+        member.position = index
+        member.role = "left_group"
+        if member.charge_id in positions:
+            member.held = positions[member.charge_id].held
 
 
 def _resolve_stale_unlinked(session: Session, matched: set[int], summary: DetectionSummary) -> None:

@@ -90,6 +90,34 @@ def test_same_card_twice_within_ten_minutes_opens_a_review_case_never_refunded(
     assert ledger.get(DuplicateCase, case.id).status == "open"
 
 
+def test_charges_only_the_api_knows_are_backfilled_and_grouped(stripe_api, reconcile, ledger) -> None:  # type: ignore[no-untyped-def]
+    first = stripe_api.add_charge(created=NOW - 300, customer="cus_Bf1")
+    second = stripe_api.add_charge(created=NOW - 240, customer="cus_Bf1")  # no webhook ever came
+    assert reconcile().counts()["unlinked_cases_opened"] == 1
+    (case,) = unlinked_cases(ledger)
+    assert ledger.get(Charge, second["id"]).card_fingerprint == second["payment_method_details"]["card"]["fingerprint"]
+    assert case.keeper_charge_id == first["id"] and case.status == "open" and ledger.count(RefundAttempt) == 0
+
+
+def test_a_third_charge_joins_the_open_case(stripe_api, deliver, reconcile, session_factory, ledger) -> None:  # type: ignore[no-untyped-def]
+    first = paid(stripe_api, deliver, created=NOW - 900)
+    second = paid(stripe_api, deliver, created=NOW - 500)
+    reconcile()
+    third = paid(stripe_api, deliver, created=NOW - 100)  # 400 s after the second, 800 s after the first
+    assert reconcile().counts()["unlinked_cases_opened"] == 0
+    (case,) = unlinked_cases(ledger)
+    assert members(session_factory, case.id) == [(first["id"], "earliest"), (second["id"], "repeat"), (third["id"], "repeat")]
+    assert case.excess == {"usd": 2 * 4999}
+
+
+def test_dry_run_writes_nothing(stripe_api, deliver, reconcile, ledger) -> None:  # type: ignore[no-untyped-def]
+    paid(stripe_api, deliver, created=NOW - 300)
+    paid(stripe_api, deliver, created=NOW - 200)
+    summary = reconcile(mode="dry-run")
+    assert summary.counts()["would_open_unlinked"] == 1 and ledger.count(DuplicateCase) == 0
+    assert ledger.count(Order) == 0
+
+
 def test_same_card_two_hours_apart_opens_nothing(stripe_api, deliver, reconcile, ledger) -> None:  # type: ignore[no-untyped-def]
     first = paid(stripe_api, deliver, created=NOW - 7300)
     second = paid(stripe_api, deliver, created=NOW - 100)

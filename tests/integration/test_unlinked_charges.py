@@ -17,6 +17,7 @@ from app.services.refunds import RefundRefused, RefundService
 from models import AlertSent, AuditEntry, Charge, DuplicateCase, Order, Refund, RefundAttempt
 from tests import stripe_payloads as p
 from tests.conftest import API_TOKEN
+from tests.integration.test_review_page import review_app, review_settings  # noqa: F401  (fixtures)
 from tests.integration.test_reconcile import (  # noqa: F401  (fixtures)
     NOW,
     _double_click,
@@ -231,3 +232,26 @@ def test_unlinked_cases_are_counted_apart_from_real_cases(
     only = reconcile(mode="review")
     assert only.counts()["cases_opened"] == 0 and only.counts()["unlinked_cases_opened"] == 1
     assert "possible duplicates with no order" in ledger.get(AlertSent, f"run:{only.run_id}").subject
+
+
+def test_review_page_shows_it_as_review_only_and_dismisses_it(
+    stripe_api, deliver, reconcile, session_factory, ledger, review_app
+) -> None:  # type: ignore[no-untyped-def]
+    from tests.integration.test_review_page import login, post
+
+    first = paid(stripe_api, deliver, created=NOW - 300)
+    second = paid(stripe_api, deliver, created=NOW - 200)
+    reconcile(mode="review")
+    (case,) = unlinked_cases(ledger)
+    web = review_app.test_client()
+    login(web)
+    listing = web.get("/review").get_data(as_text=True)
+    assert "possible duplicate, no order" in listing and "Possible duplicates with no order" in listing
+    page = web.get(f"/review/cases/{case.id}").get_data(as_text=True)
+    assert "review only" in page and first["id"] in page and second["id"] in page
+    assert f"/review/cases/{case.id}/refund" not in page and f"/review/cases/{case.id}/approve" not in page
+    refused = post(web, f"/review/cases/{case.id}/refund", **{f"amount-{second['id']}": "49.99"})
+    assert refused.status_code in (409, 422) and ledger.count(RefundAttempt) == 0
+    response = post(web, f"/review/cases/{case.id}/dismiss", note="same customer bought two gift cards")
+    assert response.status_code in (200, 302, 303)
+    assert ledger.get(DuplicateCase, case.id).status == "dismissed"

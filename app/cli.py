@@ -448,6 +448,12 @@ def review_list(status: str | None, limit: int) -> None:
             f"{excess:>14}  {proposed:>14}  {why}"
         )
     click.echo(f"{page['total']} case(s); totals: " + "; ".join(f"{c.upper()} excess {t['excess_display']}, refunded {t['refunded_display']}" for c, t in page["totals"].items()))
+    unlinked = page.get("unlinked") or {}
+    if unlinked.get("count"):
+        click.echo(
+            f"of which {unlinked['count']} possible duplicate(s) with no order (review only, not in the totals; "
+            f"{unlinked['active']} open, holding {', '.join(unlinked['held_display'].values()) or '-'})"
+        )
 
 
 @review.command("show")

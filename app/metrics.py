@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from models import CASE_STATUSES, DuplicateCase, ReconciliationRun, RefundAttempt
+from models import CASE_STATUSES, CaseKind, DuplicateCase, ReconciliationRun, RefundAttempt
 
 __all__ = [
     "CONTENT_TYPE_LATEST",
@@ -74,6 +74,11 @@ class LedgerCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         cases = GaugeMetricFamily("reconciler_duplicate_cases", "Duplicate cases by status.", labels=["status"])
+        unlinked = GaugeMetricFamily(
+            "reconciler_unlinked_cases",
+            "Possible duplicates with no order (review only), by status; not in reconciler_duplicate_cases.",
+            labels=["status"],
+        )
         refunds = GaugeMetricFamily(
             "reconciler_refunds", "Refunds this service asked for, by attempt status and currency.", labels=["status", "currency"]
         )
@@ -88,9 +93,20 @@ class LedgerCollector(Collector):
         last_duration = GaugeMetricFamily("reconciler_last_pass_duration_seconds", "How long the last pass took.")
         last_ok = GaugeMetricFamily("reconciler_last_pass_success", "1 if the last pass succeeded, else 0.")
         with self._session_factory() as session:
-            by_status = dict(session.execute(select(DuplicateCase.status, func.count()).group_by(DuplicateCase.status)).all())
+            is_unlinked = DuplicateCase.kind == CaseKind.UNLINKED.value
+            by_status = dict(
+                session.execute(
+                    select(DuplicateCase.status, func.count()).where(~is_unlinked).group_by(DuplicateCase.status)
+                ).all()
+            )
+            unlinked_by_status = dict(
+                session.execute(
+                    select(DuplicateCase.status, func.count()).where(is_unlinked).group_by(DuplicateCase.status)
+                ).all()
+            )
             for status in CASE_STATUSES:
                 cases.add_metric([status], by_status.get(status, 0))
+                unlinked.add_metric([status], unlinked_by_status.get(status, 0))
             for status, currency, count, total in session.execute(
                 select(RefundAttempt.status, RefundAttempt.currency, func.count(), func.sum(RefundAttempt.amount)).group_by(
                     RefundAttempt.status, RefundAttempt.currency
@@ -109,7 +125,7 @@ class LedgerCollector(Collector):
                 last_finished.add_metric([], last.finished_at.timestamp())
                 last_duration.add_metric([], (last.finished_at - last.started_at).total_seconds())
                 last_ok.add_metric([], 1 if last.status == "succeeded" else 0)
-        yield from (cases, refunds, amounts, last_finished, last_duration, last_ok)
+        yield from (cases, unlinked, refunds, amounts, last_finished, last_duration, last_ok)
 
 
 def render(session_factory: Callable[[], Session]) -> bytes:

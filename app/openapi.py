@@ -106,6 +106,11 @@ def openapi_document() -> dict[str, Any]:
                         "id": {"type": "integer"},
                         "status": {"type": "string", "enum": ["open", "refunding", "refunded", "dismissed", "failed"]},
                         "order_id": {"type": "string"},
+                        "kind": {
+                            "type": "string",
+                            "enum": ["duplicate", "authorization", "unlinked"],
+                            "description": "unlinked: possible duplicate, no order (review only, never refunded by the service; order_id is a synthetic ~unlinked:... id)",
+                        },
                         "charges": {"type": "array", "items": object_},
                     },
                 },
@@ -226,6 +231,10 @@ def openapi_document() -> dict[str, Any]:
                                     "page": {"type": "integer"},
                                     "per_page": {"type": "integer"},
                                     "totals": object_,
+                                    "unlinked": {
+                                        "type": "object",
+                                        "description": "Possible duplicates with no order, counted apart (not in totals): count, active, held per currency",
+                                    },
                                 },
                             },
                             "A page of cases",

@@ -66,6 +66,9 @@ class Settings:
     backfill_days: int = 7
     refund_mode: str = "review"  # review | auto | dry-run
     duplicate_window_hours: int = 24
+    # Charges naming no order: same card (or customer), amount and currency within this
+    # many minutes of each other are a "possible duplicate, no order" case (review only).
+    unlinked_window_minutes: int = 10
     auto_refund_unknown_total: bool = False
     stripe_rate_limit: float = 20.0  # requests per second, client side
     # Alerts (each channel optional; the log always gets them).
@@ -225,6 +228,9 @@ class Settings:
             ),
             duplicate_window_hours=_parse_int(
                 "DUPLICATE_WINDOW_HOURS", text("DUPLICATE_WINDOW_HOURS"), 24, minimum=1
+            ),
+            unlinked_window_minutes=_parse_int(
+                "UNLINKED_WINDOW_MINUTES", text("UNLINKED_WINDOW_MINUTES"), 10, minimum=1
             ),
             auto_refund_unknown_total=_parse_bool(
                 "AUTO_REFUND_UNKNOWN_TOTAL", text("AUTO_REFUND_UNKNOWN_TOTAL") or "false"

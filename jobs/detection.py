@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Any, Iterator
 
-from sqlalchemy import func, select, union
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy import and_, func, or_, select, union
+from sqlalchemy.orm import Session, aliased, selectinload, sessionmaker
 
 from app.services import case_lifecycle as lifecycle
+from app.services import ledger
 from app.services.balance import OrderBalance, load_balances
 from app.services.case_lifecycle import CaseAction, DismissedState, is_active
-from jobs.rules import Assessment
+from jobs.rules import Assessment, UnlinkedChargeFacts, UnlinkedGroup, unlinked_groups
 from models import (
     ACTIVE_CASE_STATUSES,
     CaseCharge,
@@ -32,8 +33,10 @@ from models import (
     DuplicateCase,
     Order,
     Refund,
+    UNLINKED_ORDER_PREFIX,
     run_in_transaction,
 )
+from models.db import insert_ignore
 from models.money import format_amount
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,13 @@ class DetectionSummary:
     would_open: dict[str, bool] = field(default_factory=dict)
     plan: list[dict[str, Any]] = field(default_factory=list)
     automatic_open_cases: list[int] = field(default_factory=list)
+    # "possible duplicate, no order" cases (kind unlinked), counted apart from the rest:
+    # review only, never in automatic_open_cases
+    unlinked_groups_found: int = 0
+    unlinked_opened: list[int] = field(default_factory=list)
+    unlinked_updated: int = 0
+    unlinked_resolved: int = 0
+    would_open_unlinked: list[str] = field(default_factory=list)  # dry run: their synthetic order ids
 
     def merge(self, part: "DetectionSummary") -> None:
         self.orders_examined += part.orders_examined
@@ -65,6 +75,11 @@ class DetectionSummary:
         self.would_open.update(part.would_open)
         self.plan += part.plan
         self.automatic_open_cases += part.automatic_open_cases
+        self.unlinked_groups_found += part.unlinked_groups_found
+        self.unlinked_opened += part.unlinked_opened
+        self.unlinked_updated += part.unlinked_updated
+        self.unlinked_resolved += part.unlinked_resolved
+        self.would_open_unlinked += part.would_open_unlinked
 
 
 def candidate_orders(session: Session, *, touched_since: datetime | None) -> list[str]:
@@ -90,7 +105,10 @@ def candidate_orders(session: Session, *, touched_since: datetime | None) -> lis
         )
         .distinct()
     )
-    active = select(DuplicateCase.order_id).where(DuplicateCase.status.in_(ACTIVE_CASE_STATUSES))
+    # Unlinked cases hang on synthetic orders with no charges: detect_unlinked keeps them.
+    active = select(DuplicateCase.order_id).where(
+        DuplicateCase.status.in_(ACTIVE_CASE_STATUSES), DuplicateCase.kind != CaseKind.UNLINKED.value
+    )
     if touched_since is not None:
         touched = union(
             select(Charge.order_id).where(Charge.updated_at >= touched_since, Charge.order_id.is_not(None)),
@@ -385,3 +403,281 @@ def _fill(case: DuplicateCase, balance: OrderBalance, verdict: Assessment) -> No
         member.held = position.held
         # For an authorisation the proposal is its release (the authorised amount).
         member.proposed_refund = verdict.proposed_refunds.get(charge.id, 0) or verdict.releases.get(charge.id, 0)
+
+
+# -- charges that name no order ------------------------------------------------------------
+#
+# A review-only signal next to the order rule. Its cases (kind "unlinked") hang on a
+# synthetic order row "~unlinked:<fp_...|cus_...>:<first charge id>": no real order can
+# have such an id ("~" cannot start one), the order row has no charges, no total and is
+# never a candidate of the order rule, and the one-active-case-per-order index keeps one
+# active case per group without a schema change to duplicate_cases. A case keeps its
+# synthetic order for life: a group that grows (a third charge) or is found again after a
+# dismissal is matched to its case by its charges, not by recomputing the id.
+
+MAX_CHAIN_ROUNDS = 20
+
+
+def unlinked_order_id(group: UnlinkedGroup) -> str:
+    kind, value = group.key
+    tag = f"fp_{value}" if kind == "fingerprint" else value
+    order_id = f"{UNLINKED_ORDER_PREFIX}{tag}:{group.first_charge_id}"
+    if len(order_id) > 255:  # a very long customer id: keep the id within the column
+        import hashlib
+
+        order_id = f"{UNLINKED_ORDER_PREFIX}h_{hashlib.sha256(tag.encode()).hexdigest()[:32]}:{group.first_charge_id}"[:255]
+    return order_id
+
+
+def _paid(model: Any) -> Any:
+    return and_(model.status == "succeeded", model.captured.is_(True))
+
+
+def unlinked_candidates(session: Session, *, window_seconds: int, touched_since: datetime | None) -> list[Charge]:
+    """Paid charges that may form a "possible duplicate, no order" group, set-based.
+
+    Seeds: paid charges naming no order, with a card fingerprint or a customer, changed
+    since ``touched_since`` (all on a full pass), plus the charges of active unlinked
+    cases. Then, in one self-join per round, every paid charge (linked or not: a linked
+    one is what says "repeat purchase") with the same card or customer, amount and
+    currency within the window of one already found, until nothing new joins."""
+    seed = select(Charge.id).where(
+        Charge.order_id.is_(None),
+        _paid(Charge),
+        or_(Charge.card_fingerprint.is_not(None), Charge.customer.is_not(None)),
+    )
+    if touched_since is not None:
+        seed = seed.where(Charge.updated_at >= touched_since)
+    active_members = (
+        select(CaseCharge.charge_id)
+        .join(DuplicateCase, DuplicateCase.id == CaseCharge.case_id)
+        .where(DuplicateCase.kind == CaseKind.UNLINKED.value, DuplicateCase.status.in_(ACTIVE_CASE_STATUSES))
+    )
+    found: dict[str, Charge] = {}
+    frontier: Any = union(seed, active_members).subquery()
+    for _ in range(MAX_CHAIN_ROUNDS):
+        near = aliased(Charge)
+        anchor = aliased(Charge)
+        close = and_(
+            near.currency == anchor.currency,
+            near.amount == anchor.amount,
+            near.created >= anchor.created - window_seconds,
+            near.created <= anchor.created + window_seconds,
+        )
+        anchors = select(frontier.c[0])
+        by_card = (
+            select(near.id)
+            .join(anchor, and_(close, anchor.card_fingerprint.is_not(None), near.card_fingerprint == anchor.card_fingerprint))
+            .where(anchor.id.in_(anchors), _paid(near))
+        )
+        by_customer = (
+            select(near.id)
+            .join(anchor, and_(close, anchor.customer.is_not(None), near.customer == anchor.customer))
+            .where(anchor.id.in_(anchors), _paid(near))
+        )
+        ids = set(session.scalars(union(by_card, by_customer))) - set(found)
+        if not ids:
+            break
+        for start in range(0, len(ids), CHUNK):
+            for charge in session.scalars(select(Charge).where(Charge.id.in_(sorted(ids)[start : start + CHUNK]))):
+                found[charge.id] = charge
+        frontier = select(Charge.id).where(Charge.id.in_(sorted(ids))).subquery()
+    return sorted(found.values(), key=lambda c: (c.created, c.id))
+
+
+def detect_unlinked(
+    session_factory: sessionmaker[Session],
+    *,
+    window_seconds: int,
+    touched_since: datetime | None,
+    dry_run: bool,
+    run_id: int | None,
+) -> DetectionSummary:
+    """Open (or refresh) a review-only case for each group of charges naming no order
+    (:func:`jobs.rules.unlinked_groups`); close as ``external`` an active one whose
+    repeats no longer hold money. Never automatic, never in ``automatic_open_cases``."""
+
+    def work(session: Session) -> DetectionSummary:
+        part = DetectionSummary()
+        charges = unlinked_candidates(session, window_seconds=window_seconds, touched_since=touched_since)
+        positions = {p.charge.id: p for p in ledger.charge_positions(session, charges)}
+        facts = [
+            UnlinkedChargeFacts(
+                id=c.id,
+                amount=c.amount,
+                currency=c.currency,
+                created=c.created,
+                fingerprint=c.card_fingerprint,
+                customer=c.customer,
+                description=c.description,
+                order_id=c.order_id,
+                held=positions[c.id].held,
+            )
+            for c in charges
+        ]
+        groups = unlinked_groups(facts, window_seconds=window_seconds)
+        part.unlinked_groups_found = len(groups)
+        by_id = {c.id: c for c in charges}
+        member_ids = sorted({cid for g in groups for cid in g.charge_ids})
+        cases = _unlinked_cases(session, member_ids, lock=not dry_run)
+        matched: set[int] = set()
+        opened: list[DuplicateCase] = []
+        for group in groups:
+            mine = sorted(
+                {c.id: c for cid in group.charge_ids for c in cases.get(cid, [])}.values(), key=lambda c: c.id
+            )
+            active = next((c for c in mine if is_active(c)), None)
+            if active is not None:
+                matched.add(active.id)
+                if dry_run:
+                    continue
+                if {cc.charge_id for cc in active.charges} != set(group.charge_ids) or active.excess != _unlinked_excess(group, positions):
+                    _fill_unlinked(active, group, by_id, positions, window_seconds)
+                    part.unlinked_updated += 1
+                continue
+            latest = mine[-1] if mine else None
+            if latest is not None and latest.status == CaseStatus.DISMISSED and _unlinked_dismissal_stands(latest, group):
+                continue
+            order_id = latest.order_id if latest is not None else unlinked_order_id(group)
+            if dry_run:
+                part.would_open_unlinked.append(order_id)
+                continue
+            insert_ignore(session, Order, {"id": order_id, "status": "pending", "version": 1})
+            case = lifecycle.new_case(order_id, kind=CaseKind.UNLINKED, run_id=run_id)
+            _fill_unlinked(case, group, by_id, positions, window_seconds)
+            session.add(case)
+            opened.append(case)
+        if not dry_run:
+            _resolve_stale_unlinked(session, matched, part)
+        if opened:
+            session.flush()
+            for case in opened:
+                lifecycle.record_opened(
+                    session, case, details={"automatic": False, "reasons": list(case.review_reasons), "kind": case.kind}
+                )
+                part.unlinked_opened.append(case.id)
+        return part
+
+    if dry_run:
+        with session_factory() as session:
+            part = work(session)
+            session.rollback()
+            return part
+    return run_in_transaction(session_factory, work)
+
+
+def _unlinked_cases(session: Session, charge_ids: list[str], *, lock: bool) -> dict[str, list[DuplicateCase]]:
+    """Unlinked cases holding any of ``charge_ids``, by charge id (oldest case first)."""
+    result: dict[str, list[DuplicateCase]] = {}
+    for start in range(0, len(charge_ids), CHUNK):
+        chunk = charge_ids[start : start + CHUNK]
+        statement = (
+            select(DuplicateCase)
+            .where(
+                DuplicateCase.kind == CaseKind.UNLINKED.value,
+                DuplicateCase.id.in_(select(CaseCharge.case_id).where(CaseCharge.charge_id.in_(chunk))),
+            )
+            .order_by(DuplicateCase.id)
+            .options(selectinload(DuplicateCase.charges))
+        )
+        if lock:
+            statement = statement.with_for_update()
+        for case in session.scalars(statement):
+            for member in case.charges:
+                if member.charge_id in chunk and case not in result.get(member.charge_id, []):
+                    result.setdefault(member.charge_id, []).append(case)
+    return result
+
+
+def _unlinked_dismissal_stands(case: DuplicateCase, group: UnlinkedGroup) -> bool:
+    """A dismissed unlinked case covers the charges the person saw; a charge it never saw
+    (a third one) is news, and opens a new case."""
+    state = DismissedState.from_json(case.dismissed_state)
+    seen = state.charges if state is not None and state.charges else frozenset(cc.charge_id for cc in case.charges)
+    return set(group.charge_ids) <= seen
+
+
+def _unlinked_excess(group: UnlinkedGroup, positions: dict[str, Any]) -> dict[str, int]:
+    held = sum(positions[cid].held for cid in group.repeats if cid in positions)
+    return {group.currency: held} if held > 0 else {}
+
+
+def _fill_unlinked(
+    case: DuplicateCase,
+    group: UnlinkedGroup,
+    charges: dict[str, Charge],
+    positions: dict[str, Any],
+    window_seconds: int,
+) -> None:
+    """The evidence: the charges (earliest first), what ties them, when they were made."""
+    first = charges[group.first_charge_id]
+    kind, value = group.key
+    times = ", ".join(
+        f"{cid} at {datetime.fromtimestamp(charges[cid].created, tz=timezone.utc).isoformat()}" for cid in group.charge_ids
+    )
+    minutes = (group.last_created - group.first_created) / 60
+    case.kind = CaseKind.UNLINKED.value
+    case.keeper_charge_id = first.id
+    case.order_amount = None
+    case.currency = group.currency
+    case.excess = _unlinked_excess(group, positions)
+    case.automatic = False
+    case.review_reasons = [
+        f"unlinked_charges: {len(group.charge_ids)} charges of {format_amount(group.amount, group.currency)} "
+        f"with the same {'card (fingerprint ' + value + ')' if kind == 'fingerprint' else 'customer ' + value} "
+        f"within {minutes:.1f} minutes (window {window_seconds // 60} min), none naming an order: {times}",
+        "review_only: possible duplicate, no order; the service never refunds it. Refund in the Stripe "
+        "Dashboard if it is a duplicate, or dismiss it with a note",
+    ]
+    by_id = {cc.charge_id: cc for cc in case.charges}
+    for index, cid in enumerate(group.charge_ids):
+        charge = charges[cid]
+        member = by_id.get(cid)
+        if member is None:
+            member = CaseCharge(charge_id=cid)
+            case.charges.append(member)
+        member.position = index
+        member.role = "earliest" if index == 0 else "repeat"
+        member.amount = charge.amount
+        member.currency = charge.currency
+        member.held = positions[cid].held
+        member.proposed_refund = 0
+    # A charge that left the group (refunded, or now linked to an order) stays in the
+    # evidence, after the group, with what it holds now.
+    extra = [cc for cc in case.charges if cc.charge_id not in set(group.charge_ids)]
+    for index, member in enumerate(sorted(extra, key=lambda cc: cc.position), start=len(group.charge_ids)):
+        member.position = index
+        member.role = "left_group"
+        if member.charge_id in positions:
+            member.held = positions[member.charge_id].held
+
+
+def _resolve_stale_unlinked(session: Session, matched: set[int], summary: DetectionSummary) -> None:
+    """Active unlinked cases no group matched this pass: once at most one of their charges
+    still holds money (the repeats were refunded outside), they are closed as external.
+    Otherwise (a charge got linked to an order, say) they stay with the person."""
+    stale = list(
+        session.scalars(
+            select(DuplicateCase)
+            .where(
+                DuplicateCase.kind == CaseKind.UNLINKED.value,
+                DuplicateCase.status.in_((CaseStatus.OPEN.value, CaseStatus.FAILED.value)),
+                DuplicateCase.id.not_in(matched) if matched else DuplicateCase.id.is_not(None),
+            )
+            .order_by(DuplicateCase.id)
+            .options(selectinload(DuplicateCase.charges))
+            .with_for_update()
+        )
+    )
+    for case in stale:
+        members = list(session.scalars(select(Charge).where(Charge.id.in_([cc.charge_id for cc in case.charges]))))
+        holding = [p for p in ledger.charge_positions(session, members) if p.held > 0]
+        if len(holding) <= 1:
+            lifecycle.change(
+                session,
+                case,
+                CaseAction.RESOLVE_EXTERNAL,
+                reason="no longer a possible duplicate: at most one of its charges still holds money",
+            )
+            case.excess = {}
+            summary.unlinked_resolved += 1

@@ -28,7 +28,7 @@ from app.services.refunds import RefundRefused, RefundService, pending_refund_ca
 from config import Settings
 from jobs.alerts import Alert, Alerter, pending_alerts
 from jobs.backfill import LISTINGS, BackfillStopped, BackfillSummary, Progress, backfill, backfill_start, oldest_watermark
-from jobs.detection import DetectionSummary, detect
+from jobs.detection import DetectionSummary, detect, detect_unlinked
 from jobs.lease import RunInProgress, exclusive_pass, holder_name
 from models import CaseStatus, DuplicateCase, ReconciliationRun, run_in_transaction
 
@@ -69,6 +69,10 @@ class RunSummary:
             "orders_examined": self.detection.get("orders_examined", 0),
             "cases_opened": len(self.detection.get("cases_opened", [])),
             "cases_resolved": self.detection.get("cases_resolved", 0),
+            # "possible duplicate, no order" (review only), apart from the cases above
+            "unlinked_cases_opened": len(self.detection.get("unlinked_opened", [])),
+            "unlinked_cases_resolved": self.detection.get("unlinked_resolved", 0),
+            "would_open_unlinked": len(self.detection.get("would_open_unlinked", [])),
             "would_open": len(self.detection.get("would_open", {})),
             "would_refund_automatically": sum(1 for v in self.detection.get("would_open", {}).values() if v),
             "refunds_issued": len(refunded),
@@ -189,6 +193,15 @@ def _pass(
         dry_run=dry_run,
         run_id=summary.run_id,
     )
+    # Charges that name no order: a review-only signal, counted apart (never refunded).
+    unlinked = detect_unlinked(
+        session_factory,
+        window_seconds=settings.unlinked_window_minutes * 60,
+        touched_since=touched_since,
+        dry_run=dry_run,
+        run_id=summary.run_id,
+    )
+    found.merge(unlinked)
     summary.detection = asdict(found)
     if found.orders_failed:
         summary.errors.append(
@@ -226,8 +239,15 @@ def _send_alerts(summary: RunSummary, session_factory: sessionmaker[Session], al
         alerts = pending_alerts(session)
         opened = summary.detection.get("cases_opened", [])
         cases = list(session.scalars(select(DuplicateCase).where(DuplicateCase.id.in_(opened)))) if opened else []
+        unlinked_ids = summary.detection.get("unlinked_opened", [])
+        unlinked = (
+            list(session.scalars(select(DuplicateCase).where(DuplicateCase.id.in_(unlinked_ids)).order_by(DuplicateCase.id)))
+            if unlinked_ids
+            else []
+        )
+        unlinked_charges = {case.id: [cc.charge_id for cc in case.charges] for case in unlinked}
     counts = summary.counts()
-    if cases or summary.refunds or summary.errors:
+    if cases or summary.refunds or summary.errors or unlinked:
         lines = [
             f"Reconciliation run {summary.run_id} ({summary.mode}): {counts['cases_opened']} case(s) opened, "
             f"{counts['refunds_issued']} refund(s) issued {_amounts(counts['refunded_amounts'])}, "
@@ -237,8 +257,22 @@ def _send_alerts(summary: RunSummary, session_factory: sessionmaker[Session], al
             excess = _amounts(case.excess)
             verdict = "refunded automatically" if case.status in (CaseStatus.REFUNDING, CaseStatus.REFUNDED) else "needs review"
             lines.append(f"- case {case.id}, order {case.order_id}: holds {excess} too much; {verdict}")
+        if unlinked:
+            # Apart, after the real cases, and summed up: they must not drown them.
+            lines.append(
+                f"Possible duplicates with no order (review only, never refunded automatically): "
+                f"{len(unlinked)} case(s) opened, {_amounts(_sum_excess(unlinked))} in repeated charges."
+            )
+            lines += [f"- case {case.id}: {', '.join(unlinked_charges[case.id])}" for case in unlinked[:10]]
+            if len(unlinked) > 10:
+                lines.append(f"- ... and {len(unlinked) - 10} more on the review page")
         lines += [f"- error: {e}" for e in summary.errors]
-        alerts.insert(0, Alert(f"run:{summary.run_id}", f"Reconciliation run {summary.run_id}: duplicates found or errors", "\n".join(lines)))
+        subject = (
+            f"Reconciliation run {summary.run_id}: duplicates found or errors"
+            if cases or summary.refunds or summary.errors
+            else f"Reconciliation run {summary.run_id}: possible duplicates with no order (review only)"
+        )
+        alerts.insert(0, Alert(f"run:{summary.run_id}", subject, "\n".join(lines)))
     for alert in alerts:
         try:
             if alerter.send(alert):
@@ -246,6 +280,14 @@ def _send_alerts(summary: RunSummary, session_factory: sessionmaker[Session], al
         except Exception as exc:  # the alert store itself failing must not fail the pass
             log.exception("alert not sent")
             summary.errors.append(f"alert {alert.key} not sent: {exc}")
+
+
+def _sum_excess(cases: list[DuplicateCase]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for case in cases:
+        for currency, amount in (case.excess or {}).items():
+            total[currency] = total.get(currency, 0) + amount
+    return total
 
 
 def _amounts(amounts: dict[str, int]) -> str:

@@ -354,3 +354,116 @@ def _plan(
             plan[charge.id] = charge.held
             remaining -= charge.held
     return plan, remaining == order.amount
+
+
+# -- charges that name no order ("possible duplicate, no order") -------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UnlinkedChargeFacts:
+    """What the unlinked-charges rule needs about one paid charge. The input may hold
+    linked charges too (``order_id`` set): they are what tells a repeat purchase apart."""
+
+    id: str
+    amount: int
+    currency: str
+    created: int  # Stripe unix seconds
+    fingerprint: str | None = None  # payment_method_details.card.fingerprint
+    customer: str | None = None
+    description: str | None = None
+    order_id: str | None = None
+    held: int | None = None  # what it still holds; None: its whole amount
+
+    @property
+    def holds(self) -> int:
+        return self.amount if self.held is None else self.held
+
+
+@dataclass(frozen=True, slots=True)
+class UnlinkedGroup:
+    """Two or more paid charges naming no order, one card (or customer), one amount and
+    currency, each within the window of another: possibly one purchase charged twice."""
+
+    charge_ids: tuple[str, ...]  # earliest first (Stripe created, then id)
+    amount: int
+    currency: str
+    # what ties them: ("fingerprint", fp) when they share one card, else ("customer", cus)
+    key: tuple[str, str]
+    first_created: int
+    last_created: int
+
+    @property
+    def first_charge_id(self) -> str:
+        return self.charge_ids[0]
+
+    @property
+    def repeats(self) -> tuple[str, ...]:
+        return self.charge_ids[1:]
+
+
+def _same_payer(a: UnlinkedChargeFacts, b: UnlinkedChargeFacts) -> bool:
+    return bool(a.fingerprint and a.fingerprint == b.fingerprint) or bool(a.customer and a.customer == b.customer)
+
+
+def unlinked_groups(charges: Iterable[UnlinkedChargeFacts], *, window_seconds: int) -> list[UnlinkedGroup]:
+    """The groups of the "possible duplicate, no order" rule, earliest first.
+
+    Two paid charges (still holding money) go together when they have the same card
+    fingerprint or the same customer, the same amount and currency, and were created at
+    most ``window_seconds`` apart; a group is everything so chained. A group opens a case
+    only when it has two or more charges and
+
+    * none of them is linked to an order (a charge linked to an order, next to one that
+      names none, is a repeat purchase or the order rule's business, not this rule's), and
+    * their descriptions do not differ where Stripe gives them (two different
+      descriptions are two different purchases; a missing one says nothing).
+
+    Deterministic: the same charges always give the same groups in the same order."""
+    held = sorted((c for c in charges if c.holds > 0), key=lambda c: (c.created, c.id))
+    parent = {c.id: c.id for c in held}
+
+    def root(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i, a in enumerate(held):
+        for b in held[i + 1 :]:
+            if b.created - a.created > window_seconds:
+                break
+            if a.amount == b.amount and a.currency == b.currency and _same_payer(a, b):
+                ra, rb = root(a.id), root(b.id)
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+    members: dict[str, list[UnlinkedChargeFacts]] = {}
+    for c in held:
+        members.setdefault(root(c.id), []).append(c)
+    groups: list[UnlinkedGroup] = []
+    for group in members.values():
+        if len(group) < 2:
+            continue
+        if any(c.order_id for c in group):
+            continue
+        if len({c.description for c in group if c.description}) > 1:
+            continue
+        first = group[0]
+        fingerprints = {c.fingerprint for c in group}
+        customers = {c.customer for c in group}
+        if first.fingerprint and fingerprints == {first.fingerprint}:
+            key = ("fingerprint", first.fingerprint)
+        elif first.customer and customers == {first.customer}:
+            key = ("customer", first.customer)
+        else:  # chained through both: name the first charge's card, else its customer
+            key = ("fingerprint", first.fingerprint) if first.fingerprint else ("customer", first.customer or "")
+        groups.append(
+            UnlinkedGroup(
+                charge_ids=tuple(c.id for c in group),
+                amount=first.amount,
+                currency=first.currency,
+                key=key,
+                first_created=first.created,
+                last_created=group[-1].created,
+            )
+        )
+    return sorted(groups, key=lambda g: (g.first_created, g.first_charge_id))

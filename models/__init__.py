@@ -31,6 +31,8 @@ from models.reconciliation import (
     ReconciliationRun,
     RefundAttempt,
     RunLease,
+    UNLINKED_ORDER_PREFIX,
+    is_unlinked_order,
 )
 
 __all__ = [
@@ -46,6 +48,8 @@ __all__ = [
     "ReconciliationRun",
     "RefundAttempt",
     "RunLease",
+    "UNLINKED_ORDER_PREFIX",
+    "is_unlinked_order",
     "Base",
     "Charge",
     "CheckoutSession",

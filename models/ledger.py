@@ -120,6 +120,10 @@ class Charge(Base):
     created: Mapped[int] = mapped_column(BigInteger)
     card_brand: Mapped[str | None] = mapped_column(String(32))
     card_last4: Mapped[str | None] = mapped_column(String(4))
+    # payment_method_details.card.fingerprint (the same card, whoever charges it) and the
+    # charge's description: the evidence the unlinked-charges rule groups and tells apart by.
+    card_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    description: Mapped[str | None] = mapped_column(Text)
     last_event_created: Mapped[int] = mapped_column(BigInteger)
     first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
@@ -241,6 +245,9 @@ Index(
     sqlite_where=text("status = 'succeeded' AND captured = 0 AND released = 0"),
     postgresql_where=text("status = 'succeeded' AND NOT captured AND NOT released"),
 )
+# The unlinked-charges rule: charges of one card (or customer), amount and currency, in time.
+Index("ix_charges_fingerprint_amount", Charge.card_fingerprint, Charge.currency, Charge.amount, Charge.created)
+Index("ix_charges_customer_amount", Charge.customer, Charge.currency, Charge.amount, Charge.created)
 Index("ix_refunds_updated_at", Refund.updated_at)
 Index("ix_disputes_updated_at", Dispute.updated_at)
 Index("ix_orders_updated_at", Order.updated_at)

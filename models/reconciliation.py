@@ -60,6 +60,20 @@ class CaseKind(StrEnum):
 
     DUPLICATE = "duplicate"  # captured charges holding more than the order's total
     AUTHORIZATION = "authorization"  # an uncaptured authorisation the order does not need
+    # Possible duplicate, no order: paid charges of one card (or customer), amount and
+    # currency within minutes of each other, none naming an order. Review only: never
+    # refunded by the service. Kept on a synthetic order row (see UNLINKED_ORDER_PREFIX).
+    UNLINKED = "unlinked"
+
+
+# The synthetic order an unlinked case hangs on: "~unlinked:<fp_...|cus_...>:<first charge>".
+# "~" can never start a merchant's order id (stripe_shapes.ORDER_ID, checked on every way
+# in), so such a row is never a real order, and a real order is never taken for one.
+UNLINKED_ORDER_PREFIX = "~unlinked:"
+
+
+def is_unlinked_order(order_id: str | None) -> bool:
+    return bool(order_id) and order_id.startswith(UNLINKED_ORDER_PREFIX)  # type: ignore[union-attr]
 
 
 class AttemptAction(StrEnum):

@@ -26,6 +26,7 @@ from models import (
     ACTIVE_CASE_STATUSES,
     CASE_STATUSES,
     AuditEntry,
+    CaseKind,
     CaseStatus,
     CaseCharge,
     Charge,
@@ -46,6 +47,13 @@ _STATUS_RANK = {
     CaseStatus.REFUNDING.value: 2,
     CaseStatus.REFUNDED.value: 3,
     CaseStatus.DISMISSED.value: 4,
+}
+
+
+_KIND_LABELS = {
+    CaseKind.DUPLICATE.value: "duplicate",
+    CaseKind.AUTHORIZATION.value: "duplicate authorisation",
+    CaseKind.UNLINKED.value: "possible duplicate, no order",
 }
 
 
@@ -130,6 +138,8 @@ def list_cases(session: Session, case_filter: CaseFilter) -> dict[str, Any]:
             .where(*where)
             .order_by(
                 _status_order(),
+                # possible duplicates with no order (review only) after the real cases
+                (DuplicateCase.kind == CaseKind.UNLINKED.value).asc(),
                 DuplicateCase.opened_at.desc(),
                 DuplicateCase.id.desc(),
             )
@@ -142,7 +152,37 @@ def list_cases(session: Session, case_filter: CaseFilter) -> dict[str, Any]:
         "total": total,
         "page": case_filter.page,
         "per_page": case_filter.per_page,
-        "totals": _totals(session, where),
+        # Real cases only: possible duplicates with no order are counted apart, so
+        # they cannot drown the money orders hold too much of.
+        "totals": _totals(session, [*where, DuplicateCase.kind != CaseKind.UNLINKED.value]),
+        "unlinked": _unlinked_counts(session, where),
+    }
+
+
+def _unlinked_counts(session: Session, where: list[Any]) -> dict[str, Any]:
+    """How many "possible duplicate, no order" cases the filter matches (and how many are
+    active), and what their repeated charges hold per currency: review only, apart."""
+    unlinked = [*where, DuplicateCase.kind == CaseKind.UNLINKED.value]
+    count = session.scalar(select(func.count()).select_from(DuplicateCase).where(*unlinked)) or 0
+    active = (
+        session.scalar(
+            select(func.count())
+            .select_from(DuplicateCase)
+            .where(*unlinked, DuplicateCase.status.in_(ACTIVE_CASE_STATUSES))
+        )
+        or 0
+    )
+    held: dict[str, int] = {}
+    for excess in session.scalars(
+        select(DuplicateCase.excess).where(*unlinked, DuplicateCase.status.in_(ACTIVE_CASE_STATUSES))
+    ):
+        for currency, amount in (excess or {}).items():
+            held[currency] = held.get(currency, 0) + amount
+    return {
+        "count": count,
+        "active": active,
+        "held": dict(sorted(held.items())),
+        "held_display": {c: format_amount(a, c) for c, a in sorted(held.items())},
     }
 
 
@@ -220,7 +260,9 @@ def case_view(session: Session, case_id: int, *, compact: bool = False) -> dict[
                 "proposed_refund_display": format_amount(member.proposed_refund, charge.currency) if member.proposed_refund else None,
                 # refund | release (an uncaptured authorisation is released whole, never captured)
                 "proposed_action": "release" if member.role == "authorization" else "refund",
-                "refundable": position.dispute is None
+                # never for a possible duplicate with no order: review only
+                "refundable": case.kind != CaseKind.UNLINKED.value
+                and position.dispute is None
                 and member.charge_id != case.keeper_charge_id
                 and (position.held > 0 or (member.role == "authorization" and not charge.released and not charge.captured)),
                 "dashboard_url": dashboard_url(charge),
@@ -240,6 +282,8 @@ def case_view(session: Session, case_id: int, *, compact: bool = False) -> dict[
             format_amount(order.amount, order.currency) if order is not None and order.amount is not None and order.currency else None
         ),
         "kind": case.kind,
+        "review_only": case.kind == CaseKind.UNLINKED.value,
+        "kind_label": _KIND_LABELS.get(case.kind, case.kind),
         "keeper_charge_id": case.keeper_charge_id,
         "automatic": case.automatic,
         "escalation": case.escalation,
@@ -360,8 +404,15 @@ def dismiss(session_factory: sessionmaker[Session], case_id: int, *, actor: str,
 
     def work(session: Session) -> None:
         case = _locked(session, case_id)
-        balance = load_balance(session, case.order_id)
-        state = DismissedState(balance.held, balance.held_charges) if balance is not None else DismissedState({}, frozenset())
+        if case.kind == CaseKind.UNLINKED:
+            # No order to read: the person saw these charges, holding this much.
+            held: dict[str, int] = {}
+            for member in case.charges:
+                held[member.currency] = held.get(member.currency, 0) + member.held
+            state = DismissedState(held, frozenset(cc.charge_id for cc in case.charges))
+        else:
+            balance = load_balance(session, case.order_id)
+            state = DismissedState(balance.held, balance.held_charges) if balance is not None else DismissedState({}, frozenset())
         _change(session, case, CaseAction.DISMISS, actor=actor, note=text, dismissed_state=state)
 
     run_in_transaction(session_factory, work)
@@ -441,6 +492,7 @@ REPORT_COLUMNS = [
     "decided_at",
     "note",
     "review_reasons",
+    "kind",
 ]
 
 
@@ -478,6 +530,7 @@ def report_rows(session: Session, *, since: datetime, until: datetime | None) ->
                     "decided_at": view["decided_at"] or "",
                     "note": case.note or "",
                     "review_reasons": "; ".join(case.review_reasons or []),
+                    "kind": case.kind,
                 }
             )
     return rows

@@ -156,6 +156,8 @@ def apply_charge(
     charge.account = charge.account or account
     charge.card_brand = charge.card_brand or snapshot.card_brand
     charge.card_last4 = charge.card_last4 or snapshot.card_last4
+    charge.card_fingerprint = charge.card_fingerprint or snapshot.card_fingerprint
+    charge.description = charge.description or snapshot.description
 
     order_id = snapshot.order_id or order_hint or _order_of_payment_intent(session, charge.payment_intent_id)
     if order_id:
@@ -185,6 +187,8 @@ def charge_row(snapshot: ChargeSnapshot, *, as_of: int, account: str | None) -> 
         "created": snapshot.created,
         "card_brand": snapshot.card_brand,
         "card_last4": snapshot.card_last4,
+        "card_fingerprint": snapshot.card_fingerprint,
+        "description": snapshot.description,
         "last_event_created": as_of,
     }
 
@@ -743,10 +747,10 @@ _NEW_CHARGE_SQL = """
 WITH c AS (
     INSERT INTO charges (id, payment_intent_id, customer, account, livemode, amount, amount_captured,
                          currency, status, captured, reported_refunded, released, created, card_brand, card_last4,
-                         last_event_created, first_seen_at, updated_at)
+                         card_fingerprint, description, last_event_created, first_seen_at, updated_at)
     VALUES (%(id)s, %(payment_intent_id)s, %(customer)s, %(account)s, %(livemode)s, %(amount)s, %(amount_captured)s,
             %(currency)s, %(status)s, %(captured)s, %(reported_refunded)s, %(released)s, %(created)s, %(card_brand)s,
-            %(card_last4)s, %(last_event_created)s, %(now)s, %(now)s)
+            %(card_last4)s, %(card_fingerprint)s, %(description)s, %(last_event_created)s, %(now)s, %(now)s)
     ON CONFLICT DO NOTHING
     RETURNING id
 ), target AS (

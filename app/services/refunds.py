@@ -43,6 +43,7 @@ from app.services.ratelimit import RateLimiter
 from app.services.stripe_shapes import charge_snapshot, payment_intent_snapshot, refund_snapshot
 from models import (
     AttemptAction,
+    CaseKind,
     CaseCharge,
     CaseStatus,
     Charge,
@@ -142,6 +143,14 @@ class RefundService:
 
         def record(session: Session) -> list[str]:
             case = _locked_case(session, case_id)
+            if case.kind == CaseKind.UNLINKED:
+                # "Possible duplicate, no order": no order says what the customer owes, so
+                # no whole-order check can make a refund safe. Review only, by any origin.
+                raise RefundRefused(
+                    "review_only",
+                    f"case {case_id} is a possible duplicate with no order: the service never refunds it; "
+                    f"refund in the Stripe Dashboard if it is a duplicate, or dismiss it with a note",
+                )
             if case.status not in (s.value for s in TRANSITIONS[action][0] if s is not None):
                 raise RefundRefused(
                     "case_not_open", f"case {case_id} is {case.status}; nothing to approve"

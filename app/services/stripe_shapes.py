@@ -85,6 +85,9 @@ class ChargeSnapshot:
     # None when the object does not embed its refunds (newer API versions): absence of
     # the list says nothing about which refunds exist.
     refunds: tuple[RefundSnapshot, ...] | None
+    # payment_method_details.card.fingerprint (or a legacy card source's) and description
+    card_fingerprint: str | None = None
+    description: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +209,8 @@ def charge_snapshot(obj: Mapping[str, Any]) -> ChargeSnapshot:
         card_brand=brand,
         card_last4=last4,
         refunds=refunds,
+        card_fingerprint=_card_fingerprint(obj),
+        description=_description(obj),
     )
 
 
@@ -458,6 +463,27 @@ def _card(obj: Mapping[str, Any]) -> tuple[str | None, str | None]:
     brand = brand[:32].lower() if isinstance(brand, str) and brand else None
     last4 = last4 if isinstance(last4, str) and len(last4) == 4 and last4.isdigit() else None
     return brand, last4
+
+
+def _card_fingerprint(obj: Mapping[str, Any]) -> str | None:
+    """The card's fingerprint (the same for every charge of one card number, per Stripe
+    account); None for other payment methods or a value we would not use."""
+    details = obj.get("payment_method_details")
+    card = details.get("card") if isinstance(details, Mapping) else None
+    if not isinstance(card, Mapping):
+        source = obj.get("source")
+        card = source if isinstance(source, Mapping) and source.get("object") == "card" else None
+    fingerprint = card.get("fingerprint") if isinstance(card, Mapping) else None
+    if isinstance(fingerprint, str) and 0 < len(fingerprint) <= 64 and fingerprint.isascii() and fingerprint.isalnum():
+        return fingerprint
+    return None
+
+
+def _description(obj: Mapping[str, Any]) -> str | None:
+    description = obj.get("description")
+    if isinstance(description, str) and description.strip():
+        return description.strip()[:1000]
+    return None
 
 
 def _order_id(metadata: Mapping[str, str]) -> str | None:

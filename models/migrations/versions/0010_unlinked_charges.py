@@ -5,7 +5,7 @@ currency in time (the "possible duplicate, no order" review signal, case kind
 ``unlinked``). Existing rows keep NULL until a later event or backfill reads them again.
 
 Revision ID: 0010
-Revises: 0008 (to be rechained after 0009 when it lands)
+Revises: 0009 (to be rechained after 0009 when it lands)
 Create Date: 2026-12-02
 """
 
@@ -16,7 +16,7 @@ from alembic import op
 
 
 revision = '0010'
-down_revision = '0008'
+down_revision = '0009'
 branch_labels = None
 depends_on = None
 

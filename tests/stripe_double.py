@@ -336,27 +336,10 @@ class StripeDouble:
 
     def _change(self, kind: str, intent_id: str, form: dict[str, Any], key: str | None) -> tuple[int, dict[str, Any], dict[str, str]]:
         """An update (``amount``) or a cancel, under Idempotency-Key as Stripe does."""
-        params = json.dumps({"endpoint": f"{kind} {intent_id}", **form}, sort_keys=True)
-        with self.lock:
-            replay = self._claim_key(key, params)
-            if replay is not None:
-                return replay
-            action = self.scripts[kind].popleft() if self.scripts[kind] else {"kind": "ok"}
-            delay = self.delay
-        try:
-            time.sleep(action.get("seconds", delay) if action["kind"] == "slow" else delay)
-            store = True
-            if action["kind"] == "error":
-                status, body = action.get("status", 500), {"error": action.get("error") or {"type": "api_error", "message": "boom"}}
-                store = action.get("store", True)
-            else:
-                status, body = self._apply_change(kind, intent_id, form)
-                if action["kind"] == "change_then_error" and status == 200:
-                    status, body = action.get("status", 500), {"error": {"type": "api_error", "message": "boom after change"}}
-            self._store_key(key, params, status, body, store)
-            return status, body, {}
-        finally:
-            self._release_key(key)
+        return self._scripted_call(
+            kind, key, {"endpoint": f"{kind} {intent_id}", **form},
+            lambda: self._apply_change(kind, intent_id, form), then_error=("change_then_error", "boom after change"),
+        )
 
     def _apply_change(self, kind: str, intent_id: str, form: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         with self.lock:
@@ -388,7 +371,15 @@ class StripeDouble:
 
     def _session_call(self, kind: str, key: str | None, form: dict[str, Any], act: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
         """A session create or expire under Idempotency-Key, with ``scripts[kind]``."""
-        params = json.dumps({"endpoint": kind, **form}, sort_keys=True)
+        return self._scripted_call(kind, key, {"endpoint": kind, **form}, act, then_error=("create_then_error", "boom after create"))
+
+    def _scripted_call(
+        self, kind: str, key: str | None, fingerprint: dict[str, Any], act: Any, *, then_error: tuple[str, str]
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """One write under Idempotency-Key (replay, 400 on other parameters, 409 while in
+        flight), playing the next of ``scripts[kind]``: ``slow``, ``error`` (not stored with
+        ``store=False``), or ``then_error[0]`` (the write happens, the answer is a 5xx)."""
+        params = json.dumps(fingerprint, sort_keys=True)
         with self.lock:
             replay = self._claim_key(key, params)
             if replay is not None:
@@ -403,8 +394,8 @@ class StripeDouble:
                 store = action.get("store", True)
             else:
                 status, body = act()
-                if action["kind"] == "create_then_error" and status == 200:
-                    status, body = action.get("status", 500), {"error": {"type": "api_error", "message": "boom after create"}}
+                if action["kind"] == then_error[0] and status == 200:
+                    status, body = action.get("status", 500), {"error": {"type": "api_error", "message": then_error[1]}}
             self._store_key(key, params, status, body, store)
             return status, body, {}
         finally:

@@ -104,8 +104,9 @@ def _pay(svc: Any, order_id: str, body: dict[str, Any]) -> tuple[int, dict[str, 
     return result.http_status, result.body, None
 
 
-def _parse_body() -> tuple[dict[str, Any] | None, Any]:
-    """The JSON body as a dict (empty body: ``{}``), or an error answer."""
+def _json_object(allowed: Any) -> tuple[dict[str, Any] | None, Any]:
+    """The JSON body as a dict of ``allowed`` fields only (empty body: ``{}``), or a 400
+    error answer (``invalid_json``, ``unknown_field``)."""
     raw = request.get_data(cache=True)
     if not raw.strip():
         return {}, None
@@ -115,9 +116,17 @@ def _parse_body() -> tuple[dict[str, Any] | None, Any]:
         return None, error_response(400, "invalid_json", "The body must be a JSON object.")
     if not isinstance(body, dict):
         return None, error_response(400, "invalid_json", "The body must be a JSON object.")
-    unknown = set(body) - set(_STRIPE_IDS)
+    unknown = set(body) - set(allowed)
     if unknown:
         return None, error_response(400, "unknown_field", f"unknown field(s): {', '.join(sorted(unknown))}")
+    return body, None
+
+
+def _parse_body() -> tuple[dict[str, Any] | None, Any]:
+    """The pay endpoint's body: optional Stripe ids of the payment method and customer."""
+    body, error = _json_object(_STRIPE_IDS)
+    if body is None:
+        return None, error
     for name, pattern in _STRIPE_IDS.items():
         value = body.get(name)
         if value is None:
@@ -165,18 +174,9 @@ def checkout(order_id: str):  # type: ignore[no-untyped-def]
 
 
 def _parse_checkout_body() -> tuple[dict[str, Any] | None, Any]:
-    raw = request.get_data(cache=True)
-    if not raw.strip():
-        return {}, None
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None, error_response(400, "invalid_json", "The body must be a JSON object.")
-    if not isinstance(body, dict):
-        return None, error_response(400, "invalid_json", "The body must be a JSON object.")
-    unknown = set(body) - _CHECKOUT_FIELDS
-    if unknown:
-        return None, error_response(400, "unknown_field", f"unknown field(s): {', '.join(sorted(unknown))}")
+    body, error = _json_object(_CHECKOUT_FIELDS)
+    if body is None:
+        return None, error
     if "replace" in body and not isinstance(body["replace"], bool):
         return None, error_response(400, "invalid_replace", "replace must be true or false.", field="replace")
     for name in ("success_url", "cancel_url"):

@@ -15,8 +15,8 @@ import stripe
 from sqlalchemy import select
 
 from app.gateway import StripeGateway
-from app.services.ingest import CheckoutLinking
-from app.services.stripe_shapes import checkout_session_snapshot
+from domain.ledger.handlers import CheckoutLinking
+from domain.ledger.shapes import checkout_session_snapshot
 from config import Settings, SettingsError
 from jobs.reconcile import run_reconciliation
 from models import Charge, CheckoutSession, DuplicateCase, Order, PaymentIntent
@@ -45,7 +45,7 @@ def reconcile(session_factory, job_settings):  # type: ignore[no-untyped-def]
 
 def ok(response) -> None:  # type: ignore[no-untyped-def]
     assert response.status_code == 200, response.get_json()
-    assert response.get_json()["status"] == "processed", response.get_json()
+    assert response.get_json()["status"] == "received", response.get_json()
 
 
 def cases(ledger, order_id: str) -> list[DuplicateCase]:  # type: ignore[no-untyped-def]

@@ -63,7 +63,9 @@ def test_healthz_is_503_when_the_database_is_unreachable(settings) -> None:  # t
 
 
 def test_healthz_is_200(client) -> None:  # type: ignore[no-untyped-def]
-    assert client.get("/healthz").get_json() == {"status": "ok", "database": "ok"}
+    health = client.get("/healthz").get_json()
+    assert (health["status"], health["database"], health["applier"]) == ("ok", "ok", "idle")
+    assert health["inbox"] == {"pending": 0, "failed": 0, "oldest_pending_seconds": None}
 
 
 def test_reads_do_not_queue_behind_a_writer(client, api_headers, session_factory) -> None:  # type: ignore[no-untyped-def]

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from domain.ledger import handlers
-from domain.ledger.applier import Applier
+from tests.appliers import drain_with_appliers
 from models import Charge, Order, StripeEvent
 from tests import stripe_payloads as p
 from tests.conftest import API_TOKEN, WEBHOOK_SECRET
@@ -40,20 +40,6 @@ def _post_all(post, bodies: list[bytes], threads: int) -> list[tuple[int, dict]]
     with ThreadPoolExecutor(threads) as pool:
         results = list(pool.map(worker, range(threads)))
     return [r for chunk in results for r in chunk]
-
-
-def drain_with_appliers(session_factory, count: int, *, batch_size: int) -> list[Applier]:  # type: ignore[no-untyped-def]
-    """``count`` appliers draining the inbox side by side from threads released at once."""
-    appliers = [Applier(session_factory, batch_size=batch_size, name=f"test:{i}") for i in range(count)]
-    barrier = threading.Barrier(count)
-
-    def run(applier: Applier) -> None:
-        barrier.wait()
-        applier.drain(timeout=60)
-
-    with ThreadPoolExecutor(count) as pool:
-        list(pool.map(run, appliers))
-    return appliers
 
 
 def test_fifty_copies_from_ten_threads_apply_once(app, ledger, session_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]

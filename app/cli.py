@@ -60,14 +60,23 @@ def default_threads(settings: Settings) -> int:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--workers", type=click.IntRange(1, 64), help="Default: 2 on SQLite, cores + 1 on PostgreSQL.")
-@click.option("--threads", type=click.IntRange(1, 64), help="Threads per worker (gthread workers when above 1). Default: see default_threads.")
+@click.option("--workers", type=click.IntRange(1, 64), envvar="WEB_WORKERS", help="Default: 2 on SQLite, cores + 1 on PostgreSQL.")
+@click.option("--threads", type=click.IntRange(1, 64), envvar="WEB_THREADS", help="Threads per worker (gthread workers when above 1). Default: see default_threads.")
 @click.option("--migrate/--no-migrate", default=None, help="Apply migrations first (default: on SQLite only).")
-def serve(host: str, port: int, workers: int | None, threads: int | None, migrate: bool | None) -> None:
-    """Run the web app under gunicorn."""
+@click.option("--server", "server_name", type=click.Choice(["gunicorn", "granian"]), default="granian", show_default=True, envvar="WEB_SERVER",
+              help="The WSGI server (README: Benchmarks, Ingest).")
+def serve(host: str, port: int, workers: int | None, threads: int | None, migrate: bool | None, server_name: str) -> None:
+    """Run the web app (and its applier processes)."""
     settings = _settings()
     _ensure_schema(settings, migrate=settings.is_sqlite if migrate is None else migrate)
     metrics_dir = _prepare_metrics_dir()
+    if server_name == "granian":
+        appliers = _start_appliers(settings)
+        try:
+            _serve_granian(host, port, workers or default_workers(settings), threads or default_threads(settings))
+        finally:
+            _stop_children(appliers)
+        return
     from gunicorn.app.base import BaseApplication
 
     class Server(BaseApplication):  # type: ignore[misc]
@@ -110,6 +119,32 @@ def serve(host: str, port: int, workers: int | None, threads: int | None, migrat
         Server().run()
     finally:
         _stop_children(appliers)
+
+
+def _serve_granian(host: str, port: int, workers: int, threads: int) -> None:
+    """Granian: HTTP parsed in Rust, the app called from ``threads`` blocking threads in
+    each of ``workers`` processes."""
+    import copy
+    from granian import Granian
+    from granian.constants import Interfaces
+    from granian.log import LOGGING_CONFIG
+
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    # The worker pid on every access line, as gunicorn's was: which process answered.
+    log_config["formatters"]["access"]["fmt"] = "pid=<%(process)d> %(message)s"
+    Granian(
+        "app.wsgi:create",
+        factory=True,
+        address=host,
+        port=port,
+        interface=Interfaces.WSGI,
+        workers=workers,
+        blocking_threads=threads,
+        log_access=True,
+        log_access_format='%(addr)s "%(method)s %(path)s %(protocol)s" %(status)d %(dt_ms).1fms',
+        log_dictconfig=log_config,
+        respawn_failed_workers=True,
+    ).serve()
 
 
 def _start_appliers(settings: Settings) -> list["subprocess.Popen[bytes]"]:

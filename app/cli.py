@@ -132,6 +132,7 @@ def _serve_granian(host: str, port: int, workers: int, threads: int) -> None:
     log_config = copy.deepcopy(LOGGING_CONFIG)
     # The worker pid on every access line, as gunicorn's was: which process answered.
     log_config["formatters"]["access"]["fmt"] = "pid=<%(process)d> %(message)s"
+    logging.getLogger(__name__).info("server config: server=granian workers=%d threads=%d", workers, threads)
     Granian(
         "app.wsgi:create",
         factory=True,

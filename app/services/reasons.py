@@ -179,6 +179,11 @@ def _sent_to_person(m: re.Match[str], ctx: ReasonContext) -> str | None:
     return "Sent back to a person. " + " ".join(explain(m["why"], ctx, tail=False))
 
 
+@_shape("reopened", r"^a settled case's order holds too much again")
+def _reopened_plan(m: re.Match[str], ctx: ReasonContext) -> str | None:
+    return "A settled case's order holds too much again"
+
+
 def explain(text: str, context: ReasonContext | None = None, *, tail: bool = True) -> list[str]:
     """A text that may hold several reasons (an escalation, a return to review: ``"code:
     detail; code: detail"``) as sentences; free text is kept as written."""

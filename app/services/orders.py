@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from app.services import ledger
 from app.services.stripe_shapes import ORDER_ID
-from models import Charge, EventFailure, Order, StripeEvent
+from models import Charge, EventFailure, Order, StripeEvent, iso_utc
 from models.db import insert_ignore
 from models.money import MoneyError, check_amount, format_amount, normalise_currency
 
@@ -231,8 +231,8 @@ def order_view(session: Session, order_id: str) -> dict[str, Any] | None:
         "payment_intent_id": order.payment_intent_id,
         "totals": totals,
         "charges": [_charge_view(p) for p in positions],
-        "created_at": order.created_at.isoformat(),
-        "updated_at": order.updated_at.isoformat(),
+        "created_at": iso_utc(order.created_at),
+        "updated_at": iso_utc(order.updated_at),
     }
 
 
@@ -292,8 +292,8 @@ def unresolved_failures(session: Session, *, limit: int = 100) -> list[dict[str,
             "type": f.type,
             "attempts": f.attempts,
             "last_error": f.last_error,
-            "first_failed_at": f.first_failed_at.isoformat(),
-            "last_failed_at": f.last_failed_at.isoformat(),
+            "first_failed_at": iso_utc(f.first_failed_at),
+            "last_failed_at": iso_utc(f.last_failed_at),
         }
         for f in failures
     ]
@@ -317,7 +317,7 @@ def event_view(session: Session, event_id: str) -> dict[str, Any] | None:
             account=event.account,
             created=event.created,
             object_id=event.object_id,
-            received_at=event.received_at.isoformat(),
+            received_at=iso_utc(event.received_at),
         )
     else:
         view.update(type=failure.type, status="failed")  # type: ignore[union-attr]
@@ -325,8 +325,8 @@ def event_view(session: Session, event_id: str) -> dict[str, Any] | None:
         view["failure"] = {
             "attempts": failure.attempts,
             "last_error": failure.last_error,
-            "first_failed_at": failure.first_failed_at.isoformat(),
-            "last_failed_at": failure.last_failed_at.isoformat(),
-            "resolved_at": failure.resolved_at.isoformat() if failure.resolved_at else None,
+            "first_failed_at": iso_utc(failure.first_failed_at),
+            "last_failed_at": iso_utc(failure.last_failed_at),
+            "resolved_at": iso_utc(failure.resolved_at),
         }
     return view

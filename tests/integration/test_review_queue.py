@@ -337,3 +337,9 @@ def test_cli_review_list_and_show_speak_in_words(settings, queue, monkeypatch) -
     assert "why: Clear duplicate: refunding 5,000 JPY leaves the order holding its total of 5,000 JPY; ready to approve." in shown.output
     assert "visa ···· 4242" in shown.output
     assert re.search(r"opened \d{4}-\d\d-\d\dT[\d:.]+\+00:00", shown.output)
+
+
+def test_order_and_event_views_have_timestamps_with_offset(web, queue) -> None:  # type: ignore[no-untyped-def]
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    order = web.get("/api/orders/ord_a", headers=auth).get_json()
+    assert _has_offset(order["created_at"]) and _has_offset(order["updated_at"])

@@ -367,8 +367,10 @@ def proposed_action(case: DuplicateCase, proposed: dict[str, int]) -> str:
         return "Review only: refund in the Dashboard or dismiss"
     if case.status == CaseStatus.REFUNDING.value:
         return "Refunds on their way"
-    if case.status in (CaseStatus.REFUNDED.value, CaseStatus.DISMISSED.value):
-        return "None: closed"
+    if case.status == CaseStatus.REFUNDED.value:
+        return "None: refunded"
+    if case.status == CaseStatus.DISMISSED.value:
+        return "None: dismissed"
     if not proposed:
         return "A person chooses"
     verb = "Release" if case.kind == CaseKind.AUTHORIZATION.value else "Refund"

@@ -254,6 +254,10 @@ def _clear_text(*, kind: str, status: str, currency: str | None, order_amount: i
             after = f"leaves the order paid ({format_money(order_amount, currency)})"
     else:
         after = "leaves the first charge"
+    if status not in ("open", "failed"):
+        # decided (or being refunded): what the rule found, not what to do
+        over = f"the order's total of {format_money(order_amount, currency)}" if order_amount is not None and currency else "the first charge"
+        return f"Clear duplicate: {amount} {'authorised' if what == 'release' else 'charged'} above {over}."
     text = f"Clear duplicate: {'releasing' if what == 'release' else 'refunding'} {amount} {after}"
     if status == "open":
         text += "; ready to approve"

@@ -76,6 +76,7 @@ def test_a_clear_duplicate_says_what_approving_refunds_and_a_closed_one_asks_not
     for status in ("refunding", "refunded", "dismissed"):
         closed = case_reason_text(status=status, **common)
         assert "ready to approve" not in closed and "decide" not in closed and "Open case" not in closed
+        assert closed == f"Clear duplicate: {shown[first]} charged above the order's total of {shown[first]}."
 
 
 @pytest.mark.parametrize("currency, first, other, shown", CURRENCIES, ids=[c[0] for c in CURRENCIES])

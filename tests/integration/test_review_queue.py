@@ -343,3 +343,30 @@ def test_order_and_event_views_have_timestamps_with_offset(web, queue) -> None: 
     auth = {"Authorization": f"Bearer {API_TOKEN}"}
     order = web.get("/api/orders/ord_a", headers=auth).get_json()
     assert _has_offset(order["created_at"]) and _has_offset(order["updated_at"])
+
+
+def test_alerts_speak_in_major_units_and_words(session_factory, queue) -> None:  # type: ignore[no-untyped-def]
+    from app.services.case_lifecycle import CaseAction
+    from jobs.alerts import pending_alerts
+    from models import run_in_transaction
+
+    def record(session) -> None:  # type: ignore[no-untyped-def]
+        session.add(RefundAttempt(
+            idempotency_key="dup-refund-ch_alert-1", charge_id="ch_alert", n=1, case_id=queue["ord_c"], order_id="ord_c",
+            amount=5000, currency="jpy", origin="finance", status="failed", error="Stripe refused the refund: no", calls=1,
+        ))
+        session.add(AuditEntry(
+            actor="reconciler", action=CaseAction.RETURN_TO_REVIEW.value, case_id=queue["ord_d"],
+            note="refund_skipped: ch_x: the charge holds 0.00 USD at Stripe; the attempt wanted 15.00 USD; "
+                 "still_over_total: after its refunds the order still holds 15.00 USD more than it should",
+        ))
+
+    run_in_transaction(session_factory, record)
+    with session_factory() as session:
+        alerts = {a.key.split(":")[0]: a for a in pending_alerts(session)}
+    failed = alerts["refund-failed"]
+    assert failed.subject == "Refund failed: 5,000 JPY on ch_alert" and "The refund of 5,000 JPY on ch_alert" in failed.body
+    returned = alerts["case-returned_to_review"]
+    assert "The refund on ch_x was not sent: the charge holds 0.00 USD at Stripe; the attempt wanted 15.00 USD." in returned.body
+    assert "After its refunds the order still holds 15.00 USD more than it should." in returned.body
+    assert "refund_skipped" not in returned.body and "still_over_total" not in returned.body

@@ -104,7 +104,54 @@ def serve(host: str, port: int, workers: int | None, threads: int | None, migrat
 
             return create_app(settings)
 
-    Server().run()
+    appliers = _start_appliers(settings)
+    try:
+        Server().run()
+    finally:
+        _stop_children(appliers)
+
+
+def _start_appliers(settings: Settings) -> list["subprocess.Popen[bytes]"]:
+    """``APPLIER_PROCESSES`` children running ``reconciler applier``: they turn what the web
+    workers store into ledger rows. They die with this process (PR_SET_PDEATHSIG), even on
+    kill -9."""
+    import subprocess
+    import sys
+
+    def die_with_parent() -> None:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    count = 0 if settings.applier_processes == 0 else (1 if settings.is_sqlite else settings.applier_processes)
+    return [
+        subprocess.Popen([sys.executable, "-c", "from app.cli import main; main()", "applier"], preexec_fn=die_with_parent)
+        for _ in range(count)
+    ]
+
+
+def _stop_children(children: list["subprocess.Popen[bytes]"]) -> None:
+    import subprocess
+
+    for child in children:
+        child.terminate()
+    for child in children:
+        try:
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+@main.command()
+@click.option("--threads", type=click.IntRange(1, 16), default=1, show_default=True, help="Appliers in this process (PostgreSQL; SQLite runs one).")
+def applier(threads: int) -> None:
+    """Apply the event inbox to the ledger until stopped (SIGTERM/SIGINT). Several may run
+    on several hosts against one PostgreSQL."""
+    from jobs.applier import run_applier
+
+    settings = _settings()
+    run_applier(settings, threads=threads)
 
 
 def _prepare_metrics_dir() -> str:

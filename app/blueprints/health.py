@@ -1,4 +1,7 @@
-"""``GET /healthz``: 200 when the database answers, 503 otherwise."""
+"""``GET /healthz``: 200 when the database answers (503 otherwise), with the inbox's
+backlog and the appliers' heartbeat: ``applier`` is ``ok`` when one beat within the last
+20 s, ``stale`` when events wait and none did (the service still accepts events; they are
+applied once an applier runs again), ``idle`` when none runs and nothing waits."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from flask import Blueprint, Response, jsonify
 from sqlalchemy import text
 
 from app.factory import services
+from domain.ledger.applier import inbox_state
 
 bp = Blueprint("health", __name__)
 log = logging.getLogger(__name__)
@@ -18,10 +22,29 @@ def healthz():  # type: ignore[no-untyped-def]
     try:
         with services().read_session_factory() as session:
             session.execute(text("SELECT 1"))
+            state = inbox_state(session)
     except Exception as exc:  # any failure to reach the database is "unhealthy"
         log.warning("health check failed: %s", type(exc).__name__)
         return jsonify({"status": "unavailable", "database": "unreachable"}), 503
-    return jsonify({"status": "ok", "database": "ok"}), 200
+    applier = "ok" if state.appliers else ("stale" if state.pending else "idle")
+    return jsonify(
+        {
+            "status": "ok" if applier != "stale" else "degraded",
+            "database": "ok",
+            "applier": applier,
+            "appliers_live": state.appliers,
+            "applier_heartbeat_age_seconds": _rounded(state.last_heartbeat_seconds),
+            "inbox": {
+                "pending": state.pending,
+                "failed": state.failed,
+                "oldest_pending_seconds": _rounded(state.oldest_pending_seconds),
+            },
+        }
+    ), 200
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
 
 
 @bp.get("/metrics")

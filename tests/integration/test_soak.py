@@ -48,6 +48,7 @@ def test_soak_short_profile() -> None:
             process.kill()
             output, _ = process.communicate()
         pytest.fail(f"bench/soak.py did not finish in {TIMEOUT} s:\n{output[-6000:]}")
+    print(output)  # the figures, shown with `pytest -rP` (or -s)
     lines = output.splitlines()
     verdicts = [line.strip() for line in lines if line.strip().startswith(("PASS", "FAIL"))]
     assert process.returncode == 0, output[-6000:]

@@ -39,14 +39,18 @@ def main() -> None:
 # -- serve -----------------------------------------------------------------------------
 
 
-def default_workers(settings: Settings) -> int:
-    """Worker processes: cores + 1 on PostgreSQL (capped at 8), each with
-    :func:`default_threads` threads; 2 on SQLite, whose single writer gains nothing from
-    more and only queues them on the database lock. Measured with bench/ingest.py on 2
-    cores: 3 processes x 2 threads ingested faster than 5 sync workers, 3 x 4 or 2 x 4."""
+def default_workers(settings: Settings, server: str = "granian") -> int:
+    """Worker processes, each with :func:`default_threads` threads. 2 on SQLite, whose
+    single writer gains nothing from more. On PostgreSQL: granian, one per core (capped at
+    8): HTTP is parsed in Rust, so a worker's Python is busy only with the app, and the
+    applier process needs a share of the cores too (peerbench on 2 cores, one run each:
+    2 x 2 threads acknowledged 1,296 events/s and applied 1,205; 3 x 2: 969 and 875;
+    2 x 4: 1,222 and 828; 1 x 8: 929 and 833). gunicorn: cores + 1 (its measurement:
+    3 processes x 2 threads ingested faster than 5 sync workers, 3 x 4 or 2 x 4)."""
     if settings.is_sqlite:
         return 2
-    return min(8, multiprocessing.cpu_count() + 1)
+    cores = multiprocessing.cpu_count()
+    return min(8, cores if server == "granian" else cores + 1)
 
 
 def default_threads(settings: Settings) -> int:
@@ -72,7 +76,7 @@ def serve(host: str, port: int, workers: int | None, threads: int | None, migrat
     if server_name == "granian":
         appliers = _start_appliers(settings)
         try:
-            _serve_granian(host, port, workers or default_workers(settings), threads or default_threads(settings))
+            _serve_granian(host, port, workers or default_workers(settings, "granian"), threads or default_threads(settings))
         finally:
             _stop_children(appliers)
         return
@@ -83,7 +87,7 @@ def serve(host: str, port: int, workers: int | None, threads: int | None, migrat
             worker_threads = threads or default_threads(settings)
             options: dict[str, Any] = {
                 "bind": f"{host}:{port}",
-                "workers": workers or default_workers(settings),
+                "workers": workers or default_workers(settings, "gunicorn"),
                 # gthread workers keep connections alive (sync workers close every one)
                 # and overlap one request's database waits with another's Python.
                 "worker_class": "gthread" if worker_threads > 1 else "sync",

@@ -31,6 +31,7 @@ from models.reconciliation import (
     ReconciliationRun,
     RefundAttempt,
     RunLease,
+    SchedulerHeartbeat,
     UNLINKED_ORDER_PREFIX,
     is_unlinked_order,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "ReconciliationRun",
     "RefundAttempt",
     "RunLease",
+    "SchedulerHeartbeat",
     "UNLINKED_ORDER_PREFIX",
     "is_unlinked_order",
     "Base",

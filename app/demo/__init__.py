@@ -221,10 +221,14 @@ def _stripe(choice: str, workdir: Path) -> Iterator[tuple[str, str]]:
 
 
 @contextlib.contextmanager
-def serve_process(args: list[str], env: dict[str, str], log_path: Path, *, cwd: Path = ROOT) -> Iterator[str]:
+def serve_process(
+    args: list[str], env: dict[str, str], log_path: Path, *, cwd: Path = ROOT, scheduler: bool = False
+) -> Iterator[str]:
     """Run ``reconciler serve ARGS`` on a free 127.0.0.1 port until the block ends; yields
     its base URL once ``/healthz`` answers 200 (the tests start the service the same way).
-    Fails with the server's log if it does not start in 60 s."""
+    Without ``scheduler`` the service runs without its scheduler (``--no-scheduler``): the
+    demo and the tests run their passes themselves. Fails with the server's log if it does
+    not start in 60 s."""
     import socket
 
     with socket.socket() as sock:
@@ -232,7 +236,8 @@ def serve_process(args: list[str], env: dict[str, str], log_path: Path, *, cwd: 
         port = sock.getsockname()[1]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+             *([] if scheduler else ["--no-scheduler"]), *args],
             cwd=str(cwd), env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=log, stderr=subprocess.STDOUT,
         )
     base = f"http://127.0.0.1:{port}"

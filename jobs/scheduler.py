@@ -223,6 +223,9 @@ def run_scheduler(settings: Settings, session_factory: sessionmaker[Session], ga
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, stop)
+    # "Running job"/"executed successfully" twice a minute for the heartbeat is noise; the
+    # jobs log what they did themselves, and failures still show (WARNING and above).
+    logging.getLogger("apscheduler.executors.default").setLevel(max(logging.WARNING, logging.getLogger().level))
     for job in scheduler.get_jobs():
         log.info("job %s scheduled: %s", job.id, job.trigger)
     log.info("scheduler started", extra={"cron": settings.reconcile_cron, "holder": holder})

@@ -12,6 +12,7 @@ exist is only created by a migration (``reconciler db upgrade``, or ``serve`` on
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -94,7 +95,14 @@ def open_database(url: str, *, schema: str = "head") -> Engine:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
         if schema == "head":
-            current = current_revision(engine)
+            # Alembic says "Context impl ..." at INFO each time it looks: not worth a line.
+            quiet = logging.getLogger("alembic.runtime.migration")
+            level = quiet.level
+            quiet.setLevel(max(level, logging.WARNING))
+            try:
+                current = current_revision(engine)
+            finally:
+                quiet.setLevel(level)
             head = head_revision()
             if current is None:
                 raise DatabaseUnavailable(f"the database has no schema yet ({masked(url)}): {UPGRADE_HINT}")

@@ -75,3 +75,9 @@ def format_amount(amount: int, currency: str) -> str:
     places = decimals(currency)
     value = Decimal(amount).scaleb(-places)
     return f"{value:,.{places}f} {currency.upper()}"
+
+
+def format_money(amount_minor: int, currency: str) -> str:
+    """Major units and the currency in capitals, no grouping: ``format_money(5000, "usd")
+    == "50.00 USD"``, ``"5000 JPY"``, ``format_money(1500, "kwd") == "1.500 KWD"``."""
+    return f"{major_units(amount_minor, currency.lower())} {currency.upper()}"

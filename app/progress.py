@@ -84,7 +84,7 @@ class LogProgress:
 class TerminalProgress:
     """Progress bars on the terminal (stderr), one line per phase."""
 
-    def __init__(self) -> None:
+    def __init__(self, console: Any = None) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -95,7 +95,7 @@ class TerminalProgress:
             MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"),
             TimeElapsedColumn(),
-            console=Console(stderr=True),
+            console=console or Console(stderr=True),
             transient=False,
         )
         self._tasks: dict[str, Any] = {}
@@ -136,6 +136,9 @@ class TerminalProgress:
         state = self._progress.tasks[self._index(task)]
         elapsed = state.elapsed or 0.0
         rate = f"{state.completed / elapsed:,.0f}/s" if elapsed > 0 and state.completed else ""
-        self._progress.update(task, total=state.completed, completed=state.completed, rate=rate)
+        # An open-ended phase (a listing) ends at what it did; a counted one keeps its total,
+        # so a pass stopped half way shows "1/3", not "1/1".
+        total = state.completed if state.total is None else state.total
+        self._progress.update(task, total=total, completed=state.completed, rate=rate)
         self._progress.stop_task(task)
         self._current = None

@@ -152,10 +152,13 @@ def nightly_pass(
     control = control or PassControl()
     if control.stop_reason:
         return
+    from app.progress import LogProgress
+
     control.idle.clear()
+    progress = LogProgress(interval=10.0)  # a log line per phase every 10 s, and when it ends
     try:
         summary = run_reconciliation(
-            session_factory, gateway, settings, trigger="schedule",
+            session_factory, gateway, settings, trigger="schedule", progress=progress,
             should_stop=control.should_stop, on_start=lambda run_id: setattr(control, "run_id", run_id),
         )
     except RunInProgress as exc:
@@ -166,6 +169,7 @@ def nightly_pass(
         log.warning("scheduled pass aborted: %s", exc.reason, extra={"run_id": control.run_id})
         return
     finally:
+        progress.close()
         control.run_id = None
         control.idle.set()
         if on_done is not None:

@@ -127,6 +127,30 @@ def test_log_progress_reports_each_phase_with_counts_and_rate(caplog) -> None:  
     assert caplog.records[2].rate_per_s == 125.0  # type: ignore[attr-defined]  # 500 since the first page, 4 s ago
 
 
+def test_terminal_progress_draws_a_line_per_phase_with_counts_and_rate() -> None:
+    import io
+
+    from rich.console import Console
+
+    from app.progress import TerminalProgress
+
+    screen = io.StringIO()
+    with TerminalProgress(Console(file=screen, force_terminal=True, width=120, color_system=None)) as progress:
+        progress("backfill charges", 100)
+        progress("backfill charges", 150)
+        progress("detection", 0, 1200)
+        progress("detection", 500, 1200)
+        progress("detection", 700, 1200)
+        progress("refunds", 0, 3)
+        progress("refunds", 1, 3)
+    last_frame = screen.getvalue().rsplit("\x1b[1A\x1b[2K", 1)[-1]
+    lines = [line.split() for line in last_frame.splitlines() if line.strip("\x1b[?25h")]
+    assert [(line[0], line[1], line[-3]) for line in lines[:1]] == [("✓", "backfill", "250/250")]
+    assert [line[1] for line in lines] == ["backfill", "detection", "refunds"]
+    assert "1200/1200" in lines[1] and lines[1][-2].endswith("/s")  # counts, then the rate
+    assert "1/3" in lines[2]  # a counted phase keeps its total
+
+
 def test_reconcile_off_a_terminal_writes_progress_as_json_lines(run_cli_env, session_factory) -> None:  # type: ignore[no-untyped-def]
     from app.cli import main as cli
 

@@ -247,7 +247,8 @@ def _wind_down(control: PassControl, session_factory: sessionmaker[Session], hol
                 _record_aborted(session_factory, run_id, control.stop_reason or "the scheduler was stopped")
         with _logged("removing the heartbeat"):
             remove_heartbeat(session_factory, holder)
-        logging.shutdown()
+        for handler in logging.getLogger().handlers:
+            handler.flush()
         os._exit(1)  # the pass thread is stuck in a call; do not wait for it
     with _logged("removing the heartbeat"):
         remove_heartbeat(session_factory, holder)

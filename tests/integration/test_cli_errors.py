@@ -126,3 +126,10 @@ def test_default_database_folder_is_still_made(tmp_path: Path) -> None:
     result = cli(["db", "upgrade"], "", tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "instance" / "reconciler.db").exists()
+
+
+def test_demo_database_in_a_directory_that_does_not_exist(tmp_path: Path) -> None:
+    where = tmp_path / "missing"
+    result = cli(["demo", "--stripe", "simulated", "--database", str(where / "demo.db")], None, tmp_path)
+    assert_one_line(result, f"the directory {where} does not exist")
+    assert not where.exists()

@@ -102,6 +102,30 @@ def test_scheduler_pass_stopped_by_its_control_reports_aborted(session_factory, 
         assert session.scalars(select(SchedulerHeartbeat)).all() == []  # gone with the scheduler
 
 
+def test_a_pass_that_does_not_stop_in_time_is_recorded_aborted_by_the_scheduler(session_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from jobs import scheduler as scheduler_module
+
+    def stuck(session) -> int:  # type: ignore[no-untyped-def]
+        run = ReconciliationRun(mode="review", status="running", trigger="schedule", counts={}, errors=[])
+        session.add(run)
+        session.flush()
+        return run.id
+
+    run_id = run_in_transaction(session_factory, stuck)
+    control = scheduler_module.PassControl()
+    control.idle.clear()  # the pass thread never comes back
+    control.run_id = run_id
+    control.stop_reason = "the scheduler was stopped (SIGTERM)"
+    exits: list[int] = []
+    monkeypatch.setattr(scheduler_module, "PASS_STOP_SECONDS", 0.1)
+    monkeypatch.setattr(scheduler_module.os, "_exit", exits.append)
+    scheduler_module._wind_down(control, session_factory, "here:1")
+    assert exits == [1]
+    with session_factory() as session:
+        run = session.get(ReconciliationRun, run_id)
+        assert run is not None and run.status == "aborted" and run.errors == ["aborted: the scheduler was stopped (SIGTERM)"]
+
+
 # -- progress ----------------------------------------------------------------------------------
 
 

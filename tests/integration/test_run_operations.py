@@ -280,3 +280,23 @@ def test_settings_warn_without_a_persistent_secret_key() -> None:
 
     assert any("SECRET_KEY is not set" in w for w in Settings.from_env({}).warnings())
     assert Settings.from_env({"SECRET_KEY": "x" * 32}).warnings() == []
+
+
+def test_a_pass_reports_every_phase_it_goes_through(stripe_api, session_factory, settings) -> None:  # type: ignore[no-untyped-def]
+    from tests.fake_stripe import API
+    from tests.integration.test_reconcile import _double_click
+
+    _double_click(stripe_api, session_factory)
+    job_settings = settings.with_overrides(stripe_api_base=API, stripe_max_network_retries=0, refund_mode="auto")
+    seen: list[tuple[str, int, int | None]] = []
+    summary = run_reconciliation(
+        session_factory, StripeGateway.from_settings(job_settings), job_settings, sleep=lambda s: None,
+        progress=lambda phase, count, total: seen.append((phase, count, total)),
+    )
+    assert summary.status == "succeeded" and summary.counts()["refunds_issued"] == 1
+    phases = list(dict.fromkeys(phase for phase, _, _ in seen))
+    # A listing reports per page it read (the fake has no refunds or disputes to list).
+    assert phases == ["backfill charges", "detection", "refunds"]
+    assert sum(count for phase, count, _ in seen if phase == "backfill charges") == 2
+    assert [(count, total) for phase, count, total in seen if phase == "detection"] == [(0, 1), (1, 1)]
+    assert [(count, total) for phase, count, total in seen if phase == "refunds"] == [(0, 1), (1, 1)]

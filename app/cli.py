@@ -14,12 +14,15 @@ import multiprocessing
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from config import DEFAULT_SQLITE_PATH, Settings, SettingsError
 from models import CASE_STATUSES
+
+if TYPE_CHECKING:
+    from jobs.supervisor import Child
 
 log = logging.getLogger("reconciler")
 
@@ -151,7 +154,7 @@ def serve(host: str, port: int, workers: int | None, threads: int | None, migrat
     sys.exit(Supervisor(service_children(web_args)).run())
 
 
-def service_children(web_args: list[str]) -> list["Child"]:  # type: ignore[name-defined]  # noqa: F821
+def service_children(web_args: list[str]) -> list[Child]:
     """What ``reconciler serve`` runs, in order: the web server (essential: if it exits,
     everything stops) and the scheduler (restarted when it dies). Each is this same
     command line in a process of its own. Another long-running process of the service

@@ -132,18 +132,20 @@ def default_threads(settings: Settings) -> int:
 @click.option("--migrate/--no-migrate", default=None, help="Apply migrations first (default: on SQLite only).")
 @click.option("--scheduler/--no-scheduler", "with_scheduler", default=True,
               help="Also run the scheduler (nightly pass, alert sweep, housekeeping) as a supervised child process (default: on).")
-@click.option("--supervised", is_flag=True, hidden=True, help="Started by serve's supervisor (it printed the warnings).")
-def serve(host: str, port: int, workers: int | None, threads: int | None, migrate: bool | None, with_scheduler: bool, supervised: bool) -> None:
-    """Run the service: the web app under gunicorn and, unless --no-scheduler, the
-    scheduler, both supervised (a scheduler that dies is restarted; SIGTERM or Ctrl-C stops
-    them all)."""
+@click.option("--supervised", "web_only", is_flag=True, hidden=True,
+              help="Run gunicorn alone in this process: how serve's supervisor starts its web child.")
+def serve(host: str, port: int, workers: int | None, threads: int | None, migrate: bool | None, with_scheduler: bool, web_only: bool) -> None:
+    """Run the service: the web app under gunicorn, the event applier(s)
+    (APPLIER_PROCESSES) and, unless --no-scheduler, the scheduler, each a supervised child
+    process (an applier or scheduler that dies is restarted; SIGTERM or Ctrl-C stops them
+    all)."""
     settings = _settings()
     _ensure_schema(settings, migrate=settings.is_sqlite if migrate is None else migrate)
-    for warning in [] if supervised else settings.warnings():
-        click.echo(f"warning: {warning}", err=True)
-    if not with_scheduler:
+    if web_only:
         _run_web(settings, host=host, port=port, workers=workers, threads=threads)
         return
+    for warning in settings.warnings():
+        click.echo(f"warning: {warning}", err=True)
     from jobs.supervisor import Supervisor
 
     web_args = ["--host", host, "--port", str(port)]
@@ -151,21 +153,26 @@ def serve(host: str, port: int, workers: int | None, threads: int | None, migrat
         web_args += ["--workers", str(workers)]
     if threads:
         web_args += ["--threads", str(threads)]
-    sys.exit(Supervisor(service_children(web_args)).run())
+    sys.exit(Supervisor(service_children(settings, web_args, scheduler=with_scheduler)).run())
 
 
-def service_children(web_args: list[str]) -> list[Child]:
+def service_children(settings: Settings, web_args: list[str], *, scheduler: bool = True) -> list[Child]:
     """What ``reconciler serve`` runs, in order: the web server (essential: if it exits,
-    everything stops) and the scheduler (restarted when it dies). Each is this same
-    command line in a process of its own. Another long-running process of the service
-    joins by adding one :class:`jobs.supervisor.Child` here."""
+    everything stops), the event appliers (``APPLIER_PROCESSES``; one on SQLite, none when
+    0, for hosts that only accept events) and the scheduler; those are restarted when they
+    die. Each is this same command line in a process of its own. Another long-running
+    process of the service joins by adding one :class:`jobs.supervisor.Child` here."""
     from jobs.supervisor import Child
 
     command = [sys.executable, "-m", "app.cli"]
-    return [
-        Child("web", [*command, "serve", "--no-scheduler", "--no-migrate", "--supervised", *web_args], restart=False),
-        Child("scheduler", [*command, "scheduler"]),
+    appliers = 0 if settings.applier_processes == 0 else (1 if settings.is_sqlite else settings.applier_processes)
+    children = [Child("web", [*command, "serve", "--supervised", "--no-migrate", *web_args], restart=False)]
+    children += [
+        Child("applier" if appliers == 1 else f"applier-{n}", [*command, "applier"]) for n in range(1, appliers + 1)
     ]
+    if scheduler:
+        children.append(Child("scheduler", [*command, "scheduler"]))
+    return children
 
 
 def _run_web(settings: Settings, *, host: str, port: int, workers: int | None, threads: int | None) -> None:
@@ -209,6 +216,18 @@ def _run_web(settings: Settings, *, host: str, port: int, workers: int | None, t
             return create_app(settings)
 
     Server().run()
+
+
+@main.command()
+@click.option("--threads", type=click.IntRange(1, 16), default=1, show_default=True, help="Appliers in this process (PostgreSQL; SQLite runs one).")
+def applier(threads: int) -> None:
+    """Apply the event inbox to the ledger until stopped (SIGTERM/SIGINT). Several may run
+    on several hosts against one PostgreSQL."""
+    from jobs.applier import run_applier
+
+    settings = _settings()
+    _engine(settings).dispose()  # usable, migrated: else one line, exit status 1
+    run_applier(settings, threads=threads)
 
 
 def _prepare_metrics_dir() -> str:

@@ -6,7 +6,10 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, jsonify
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
+
+from domain.errors import DomainError
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +24,21 @@ _HTTP_CODES = {
 }
 
 
+# Domain error codes (domain/errors.py) -> HTTP status, the one place where the business's
+# refusals become answers. A Rejected code not listed here is a 400; Unavailable a 503.
+DOMAIN_STATUS = {
+    "payload_too_large": 413,
+    "webhook_secret_not_configured": 503,
+    "event_not_stored": 503,
+}
+
+
+def domain_status(exc: DomainError) -> int:
+    from domain.errors import Unavailable
+
+    return DOMAIN_STATUS.get(exc.code, 503 if isinstance(exc, Unavailable) else 400)
+
+
 def error_response(http_status: int, code: str, message: str, **extra: Any) -> tuple[Response, int]:
     return jsonify({"error": code, "message": message, **extra}), http_status
 
@@ -33,6 +51,17 @@ def register_error_handlers(app: Flask) -> None:
         if status == 405 and exc.get_response().headers.get("Allow"):
             response.headers["Allow"] = exc.get_response().headers["Allow"]
         return response, status
+
+    @app.errorhandler(DomainError)
+    def _domain_error(exc: DomainError):  # type: ignore[no-untyped-def]
+        return error_response(domain_status(exc), exc.code, exc.message)
+
+    @app.errorhandler(OperationalError)
+    def _database_unavailable(exc: OperationalError):  # type: ignore[no-untyped-def]
+        # The database is down or dropped the connection (the pool is refreshed): the
+        # client may retry; nothing it sent was wrong.
+        log.warning("database unavailable: %s", type(exc.orig).__name__ if exc.orig else exc)
+        return error_response(503, "database_unavailable", "The database is not reachable right now; retry shortly.")
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):  # type: ignore[no-untyped-def]

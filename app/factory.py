@@ -12,13 +12,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import register_error_handlers
 from app.gateway import StripeGateway
-from app.services.ingest import WebhookIngestor
 from app.services.alerts import Alerter
 from app.services.ratelimit import RateLimiter
 from app.services.refunds import RefundService
 from app.services.signature_watch import SignatureFailureWatch
 from app.web_security import init_web_security
+from jobs.applier import make_applier
 from config import Settings
+from domain.ledger.applier import Applier
+from domain.ledger.inbox import Inbox
 from models import make_engine, make_session_factory
 from models.db import make_read_session_factory
 
@@ -33,7 +35,8 @@ class Services:
     session_factory: sessionmaker[Session]
     read_session_factory: sessionmaker[Session]
     gateway: StripeGateway
-    ingestor: WebhookIngestor
+    inbox: Inbox
+    applier: Applier
     refunds: RefundService
     signature_watch: SignatureFailureWatch
 
@@ -52,6 +55,9 @@ def create_app(
         session_factory = make_session_factory(make_engine(settings.database_url))
     gateway = StripeGateway(stripe) if stripe is not None else StripeGateway.from_settings(settings)
 
+    engine = session_factory.kw["bind"]
+    alerter = Alerter(settings, session_factory)
+
     app = Flask(__name__)
     # Without a configured key each process invents one: fine until there are logins, and
     # Settings refuses REVIEW_USERS without a SECRET_KEY of at least 32 bytes.
@@ -65,15 +71,18 @@ def create_app(
     app.extensions["reconciler"] = Services(
         settings=settings,
         session_factory=session_factory,
-        read_session_factory=make_read_session_factory(session_factory.kw["bind"]),
+        read_session_factory=make_read_session_factory(engine),
         gateway=gateway,
-        ingestor=WebhookIngestor(settings, session_factory),
+        inbox=Inbox(settings, engine),
+        # Not run by the web app: `reconciler serve` runs appliers in processes of their
+        # own (jobs/applier.py); this one is for draining on demand (tests, operators).
+        applier=make_applier(settings, session_factory, alerter=alerter),
         # Finance approvals take the same phased refund path as the job.
         # One try per call inside a web request (no backoff sleeps holding a worker): an
         # attempt Stripe did not answer stays recorded and the next pass resumes its key.
         refunds=RefundService(session_factory, gateway, limiter=RateLimiter(settings.stripe_rate_limit), max_tries=1),
         signature_watch=SignatureFailureWatch(
-            Alerter(settings, session_factory).send,
+            alerter.send,
             threshold=settings.signature_alert_threshold,
             window_seconds=settings.signature_alert_window_seconds,
         ),

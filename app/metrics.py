@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from domain.ledger.applier import inbox_state
 from models import CASE_STATUSES, CaseKind, DuplicateCase, ReconciliationRun, RefundAttempt
 
 __all__ = [
@@ -45,12 +46,12 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 EVENTS = Counter(
     "reconciler_webhook_events",
-    "Webhook deliveries by event type and outcome (processed, duplicate, ignored, rejected, failed).",
+    "Webhook deliveries by event type and outcome (received, duplicate, ignored, rejected, failed).",
     ["type", "outcome"],
 )
 INGEST_SECONDS = Histogram(
     "reconciler_webhook_ingest_seconds",
-    "Time to verify, store and apply one webhook delivery.",
+    "Time to verify and store one webhook delivery (applying it is the applier's).",
     buckets=_LATENCY_BUCKETS,
 )
 PAY_REQUESTS = Counter(
@@ -92,7 +93,24 @@ class LedgerCollector(Collector):
         )
         last_duration = GaugeMetricFamily("reconciler_last_pass_duration_seconds", "How long the last pass took.")
         last_ok = GaugeMetricFamily("reconciler_last_pass_success", "1 if the last pass succeeded, else 0.")
+        inbox_depth = GaugeMetricFamily(
+            "reconciler_inbox_events", "Stored events not applied yet, by status (received, failed).", labels=["status"]
+        )
+        apply_lag = GaugeMetricFamily(
+            "reconciler_inbox_oldest_pending_seconds", "Age of the oldest stored event not applied yet (0 when none): the apply lag."
+        )
+        appliers = GaugeMetricFamily("reconciler_appliers_live", "Appliers whose heartbeat is recent.")
+        heartbeat = GaugeMetricFamily(
+            "reconciler_applier_heartbeat_age_seconds", "Seconds since the freshest applier heartbeat."
+        )
         with self._session_factory() as session:
+            state = inbox_state(session)
+            inbox_depth.add_metric(["received"], state.pending - state.failed)
+            inbox_depth.add_metric(["failed"], state.failed)
+            apply_lag.add_metric([], state.oldest_pending_seconds or 0.0)
+            appliers.add_metric([], state.appliers)
+            if state.last_heartbeat_seconds is not None:
+                heartbeat.add_metric([], state.last_heartbeat_seconds)
             is_unlinked = DuplicateCase.kind == CaseKind.UNLINKED.value
             by_status = dict(
                 session.execute(
@@ -126,6 +144,7 @@ class LedgerCollector(Collector):
                 last_duration.add_metric([], (last.finished_at - last.started_at).total_seconds())
                 last_ok.add_metric([], 1 if last.status == "succeeded" else 0)
         yield from (cases, unlinked, refunds, amounts, last_finished, last_duration, last_ok)
+        yield from (inbox_depth, apply_lag, appliers, heartbeat)
 
 
 def render(session_factory: Callable[[], Session]) -> bytes:

@@ -249,7 +249,8 @@ def cpu_snapshot() -> dict[str, float]:
             group = "client"
         elif comm == "postgres" or cmdline.startswith(b"postgres"):
             group = "postgres"
-        elif b"app.cli\x00serve" in cmdline or b"reconciler-web" in cmdline or comm.startswith("reconciler"):
+        elif (b"app.cli\x00serve" in cmdline or b"reconciler-web" in cmdline or comm.startswith("reconciler")
+              or cmdline.endswith(b"\x00applier\x00")):
             group = "server"
         else:
             continue
@@ -272,6 +273,37 @@ def check_ledger(url: str) -> tuple[int, int]:
         charges = db.scalar(select(func.count()).select_from(Charge)) or 0
     engine.dispose()
     return stored, charges
+
+
+def wait_for_charges(url: str, expected: int, *, timeout: float) -> float | None:
+    """Poll the ledger every 20 ms until it holds ``expected`` charges: the moment the
+    applier caught up (perf_counter), or None after ``timeout`` s."""
+    engine = make_engine(url)
+    deadline = time.perf_counter() + timeout
+    try:
+        with engine.connect() as connection:
+            while True:
+                count = connection.execute(select(func.count()).select_from(Charge)).scalar() or 0
+                connection.rollback()
+                now = time.perf_counter()
+                if count >= expected:
+                    return now
+                if now > deadline:
+                    return None
+                time.sleep(0.02)
+    finally:
+        engine.dispose()
+
+
+def apply_lags(url: str) -> list[float]:
+    """Seconds from stored to applied for every applied event, sorted."""
+    engine = make_engine(url)
+    try:
+        with make_session_factory(engine)() as db:
+            rows = db.execute(select(StripeEvent.received_at, StripeEvent.applied_at).where(StripeEvent.applied_at.is_not(None))).all()
+    finally:
+        engine.dispose()
+    return sorted((applied - received).total_seconds() for received, applied in rows)
 
 
 def http_run(url: str, args: argparse.Namespace, tag: str) -> dict:
@@ -298,15 +330,24 @@ def http_run(url: str, args: argparse.Namespace, tag: str) -> dict:
             warm, timed = signed[: args.warmup], signed[args.warmup :]
             if warm:
                 post_all(port, warm, args.concurrency)
+                wait_for_charges(url, len(warm), timeout=args.apply_timeout)
             if args.pause:
                 input(f"server on {base}; press Enter to start the timed run ")
             cpu_before = cpu_snapshot()
+            started = time.perf_counter()
             tally, elapsed = post_all(port, timed, args.concurrency)
+            answered = time.perf_counter()
+            complete = wait_for_charges(url, len(signed), timeout=args.apply_timeout)
+            applied_elapsed = (complete - started) if complete else None
             cpu_after = cpu_snapshot()
         banner = next((line for line in log_path.read_text().splitlines() if "server config" in line or "Using worker" in line), "")
         config = _server_config(log_path.read_text())
     stored, charges = check_ledger(url)
+    lags = apply_lags(url)
     result = {
+        "applied_elapsed": applied_elapsed,
+        "apply_tail": (complete - answered) if complete else None,
+        "lags": lags,
         "backend": backend,
         "config": config,
         "banner": banner,
@@ -339,7 +380,17 @@ def report(result: dict, args: argparse.Namespace) -> bool:
     rate = result["events"] / result["elapsed"]
     print(f"webhook ingest over HTTP, {result['backend']}: reconciler serve ({result['config']}), "
           f"{args.concurrency} keep-alive senders, {result['events']} signed charge.succeeded events (+{args.warmup} warm-up)")
-    print(f"  throughput        {rate:,.0f} events/s   ({result['elapsed']:.2f} s)")
+    print(f"  acknowledged      {rate:,.0f} events/s   ({result['elapsed']:.2f} s: 2xx answers / the client's wall time)")
+    applied = result.get("applied_elapsed")
+    if applied:
+        print(f"  applied           {result['events'] / applied:,.0f} events/s   ({applied:.2f} s from the first post until the ledger "
+              f"held every charge; {result['apply_tail']:.2f} s after the last answer)")
+    else:
+        print(f"  applied           NOT COMPLETE within {args.apply_timeout} s")
+    lags = result.get("lags") or []
+    if lags:
+        print("  apply lag ms      p50 {:.0f}  p99 {:.0f}  max {:.0f}   (stored -> applied, per event)".format(
+            percentile(lags, 50) * 1000, percentile(lags, 99) * 1000, lags[-1] * 1000))
     print("  latency ms        p50 {:.1f}  p95 {:.1f}  p99 {:.1f}  max {:.1f}  mean {:.1f}".format(
         percentile(lat, 50) * 1000, percentile(lat, 95) * 1000, percentile(lat, 99) * 1000,
         lat[-1] * 1000, statistics.fmean(lat) * 1000))
@@ -358,8 +409,9 @@ def report(result: dict, args: argparse.Namespace) -> bool:
     if tps:
         print(f"  pgbench           {tps:,.0f} tps (same 2 statements, 1 transaction, -c {args.concurrency} -j 2 "
               f"-T {args.pgbench_seconds} -M {args.pgbench_protocol}, same database, same run)")
-        print(f"  ratio             {rate / tps:.2f} of pgbench")
-    return tally.errors == 0 and ok_ledger
+        print(f"  ratio             acknowledged {rate / tps:.2f} of pgbench" + (
+            f", applied {result['events'] / applied / tps:.2f}" if applied else ""))
+    return tally.errors == 0 and ok_ledger and bool(applied)
 
 
 def inprocess_run(url: str, args: argparse.Namespace) -> None:
@@ -394,6 +446,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="reconciler serve --threads (default: its own)")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra argument for reconciler serve (repeatable)")
     parser.add_argument("--log-level", default="INFO", help="server LOG_LEVEL (default INFO, as deployed)")
+    parser.add_argument("--apply-timeout", type=float, default=300, help="seconds to wait for the applier to catch up (default 300)")
     parser.add_argument("--pgbench-seconds", type=int, default=10)
     parser.add_argument("--pgbench-protocol", choices=["extended", "prepared"], default="prepared")
     parser.add_argument("--no-pgbench", action="store_true")

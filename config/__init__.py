@@ -110,6 +110,16 @@ class Settings:
     # Reverse proxies in front of the service whose X-Forwarded-For/-Proto are trusted.
     trusted_proxies: int = 0
 
+    # -- the event inbox and its applier (README "Ingest") ------------------------------
+    # Events per applier transaction; an event that failed this many times raises one
+    # alert; how long a reconcile pass waits for the inbox to drain before it goes on;
+    # applier processes `reconciler serve` runs beside the web workers (0: none, for hosts
+    # that only accept; run `reconciler applier` elsewhere).
+    applier_batch_size: int = 200
+    event_alert_attempts: int = 5
+    inbox_drain_seconds: int = 60
+    applier_processes: int = 1
+
     # -- Checkout Sessions (README "Checkout Sessions and Payment Links") ------------------
     # A session names its order in client_reference_id, else in metadata[this key].
     checkout_order_metadata_key: str = "order_id"
@@ -250,6 +260,10 @@ class Settings:
                 a.strip() for a in (text("ALERT_EMAIL_TO") or "").split(",") if a.strip()
             ),
             review_users=_parse_review_users(text("REVIEW_USERS")),
+            applier_batch_size=_parse_int("APPLIER_BATCH_SIZE", text("APPLIER_BATCH_SIZE"), 200, minimum=1),
+            event_alert_attempts=_parse_int("EVENT_ALERT_ATTEMPTS", text("EVENT_ALERT_ATTEMPTS"), 5, minimum=1),
+            inbox_drain_seconds=_parse_int("INBOX_DRAIN_SECONDS", text("INBOX_DRAIN_SECONDS"), 60, minimum=0),
+            applier_processes=_parse_int("APPLIER_PROCESSES", text("APPLIER_PROCESSES"), 1, minimum=0),
             signature_alert_threshold=_parse_int(
                 "SIGNATURE_ALERT_THRESHOLD", text("SIGNATURE_ALERT_THRESHOLD"), 20, minimum=1
             ),

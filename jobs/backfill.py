@@ -41,10 +41,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.gateway import GatewayError, StripeGateway, StripeNotFound
-from app.services import ledger
-from app.services.ingest import WebhookIngestor
 from app.services.ratelimit import RateLimiter
-from app.services.stripe_shapes import (
+from domain import ledger
+from domain.ledger.applier import Applier
+from domain.ledger.envelope import EnvelopeError
+from domain.ledger.inbox import Inbox
+from domain.ledger.shapes import (
     ShapeError,
     charge_snapshot,
     dispute_snapshot,
@@ -105,9 +107,10 @@ def backfill_start(watermarks: Mapping[str, int], overlap: int) -> int | None:
 def backfill(
     session_factory: sessionmaker[Session],
     gateway: StripeGateway,
-    ingestor: WebhookIngestor,
+    inbox: Inbox,
     *,
     since: int,
+    applier: Applier | None = None,
     limiter: RateLimiter,
     clock: Callable[[], float] = time.time,
     progress: Progress | None = None,
@@ -168,11 +171,18 @@ def backfill(
     def replay_events() -> None:
         for _, page in _pages(gateway.list_undelivered_events(created_gte=since, page_size=PAGE), limiter, clock):
             for event in page:
-                result = ingestor.ingest_trusted(json.dumps(event).encode("utf-8"))
+                try:
+                    accepted = inbox.store(json.dumps(event).encode("utf-8"))
+                except EnvelopeError as exc:
+                    log.warning("event from the API skipped: %s", exc.message, extra={"object_id": event.get("id")})
+                    summary.skipped_objects += 1
+                    continue
                 summary.events += 1
-                if result.body.get("status") == "processed":
+                if accepted.status == "received":
                     summary.events_applied += 1
                 seen("events", event.get("created"))
+            if applier is not None:
+                applier.drain()  # what the page stored, applied before the listings go on
             if progress:
                 progress("events", len(page))
 
@@ -194,7 +204,7 @@ def backfill(
                 "checkout_session",
                 gateway.list_checkout_sessions(created_gte=since, page_size=PAGE),
                 ledger.apply_checkout_session,
-                ingestor.checkout_linking.snapshot,
+                inbox.checkout_linking.snapshot,
             )
         except StripeNotFound:
             summary.notes.append("the Checkout Sessions API is not available here; sessions come from webhooks only")

@@ -19,7 +19,7 @@ from sqlalchemy import and_, func, or_, select, union
 from sqlalchemy.orm import Session, aliased, selectinload, sessionmaker
 
 from app.services import case_lifecycle as lifecycle
-from app.services import ledger
+from domain import ledger
 from app.services.balance import OrderBalance, load_balances
 from app.services.case_lifecycle import CaseAction, DismissedState, is_active
 from jobs.rules import Assessment, UnlinkedChargeFacts, UnlinkedGroup, unlinked_groups

@@ -25,17 +25,19 @@ import logging
 import signal
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.gateway import GatewayError, StripeGateway
-from app.services.ingest import WebhookIngestor
 from app.services.ratelimit import RateLimiter
 from app.services.refunds import RefundRefused, RefundService, pending_refund_cases
 from config import Settings
+from domain.ledger.applier import Applier
+from domain.ledger.inbox import Inbox
+from jobs.applier import make_applier
 from jobs.alerts import Alert, Alerter, pending_alerts
 from jobs.backfill import LISTINGS, BackfillStopped, BackfillSummary, backfill, backfill_start, oldest_watermark
 from jobs.detection import DetectionSummary, detect, detect_unlinked
@@ -47,6 +49,14 @@ log = logging.getLogger(__name__)
 # Backfill starts this far before the last watermark: Stripe's lists are eventually
 # consistent for a moment, and one second of resolution makes ties at the edge normal.
 OVERLAP_SECONDS = 3600
+# An incremental pass looks at what changed since the previous pass started. An applier
+# stamps a row when its batch writes it and commits a moment later, so a batch in flight
+# when the previous pass started could commit rows stamped before that start, after that
+# pass's detection read. The previous pass's drain rules that out: it returns only once
+# no event is pending, i.e. every batch that claimed one has committed, and any later
+# batch stamps after the pass started. When that drain ran out of time, the next pass
+# looks this much further back instead.
+TOUCHED_MARGIN = timedelta(minutes=5)
 
 __all__ = ["PassAborted", "PassProgress", "RunInProgress", "RunSummary", "run_reconciliation"]
 
@@ -55,6 +65,8 @@ __all__ = ["PassAborted", "PassProgress", "RunInProgress", "RunSummary", "run_re
 # refunds", ... (objects read from Stripe), "detection" (orders), "refunds" (cases). A
 # callback may raise :class:`PassAborted` to stop the pass at that point.
 PassProgress = Callable[[str, int, "int | None"], None]
+# Inside the pass: progress plus the stop check; phase None is the stop check alone.
+Checkpoint = Callable[["str | None", int, "int | None"], None]
 
 
 class PassAborted(BaseException):
@@ -83,6 +95,9 @@ class RunSummary:
     alerts_sent: int = 0
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # noted, but the pass did its job
+    # Events the pass applied from the inbox, and what it left unapplied (in backoff, or
+    # the wait ran out): {"applied": n, "failed": n, "pending": n}.
+    inbox: dict[str, int] = field(default_factory=dict)
 
     def counts(self) -> dict[str, Any]:
         refunded = [r for r in self.refunds if r["result"] in ("refunded", "adopted")]
@@ -93,6 +108,9 @@ class RunSummary:
             "charges_backfilled": self.backfill.get("charges", 0),
             "refunds_backfilled": self.backfill.get("refunds", 0),
             "events_replayed": self.backfill.get("events_applied", 0),
+            "inbox_events_applied": self.inbox.get("applied", 0),
+            "inbox_events_pending": self.inbox.get("pending", 0),
+            "inbox_drained": not self.inbox.get("timed_out", 0),
             "orders_examined": self.detection.get("orders_examined", 0),
             "cases_opened": len(self.detection.get("cases_opened", [])),
             "cases_resolved": self.detection.get("cases_resolved", 0),
@@ -140,7 +158,8 @@ def run_reconciliation(
     limiter = RateLimiter(settings.stripe_rate_limit, sleep=sleep)
     alerter = alerter or Alerter(settings, session_factory)
     refunds = refund_service or RefundService(session_factory, gateway, limiter=limiter, clock=clock, sleep=sleep)
-    ingestor = WebhookIngestor(settings, session_factory)
+    inbox = Inbox(settings, session_factory.kw["bind"])
+    applier = make_applier(settings, session_factory, alerter=alerter)
 
     with exclusive_pass(session_factory):
         previous = _previous_run(session_factory)
@@ -157,8 +176,8 @@ def run_reconciliation(
             on_start(run_id)
         checkpoint = _checkpoint(should_stop, progress)
         try:
-            checkpoint("start", 0, None)
-            _pass(summary, previous, session_factory, gateway, settings, ingestor, refunds, alerter, limiter, since, clock, checkpoint)
+            checkpoint(None, 0, None)
+            _pass(summary, previous, session_factory, gateway, settings, inbox, applier, refunds, alerter, limiter, since, clock, checkpoint)
             summary.status = "partial" if summary.errors else "succeeded"
         except Exception as exc:
             log.exception("reconciliation pass failed", extra={"run_id": run_id})
@@ -203,12 +222,13 @@ def abort_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
             signal.signal(signum, old)
 
 
-def _checkpoint(should_stop: Callable[[], str | None] | None, progress: PassProgress | None) -> PassProgress:
+def _checkpoint(should_stop: Callable[[], str | None] | None, progress: PassProgress | None) -> Checkpoint:
     """One callback for the pass's progress and its stop checks: reports, then stops the
     pass (:class:`PassAborted`) if ``should_stop`` gives a reason."""
 
-    def checkpoint(phase: str, count: int, total: int | None = None) -> None:
-        if progress is not None and phase != "start":
+    def checkpoint(phase: str | None, count: int, total: int | None = None) -> None:
+        # phase None: between phases, the stop check alone
+        if progress is not None and phase is not None:
             progress(phase, count, total)
         reason = should_stop() if should_stop is not None else None
         if reason:
@@ -223,15 +243,19 @@ def _pass(
     session_factory: sessionmaker[Session],
     gateway: StripeGateway,
     settings: Settings,
-    ingestor: WebhookIngestor,
+    inbox: Inbox,
+    applier: Applier,
     refunds: RefundService,
     alerter: Alerter,
     limiter: RateLimiter,
     since: datetime | None,
     clock: Callable[[], float],
-    checkpoint: PassProgress,
+    checkpoint: Checkpoint,
 ) -> None:
     dry_run = summary.mode == "dry-run"
+    # -- the inbox: what webhooks stored must be in the ledger before it is judged ---------
+    _drain_inbox(summary, applier, settings.inbox_drain_seconds, "before backfill")
+    checkpoint(None, 0, None)
     # -- backfill --------------------------------------------------------------------------
     # Every listing starts from the oldest watermark minus the overlap. While only some
     # listings have one (the others never completed), from where the previous pass started.
@@ -255,7 +279,7 @@ def _pass(
     else:
         try:
             result: BackfillSummary = backfill(
-                session_factory, gateway, ingestor, since=backfill_from, limiter=limiter, clock=clock,
+                session_factory, gateway, inbox, since=backfill_from, applier=applier, limiter=limiter, clock=clock,
                 progress=lambda kind, count: checkpoint(f"backfill {kind}", count, None), watermarks=watermarks,
             )
         except BackfillStopped as exc:
@@ -278,7 +302,11 @@ def _pass(
             checkpoint("resumed refunds", 1, len(unfinished))
 
     # -- detection -------------------------------------------------------------------------
+    _drain_inbox(summary, applier, settings.inbox_drain_seconds, "before detection")
+    checkpoint(None, 0, None)
     touched_since = None if summary.full or previous is None else previous.started_at
+    if touched_since is not None and not (previous.counts or {}).get("inbox_drained", True):  # type: ignore[union-attr]
+        touched_since -= TOUCHED_MARGIN
     found: DetectionSummary = detect(
         session_factory,
         window_seconds=settings.duplicate_window_hours * 3600,
@@ -322,7 +350,7 @@ def _pass(
                 checkpoint("refunds", 1, len(automatic))
 
     # -- alerts ----------------------------------------------------------------------------
-    checkpoint("start", 0, None)
+    checkpoint(None, 0, None)
     if not dry_run:
         _send_alerts(summary, session_factory, alerter)
 
@@ -458,3 +486,19 @@ def _finish_run(session_factory: sessionmaker[Session], summary: RunSummary) -> 
 
     run_in_transaction(session_factory, finish)
 
+
+def _drain_inbox(summary: RunSummary, applier: Applier, seconds: int, when: str) -> None:
+    """Apply what the inbox holds (beside any running applier), for at most ``seconds``;
+    what is left unapplied is reported as a warning."""
+    outcome = applier.drain(timeout=seconds)
+    summary.inbox["applied"] = summary.inbox.get("applied", 0) + outcome.applied
+    summary.inbox["failed"] = summary.inbox.get("failed", 0) + outcome.failed
+    summary.inbox["pending"] = outcome.pending
+    summary.inbox["timed_out"] = int(outcome.timed_out)
+    if outcome.pending and when == "before detection":
+        message = (
+            f"{outcome.pending} event(s) not applied yet ({'the wait ran out' if outcome.timed_out else 'failing, in backoff'}); "
+            "detection ran without them, the next pass looks again"
+        )
+        log.warning(message)
+        summary.warnings.append(message)

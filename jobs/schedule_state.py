@@ -73,12 +73,13 @@ class ScheduleView:
         return bool(self.live or self.stale)
 
     def as_json(self) -> dict[str, object]:
-        if self.live:
-            return {
-                "scheduler": "running",
-                "next_pass_at": self.next_pass_at.isoformat() if self.next_pass_at else None,
-            }
-        return {"scheduler": "not running", "next_pass_at": None, "scheduler_last_seen": self.last_seen.isoformat() if self.last_seen else None}
+        """``scheduler`` (``running`` or ``not running``), ``next_pass_at`` (None when no
+        scheduler runs) and ``scheduler_last_seen`` (the newest heartbeat), ISO 8601 UTC."""
+        return {
+            "scheduler": "running" if self.live else "not running",
+            "next_pass_at": self.next_pass_at.isoformat() if self.live and self.next_pass_at else None,
+            "scheduler_last_seen": self.last_seen.isoformat() if self.last_seen else None,
+        }
 
     def describe(self) -> str:
         """One line for a person."""

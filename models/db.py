@@ -11,10 +11,8 @@ of hanging a web worker.
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
-import select
 import time
 from typing import Callable, TypeVar
 
@@ -33,8 +31,6 @@ PG_LOCK_TIMEOUT_MS = 5_000
 # deadlock detected, lock not available (lock_timeout).
 _RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03"}
 _READ_ONLY = "reconciler_read_only"
-_PQ_OK = 0  # psycopg.pq.ConnStatus.OK
-_PQ_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE
 
 
 def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
@@ -52,29 +48,14 @@ def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
         echo=echo,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        # No pre-ping (a round trip on every checkout): a connection the server closed
+        # fails its first statement, SQLAlchemy then invalidates the pool, and
+        # run_in_transaction runs the unit of work again on a fresh connection
+        # (is_retryable: connection_invalidated). Reads answer 503 once.
+        pool_pre_ping=False,
         connect_args={"options": f"-c lock_timeout={PG_LOCK_TIMEOUT_MS}"},
     )
-    if engine.dialect.driver == "psycopg":
-        engine.dialect.do_ping = functools.partial(_ping_unless_quiet, engine.dialect.do_ping)  # type: ignore[method-assign]
     return engine
-
-
-def _ping_unless_quiet(ping: Callable[[object], bool], dbapi_connection) -> bool:  # type: ignore[no-untyped-def]
-    """The pool's pre-ping, without its round trip when the socket says the connection is
-    alive: an idle connection in a healthy state has nothing to read. A server that
-    closed it (restart, pg_terminate_backend, idle timeouts, a failover) has sent a FATAL
-    message or EOF, which makes the socket readable; then, or when anything else is off,
-    the full ping runs and a dead connection is replaced as before."""
-    try:
-        pgconn = dbapi_connection.pgconn
-        if pgconn.status == _PQ_OK and pgconn.transaction_status == _PQ_IDLE:
-            readable, _, _ = select.select((pgconn.socket,), (), (), 0)
-            if not readable:
-                return True
-    except Exception:  # noqa: BLE001 - any doubt: ask the server
-        pass
-    return ping(dbapi_connection)
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -115,10 +96,9 @@ def is_retryable(exc: BaseException) -> bool:
     """True when ``exc`` means the transaction lost a race and may simply run again."""
     if isinstance(exc, StaleDataError):
         return True
-    if not isinstance(exc, DBAPIError) and type(exc).__module__.startswith("psycopg"):
-        # Raised by statements sent on the driver connection itself (the lean ingest path).
-        return getattr(exc, "sqlstate", None) in _RETRYABLE_SQLSTATES
     if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True  # the server closed the connection; a fresh one is taken
         sqlstate = getattr(exc.orig, "sqlstate", None)
         if sqlstate in _RETRYABLE_SQLSTATES:
             return True

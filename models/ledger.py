@@ -3,9 +3,9 @@ PaymentIntents they describe.
 
 Invariants the schema carries (the services rely on them):
 
-* ``stripe_events.event_id`` is the primary key: an event id is stored at most once, and
-  the row is written in the same transaction as the event's effects, so a stored event
-  always has its effects.
+* ``stripe_events.event_id`` is the primary key: an event id is stored at most once. A
+  row is ``applied`` only in the same transaction as the event's effects, so an applied
+  event always has its effects, and an event is applied at most once.
 * Every Stripe object is keyed by Stripe's own id, so every write path (webhook, backfill,
   our own API calls) upserts the same row.
 * Money is ``BigInteger`` minor units plus a three-letter currency; there is no float
@@ -30,21 +30,55 @@ CURRENCY = String(3)
 
 
 class StripeEvent(Base):
-    """One Stripe event, stored once. Its presence means its effects are applied."""
+    """One Stripe event, stored once: the inbox and the event log in one table.
+
+    The accept path inserts the row (``received``, or ``ignored`` for a type we do not
+    apply) and answers; the applier turns ``received`` rows into ledger rows and marks them
+    ``applied`` in the same transaction, so an ``applied`` event always has its effects.
+    A failed apply leaves the row ``failed`` with ``attempts`` and ``next_attempt_at`` (its
+    backoff); it is claimed again once that time has passed.
+    """
 
     __tablename__ = "stripe_events"
 
     event_id: Mapped[str] = mapped_column(STRIPE_ID, primary_key=True)
-    type: Mapped[str] = mapped_column(String(100), index=True)
+    type: Mapped[str] = mapped_column(String(100))
     api_version: Mapped[str | None] = mapped_column(String(64))
     livemode: Mapped[bool] = mapped_column(Boolean)
     account: Mapped[str | None] = mapped_column(STRIPE_ID)  # Connect account, if any
     created: Mapped[int] = mapped_column(BigInteger)  # Stripe's unix seconds
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    # "processed": a handler applied it; "ignored": a type we store but do not apply.
+    # received | applied | failed | ignored (see EventStatus in domain/ledger/inbox.py).
     status: Mapped[str] = mapped_column(String(16))
-    object_id: Mapped[str | None] = mapped_column(STRIPE_ID, index=True)
+    object_id: Mapped[str | None] = mapped_column(STRIPE_ID)
     payload: Mapped[str] = mapped_column(Text)  # the body exactly as signed
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    applied_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        # The applier's queue: only rows still to apply are in it, oldest Stripe time first.
+        Index(
+            "ix_stripe_events_inbox",
+            "created",
+            "event_id",
+            postgresql_where=text("status IN ('received', 'failed')"),
+            sqlite_where=text("status IN ('received', 'failed')"),
+        ),
+    )
+
+
+class ApplierHeartbeat(Base):
+    """One row per running applier (process), beaten every few seconds: what /healthz and
+    /metrics read to tell a live applier from a dead one."""
+
+    __tablename__ = "applier_heartbeats"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # host:pid
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    beat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    applied: Mapped[int] = mapped_column(BigInteger, default=0)
+    failed: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class EventFailure(Base):

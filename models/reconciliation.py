@@ -67,7 +67,7 @@ class CaseKind(StrEnum):
 
 
 # The synthetic order an unlinked case hangs on: "~unlinked:<fp_...|cus_...>:<first charge>".
-# "~" can never start a merchant's order id (stripe_shapes.ORDER_ID, checked on every way
+# "~" can never start a merchant's order id (domain.ledger.shapes.ORDER_ID, checked on every way
 # in), so such a row is never a real order, and a real order is never taken for one.
 UNLINKED_ORDER_PREFIX = "~unlinked:"
 

@@ -109,17 +109,22 @@ Deliver = Callable[..., Any]
 
 
 @pytest.fixture
-def deliver(client) -> Deliver:  # type: ignore[no-untyped-def]
-    """Post ``event`` (a dict, or raw bytes) signed with the primary secret, as Stripe does."""
+def deliver(client, app) -> Deliver:  # type: ignore[no-untyped-def]
+    """Post ``event`` (a dict, or raw bytes) signed with the primary secret, as Stripe does,
+    then wait for it to be applied: the applier drains the inbox before this returns
+    (``apply=False`` leaves it in the inbox)."""
 
-    def _deliver(event: dict | bytes, *, secret: str = WEBHOOK_SECRET, timestamp: int | None = None, headers: dict | None = None):  # type: ignore[no-untyped-def]
+    def _deliver(event: dict | bytes, *, secret: str = WEBHOOK_SECRET, timestamp: int | None = None, headers: dict | None = None, apply: bool = True):  # type: ignore[no-untyped-def]
         body = event if isinstance(event, bytes) else payloads.encode(event)
         signature = payloads.sign(body, secret, timestamp=timestamp)
-        return client.post(
+        response = client.post(
             "/webhooks/stripe",
             data=body,
             headers={"Stripe-Signature": signature, "Content-Type": "application/json", **(headers or {})},
         )
+        if apply:
+            app.extensions["reconciler"].applier.drain()
+        return response
 
     return _deliver
 

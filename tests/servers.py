@@ -43,3 +43,19 @@ def wait_for_workers(base: str, log_path: Path, count: int, *, timeout: float = 
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {len(pids)} of {count} workers answered in {timeout} s")
             time.sleep(0.2)
+
+
+def wait_until_applied(base: str, event_id: str, *, token: str | None = None, timeout: float = 30.0) -> dict:
+    """Poll ``GET /api/events/<id>`` until the service's applier has applied the event."""
+    from tests.conftest import API_TOKEN
+
+    deadline = time.monotonic() + timeout
+    while True:
+        response = requests.get(
+            f"{base}/api/events/{event_id}", headers={"Authorization": f"Bearer {token or API_TOKEN}"}, timeout=5
+        )
+        if response.status_code == 200 and response.json().get("status") == "applied":
+            return response.json()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"event {event_id} not applied in {timeout} s: {response.status_code} {response.text[:300]}")
+        time.sleep(0.05)

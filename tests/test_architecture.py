@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["app", "config", "models", "jobs"]
+PACKAGES = ["app", "config", "models", "jobs", "domain"]
 
 
 def _imports(path: Path) -> set[str]:
@@ -33,8 +33,8 @@ def test_only_the_gateway_imports_stripe() -> None:
 
 def test_models_config_and_services_never_import_flask() -> None:
     code = (
-        "import sys, config, models, models.migrate, jobs, app.gateway, app.services.ingest, "
-        "app.services.ledger, app.services.orders\n"
+        "import sys, config, models, models.migrate, jobs, app.gateway, domain.ledger.inbox, domain.ledger.applier, "
+        "domain.ledger, app.services.orders\n"
         "assert 'flask' not in sys.modules, 'flask was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

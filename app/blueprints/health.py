@@ -1,6 +1,10 @@
-"""``GET /healthz``: 200 when the database answers, 503 otherwise. Once a scheduler has
-recorded itself (``reconciler serve`` runs one), also whether it is running and when the
-next reconciliation pass is due (``scheduler``, ``next_pass_at``)."""
+"""``GET /healthz``: 200 when the database answers (503 otherwise), with the inbox's
+backlog and the appliers' heartbeat: ``applier`` is ``ok`` when one beat within the last
+20 s, ``stale`` when events wait and none did (the service still accepts events; they are
+applied once an applier runs again), ``idle`` when none runs and nothing waits. And the
+scheduler: ``scheduler`` is ``running`` when one recorded itself within the last three
+minutes (``reconciler serve`` runs one), with ``next_pass_at``, when the next
+reconciliation pass is due; else ``not running``, with ``scheduler_last_seen``."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from flask import Blueprint, Response, jsonify
 from sqlalchemy import text
 
 from app.factory import services
+from domain.ledger.applier import inbox_state
 
 bp = Blueprint("health", __name__)
 log = logging.getLogger(__name__)
@@ -22,18 +27,33 @@ def healthz():  # type: ignore[no-untyped-def]
     try:
         with services().read_session_factory() as session:
             session.execute(text("SELECT 1"))
+            state = inbox_state(session)
     except Exception as exc:  # any failure to reach the database is "unhealthy"
         log.warning("health check failed: %s", type(exc).__name__)
         return jsonify({"status": "unavailable", "database": "unreachable"}), 503
-    body: dict[str, object] = {"status": "ok", "database": "ok"}
+    applier = "ok" if state.appliers else ("stale" if state.pending else "idle")
+    body: dict[str, object] = {
+        "status": "ok" if applier != "stale" else "degraded",
+        "database": "ok",
+        "applier": applier,
+        "appliers_live": state.appliers,
+        "applier_heartbeat_age_seconds": _rounded(state.last_heartbeat_seconds),
+        "inbox": {
+            "pending": state.pending,
+            "failed": state.failed,
+            "oldest_pending_seconds": _rounded(state.oldest_pending_seconds),
+        },
+    }
     try:
         with services().read_session_factory() as session:
-            schedule = schedule_view(session)
-        if schedule.known:
-            body.update(schedule.as_json())
+            body.update(schedule_view(session).as_json())
     except Exception as exc:  # the web answers whatever the scheduler bookkeeping says
         log.warning("scheduler state unreadable: %s", type(exc).__name__)
     return jsonify(body), 200
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
 
 
 @bp.get("/metrics")

@@ -19,7 +19,7 @@ from app.factory import services
 from app.services import idempotency
 from app.services.checkout import CheckoutRequest, CheckoutService
 from app.services.payments import PayError, PaymentService, PayRequest, reply_to_store, restore_reply
-from app.services.stripe_shapes import ORDER_ID
+from domain.ledger.shapes import ORDER_ID
 
 bp = Blueprint("payments", __name__)
 bp.before_request(require_token)

@@ -1,13 +1,19 @@
-"""``POST /webhooks/stripe``: hands the raw body to the ingest service."""
+"""``POST /webhooks/stripe``: verify, store once in the inbox, answer. Nothing else.
+
+Answers: 200 ``{"status": "received" | "duplicate" | "ignored", "event_id": ...}`` once the
+event is durably stored (or was already); 4xx with a JSON error code for a body that must
+not be stored; 503 when it could not be stored (Stripe redelivers). The ledger effects
+follow from the applier (``GET /api/events/<id>`` shows received | applied | failed).
+"""
 
 from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
 from app import metrics
-from app.errors import error_response
+from app.errors import domain_status, error_response
 from app.factory import services
-from app.services.ingest import IngestRejected
+from domain.errors import DomainError, Rejected
 
 bp = Blueprint("webhooks", __name__)
 
@@ -23,12 +29,16 @@ def stripe_webhook():  # type: ignore[no-untyped-def]
         return error_response(413, "payload_too_large", "The body is larger than WEBHOOK_MAX_BYTES.")
     with metrics.Timer() as timer:
         try:
-            result = services().ingestor.ingest(payload, request.headers.get("Stripe-Signature"))
-        except IngestRejected as exc:
-            metrics.EVENTS.labels(type="unknown", outcome="rejected").inc()
-            services().signature_watch.record(exc.code)
-            return error_response(exc.http_status, exc.code, exc.message)
+            accepted = services().inbox.accept(payload, request.headers.get("Stripe-Signature"))
+        except DomainError as exc:
+            rejected = isinstance(exc, Rejected)
+            metrics.EVENTS.labels(type="unknown", outcome="rejected" if rejected else "failed").inc()
+            if rejected:
+                services().signature_watch.record(exc.code)
+            return error_response(domain_status(exc), exc.code, exc.message)
     metrics.INGEST_SECONDS.observe(timer.seconds)
-    outcome = result.body.get("status") or ("failed" if result.http_status >= 500 else "rejected")
-    metrics.EVENTS.labels(type=result.event_type or "unknown", outcome=outcome).inc()
-    return jsonify(result.body), result.http_status
+    metrics.EVENTS.labels(type=accepted.event_type, outcome=accepted.status).inc()
+    body = {"status": accepted.status, "event_id": accepted.event_id}
+    if accepted.reason:
+        body["reason"] = accepted.reason
+    return jsonify(body), 200

@@ -220,7 +220,7 @@ def _run_demo(
                 for _ in range(deliveries):
                     status = _deliver(base, event)
                     summary.events_sent += 1
-                    summary.events_processed += status == "processed"
+                    summary.events_processed += status == "received"
                     summary.events_duplicate += status == "duplicate"
             out(f"  {order_id:18} {_money(total, currency):>12}  charged {' + '.join(_money(a, currency) for a in amounts)}")
             out(f"  {'':18} {'':>12}  {story}")

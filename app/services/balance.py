@@ -14,7 +14,7 @@ from typing import Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.services import ledger
+from domain import ledger
 from jobs.rules import Assessment, ChargeFacts, OrderFacts, assess
 from models import Charge, Order
 

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.converters import DateParamError, parse_day
 from app.services import case_lifecycle as lifecycle
-from app.services import ledger
+from domain import ledger
 from app.services.balance import load_balance
 from app.services.case_lifecycle import CaseAction, CaseTransitionRefused, DismissedState
 from app.services.refunds import CaseRefundResult, PlannedRefund, RefundRefused, RefundService

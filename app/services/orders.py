@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import csv
 import io
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.services import ledger
-from app.services.stripe_shapes import ORDER_ID
+from domain import ledger
+from domain.ledger.shapes import ORDER_ID
 from models import Charge, EventFailure, Order, StripeEvent
 from models.db import insert_ignore
 from models.money import MoneyError, check_amount, format_amount, normalise_currency
@@ -300,7 +301,9 @@ def unresolved_failures(session: Session, *, limit: int = 100) -> list[dict[str,
 
 
 def event_view(session: Session, event_id: str) -> dict[str, Any] | None:
-    """A stored event's status, or its failure record if it has only ever failed."""
+    """A stored event and where it stands: ``received`` (waiting for the applier),
+    ``applied`` (its effects are in the ledger), ``failed`` (its last apply raised; retried
+    after ``next_attempt_at``) or ``ignored``; with its failure record if it ever failed."""
     if not _storable(event_id):
         return None
     event = session.get(StripeEvent, event_id)
@@ -312,12 +315,15 @@ def event_view(session: Session, event_id: str) -> dict[str, Any] | None:
         view.update(
             type=event.type,
             status=event.status,
+            attempts=event.attempts,
             api_version=event.api_version,
             livemode=event.livemode,
             account=event.account,
             created=event.created,
             object_id=event.object_id,
-            received_at=event.received_at.isoformat(),
+            received_at=_iso(event.received_at),
+            applied_at=_iso(event.applied_at),
+            next_attempt_at=_iso(event.next_attempt_at),
         )
     else:
         view.update(type=failure.type, status="failed")  # type: ignore[union-attr]
@@ -325,8 +331,17 @@ def event_view(session: Session, event_id: str) -> dict[str, Any] | None:
         view["failure"] = {
             "attempts": failure.attempts,
             "last_error": failure.last_error,
-            "first_failed_at": failure.first_failed_at.isoformat(),
-            "last_failed_at": failure.last_failed_at.isoformat(),
-            "resolved_at": failure.resolved_at.isoformat() if failure.resolved_at else None,
+            "first_failed_at": _iso(failure.first_failed_at),
+            "last_failed_at": _iso(failure.last_failed_at),
+            "resolved_at": _iso(failure.resolved_at),
         }
     return view
+
+
+def _iso(moment: datetime | None) -> str | None:
+    """ISO 8601 with the UTC offset (SQLite hands back naive UTC)."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.isoformat()

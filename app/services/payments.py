@@ -82,9 +82,9 @@ from app.gateway import (
     StripeRejected,
     StripeUnavailable,
 )
-from app.services.ledger import apply_payment_intent
+from domain.ledger import apply_payment_intent
 from app.services.sealing import Sealer
-from app.services.stripe_shapes import payment_intent_snapshot
+from domain.ledger.shapes import payment_intent_snapshot
 from config import Settings
 from models import Order, PaymentIntent, run_in_transaction, utcnow
 from models.db import lock_key

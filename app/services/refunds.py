@@ -36,11 +36,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.gateway import GatewayError, StripeGateway, StripeRejected
 from app.services import case_lifecycle as lifecycle
-from app.services import ledger
+from domain import ledger
 from app.services.balance import OrderBalance, load_balance
 from app.services.case_lifecycle import TRANSITIONS, CaseAction
 from app.services.ratelimit import RateLimiter
-from app.services.stripe_shapes import charge_snapshot, payment_intent_snapshot, refund_snapshot
+from domain.ledger.shapes import charge_snapshot, payment_intent_snapshot, refund_snapshot
 from models import (
     AttemptAction,
     CaseKind,

@@ -34,4 +34,4 @@ def deliver(service: str, charge_json: dict[str, Any], secret: str) -> None:
     response = requests.post(
         f"{service}/webhooks/stripe", data=body, headers={"Stripe-Signature": p.sign(body, secret)}, timeout=10
     )
-    assert response.status_code == 200 and response.json()["status"] == "processed", response.text
+    assert response.status_code == 200 and response.json()["status"] == "received", response.text

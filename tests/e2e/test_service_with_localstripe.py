@@ -19,6 +19,7 @@ from app.gateway import StripeGateway
 from config import Settings
 from models import StripeEvent
 from tests import stripe_payloads as p
+from tests.servers import wait_until_applied
 from tests.e2e import merchant
 from tests.servers import reconciler_serve
 
@@ -113,7 +114,8 @@ def test_a_refund_read_back_through_the_gateway_is_applied(service, checkout, lo
     event = p.event("charge.refunded", refunded_charge, api_version=p.LEGACY_API_VERSION)
     body = p.encode(event)
     response = requests.post(f"{service}/webhooks/stripe", data=body, headers={"Stripe-Signature": p.sign(body, SECRET)}, timeout=10)
-    assert response.status_code == 200 and response.json()["status"] == "processed"
+    assert response.status_code == 200 and response.json()["status"] == "received"
+    wait_until_applied(service, event["id"], token=TOKEN)
 
     view = requests.get(f"{service}/api/orders/ord_refund", headers=AUTH, timeout=10).json()
     assert view["status"] == "partially_refunded"

@@ -15,8 +15,8 @@ import stripe
 from sqlalchemy import select
 
 from app.gateway import StripeGateway
-from app.services.ingest import CheckoutLinking
-from app.services.stripe_shapes import checkout_session_snapshot
+from domain.ledger.handlers import CheckoutLinking
+from domain.ledger.shapes import checkout_session_snapshot
 from config import Settings, SettingsError
 from jobs.reconcile import run_reconciliation
 from models import Charge, CheckoutSession, DuplicateCase, Order, PaymentIntent
@@ -45,7 +45,7 @@ def reconcile(session_factory, job_settings):  # type: ignore[no-untyped-def]
 
 def ok(response) -> None:  # type: ignore[no-untyped-def]
     assert response.status_code == 200, response.get_json()
-    assert response.get_json()["status"] == "processed", response.get_json()
+    assert response.get_json()["status"] == "received", response.get_json()
 
 
 def cases(ledger, order_id: str) -> list[DuplicateCase]:  # type: ignore[no-untyped-def]
@@ -347,10 +347,12 @@ def test_order_from_metadata_key_and_payment_links(version) -> None:
 
 
 @pytest.mark.postgres
-def test_a_session_and_its_charge_at_the_same_instant_always_link(app, ledger) -> None:  # type: ignore[no-untyped-def]
+def test_a_session_and_its_charge_at_the_same_instant_always_link(app, ledger, session_factory) -> None:  # type: ignore[no-untyped-def]
     """Each event looks for the other (the charge for the session's order, the session for
-    the charges to link); the PaymentIntent lock keeps them from missing each other. On
-    PostgreSQL a new charge takes the lean ingest path, which reads the session too."""
+    the charges to link); the PaymentIntent lock keeps them from missing each other. Two
+    appliers with batches of one apply the two halves side by side."""
+    from tests.appliers import drain_with_appliers
+
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -377,5 +379,6 @@ def test_a_session_and_its_charge_at_the_same_instant_always_link(app, ledger) -
     with ThreadPoolExecutor(2) as pool:
         statuses = [s for chunk in pool.map(worker, range(2)) for s in chunk]
     assert statuses == [200] * 80
+    drain_with_appliers(session_factory, 2, batch_size=1)
     assert ledger.all(Charge, Charge.order_id.is_(None)) == []
     assert ledger.count(Order) == 40

@@ -23,6 +23,7 @@ COMMANDS = {
     "report": ["report", "--since", "2026-01-01"],
     "runs": ["runs"],
     "serve": ["serve", "--no-migrate", "--port", "1"],  # port 1: it must never get that far
+    "applier": ["applier"],
 }
 
 

@@ -1,8 +1,9 @@
 """Concurrency on PostgreSQL with real threads, real processes and real commits.
 
 Stripe redelivers, and several web processes on several hosts share one database: the
-copies of an event can arrive at the same instant on different processes. These tests
-check that exactly one of them applies it and every one of them gets a 200.
+copies of an event can arrive at the same instant on different processes, and several
+appliers drain the inbox side by side. These tests check that exactly one copy is stored,
+every copy gets a 200, and the event is applied exactly once.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from app.services import ingest
+from domain.ledger import handlers
+from tests.appliers import drain_with_appliers
 from models import Charge, Order, StripeEvent
 from tests import stripe_payloads as p
 from tests.conftest import API_TOKEN, WEBHOOK_SECRET
-from tests.servers import reconciler_serve, wait_for_workers
+from tests.servers import reconciler_serve, wait_for_workers, wait_until_applied
 
 pytestmark = pytest.mark.postgres
 
@@ -40,18 +42,18 @@ def _post_all(post, bodies: list[bytes], threads: int) -> list[tuple[int, dict]]
     return [r for chunk in results for r in chunk]
 
 
-def test_fifty_copies_from_ten_threads_apply_once(app, ledger, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_fifty_copies_from_ten_threads_apply_once(app, ledger, session_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     applied: list[str] = []
     lock = threading.Lock()
-    original = ingest.HANDLERS["charge.succeeded"]
+    original = handlers.HANDLERS["charge.succeeded"]
 
-    def slow_counting(session, event):  # type: ignore[no-untyped-def]
+    def slow_counting(session, event, linking):  # type: ignore[no-untyped-def]
         with lock:
             applied.append(event.id)
-        time.sleep(0.2)  # hold the transaction open so the other copies pile up on it
-        original(session, event)
+        time.sleep(0.2)  # hold the batch open so the other appliers pile up on it
+        original(session, event, linking)
 
-    monkeypatch.setitem(ingest.HANDLERS, "charge.succeeded", slow_counting)
+    monkeypatch.setitem(handlers.HANDLERS, "charge.succeeded", slow_counting)
     event = p.event("charge.succeeded", p.charge(amount=4999, metadata={"order_id": "ord_race"}))
     body = p.encode(event)
 
@@ -63,16 +65,19 @@ def test_fifty_copies_from_ten_threads_apply_once(app, ledger, monkeypatch) -> N
     results = _post_all(post, [body] * COPIES, THREADS)
     assert [status for status, _ in results] == [200] * COPIES
     statuses = sorted(body["status"] for _, body in results)
-    assert statuses == ["duplicate"] * (COPIES - 1) + ["processed"]
+    assert statuses == ["duplicate"] * (COPIES - 1) + ["received"]
+    appliers = drain_with_appliers(session_factory, 4, batch_size=1)
     assert applied == [event["id"]]
+    assert sum(a.applied_total for a in appliers) == 1
     assert ledger.count(StripeEvent) == 1
     assert ledger.count(Charge) == 1
     assert ledger.order("ord_race")["totals"]["usd"]["held"] == 4999
 
 
-def test_a_charge_and_its_payment_intent_at_the_same_instant_always_link(app, ledger) -> None:  # type: ignore[no-untyped-def]
+def test_a_charge_and_its_payment_intent_at_the_same_instant_always_link(app, ledger, session_factory) -> None:  # type: ignore[no-untyped-def]
     """Each event looks for the other; without the PaymentIntent lock one of every few
-    pairs would leave the charge unlinked."""
+    pairs would leave the charge unlinked. Appliers with batches of one take the two
+    halves of a pair side by side."""
     pairs = []
     for n in range(60):
         pi_id = p.new_id("pi")
@@ -88,12 +93,13 @@ def test_a_charge_and_its_payment_intent_at_the_same_instant_always_link(app, le
     # Two threads, each taking one half of every pair, so the halves race.
     results = _post_all(post, pairs, 2)
     assert all(status == 200 for status, _ in results), results
+    drain_with_appliers(session_factory, 2, batch_size=1)
     unlinked = ledger.all(Charge, Charge.order_id.is_(None))
     assert unlinked == []
     assert ledger.count(Order) == 60
 
 
-def test_many_charges_of_one_order_at_once_do_not_deadlock(app, ledger) -> None:  # type: ignore[no-untyped-def]
+def test_many_charges_of_one_order_at_once_do_not_deadlock(app, ledger, session_factory) -> None:  # type: ignore[no-untyped-def]
     bodies = [p.encode(p.event("charge.succeeded", p.charge(amount=100, metadata={"order_id": "ord_many"}))) for _ in range(16)]
 
     def post(raw: bytes) -> tuple[int, dict]:
@@ -104,10 +110,13 @@ def test_many_charges_of_one_order_at_once_do_not_deadlock(app, ledger) -> None:
 
     results = _post_all(post, bodies, 8)
     assert [status for status, _ in results] == [200] * 16
+    started = time.monotonic()
+    drain_with_appliers(session_factory, 4, batch_size=2)
+    assert time.monotonic() - started < 10, "waited on a lock"
     assert ledger.order("ord_many")["totals"]["usd"]["held"] == 1600
 
 
-def test_a_storm_of_events_about_one_order_ends_as_if_applied_in_order(app, ledger) -> None:  # type: ignore[no-untyped-def]
+def test_a_storm_of_events_about_one_order_ends_as_if_applied_in_order(app, ledger, session_factory) -> None:  # type: ignore[no-untyped-def]
     t0 = 1_763_700_000
     pi_id = p.new_id("pi")
     charges = [p.charge(amount=2000, payment_intent=pi_id, created=t0 + i, metadata={"order_id": "ord_storm"}) for i in range(4)]
@@ -130,7 +139,9 @@ def test_a_storm_of_events_about_one_order_ends_as_if_applied_in_order(app, ledg
 
     results = _post_all(post, bodies, 8)
     assert all(status == 200 for status, _ in results), [r for r in results if r[0] != 200]
-    assert sum(body["status"] == "processed" for _, body in results) == len(events)
+    assert sum(body["status"] == "received" for _, body in results) == len(events)
+    drain_with_appliers(session_factory, 3, batch_size=3)
+    assert ledger.count(StripeEvent, StripeEvent.status == "applied") == len(events)
     view = ledger.order("ord_storm")
     held = {c["id"]: c["held_amount"] for c in view["charges"]}
     assert held == {charges[0]["id"]: 2000, charges[1]["id"]: 2000, charges[2]["id"]: 1500, charges[3]["id"]: 2000}
@@ -142,7 +153,8 @@ def test_a_storm_of_events_about_one_order_ends_as_if_applied_in_order(app, ledg
 
 @pytest.fixture
 def served(database_url, session_factory, tmp_path):  # type: ignore[no-untyped-def]
-    """`reconciler serve` with four worker processes on the test database."""
+    """`reconciler serve` with four worker processes (and its applier child) on the test
+    database."""
     log_path = tmp_path / "serve.log"
     env = {
         "DATABASE_URL": database_url,
@@ -172,8 +184,9 @@ def test_fifty_copies_across_four_worker_processes_apply_once(served, ledger) ->
     results = _post_all(post, [body] * COPIES, THREADS)
     assert [status for status, _ in results] == [200] * COPIES
     statuses = sorted(body["status"] for _, body in results)
-    assert statuses == ["duplicate"] * (COPIES - 1) + ["processed"]
+    assert statuses == ["duplicate"] * (COPIES - 1) + ["received"]
     assert ledger.count(StripeEvent) == 1
+    wait_until_applied(base, event["id"])
     assert ledger.order("ord_procs")["totals"] == {"eur": {"charged": 1250, "refunded": 0, "held": 1250}}
     # The access log names the worker pid: more than one process answered.
     pids = set(re.findall(r'pid=<(\d+)> .*"POST /webhooks/stripe', log_path.read_text()))

@@ -253,7 +253,7 @@ def test_pre_2019_payment_intent_statuses_are_applied_in_current_names(deliver, 
     assert intent["status"] == "requires_source"
     response = deliver(p.event("payment_intent.payment_failed", intent, api_version=version))
     assert response.status_code == 200, response.get_json()
-    assert response.get_json()["status"] == "processed"
+    assert response.get_json()["status"] == "received"
     stored = ledger.get(PaymentIntent, "pi_pre_2019")
     assert (stored.status, stored.order_id, stored.amount) == ("requires_payment_method", "ord_pre_2019", 2500)
     assert ledger.get(Order, "ord_pre_2019").payment_intent_id == "pi_pre_2019"

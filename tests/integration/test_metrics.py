@@ -34,7 +34,7 @@ def test_metrics_after_ingest(client, deliver, api_headers) -> None:  # type: ig
     before = scrape(client.get("/metrics", headers=METRICS_AUTH).get_data(as_text=True))
     charge = p.charge(metadata={"order_id": "ord_metrics"})
     event = p.event("charge.succeeded", charge)
-    assert deliver(event).get_json()["status"] == "processed"
+    assert deliver(event).get_json()["status"] == "received"
     assert deliver(event).get_json()["status"] == "duplicate"
     assert deliver(p.event("customer.created", {"id": "cus_1", "object": "customer"})).get_json()["status"] == "ignored"
     assert client.post("/webhooks/stripe", data=b"{}", headers={"Stripe-Signature": "t=1,v1=00"}).status_code == 400
@@ -47,7 +47,7 @@ def test_metrics_after_ingest(client, deliver, api_headers) -> None:  # type: ig
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert delta("reconciler_webhook_events_total", type="charge.succeeded", outcome="processed") == 1
+    assert delta("reconciler_webhook_events_total", type="charge.succeeded", outcome="received") == 1
     assert delta("reconciler_webhook_events_total", type="charge.succeeded", outcome="duplicate") == 1
     assert delta("reconciler_webhook_events_total", type="customer.created", outcome="ignored") == 1
     assert delta("reconciler_webhook_events_total", type="unknown", outcome="rejected") == 1
@@ -109,6 +109,6 @@ def test_counters_add_up_across_worker_processes(database_url, session_factory, 
         # every scrape, whichever worker answers, sees all 20
         for _ in range(4):
             samples = scrape(requests.get(f"{base}/metrics", headers=METRICS_AUTH, timeout=10).text)
-            assert value(samples, "reconciler_webhook_events_total", type="charge.succeeded", outcome="processed") == 20
+            assert value(samples, "reconciler_webhook_events_total", type="charge.succeeded", outcome="received") == 20
     answered = set(re.findall(r'pid=<(\d+)> .*"POST /webhooks/stripe', log_path.read_text()))
     assert len(answered) == 2  # both workers counted some of the 20

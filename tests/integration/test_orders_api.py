@@ -111,7 +111,7 @@ def test_event_status_is_visible(client, api_headers, deliver) -> None:  # type:
     event = p.event("charge.succeeded", p.charge(metadata={"order_id": "ord_e"}), account="acct_1Abc")
     deliver(event)
     view = client.get(f"/api/events/{event['id']}", headers=api_headers).get_json()
-    assert view["status"] == "processed" and view["type"] == "charge.succeeded"
+    assert view["status"] == "applied" and view["type"] == "charge.succeeded"
     assert view["account"] == "acct_1Abc" and view["object_id"] == event["data"]["object"]["id"]
 
 

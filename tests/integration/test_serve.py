@@ -13,7 +13,7 @@ from config import Settings
 from models import make_engine
 from tests import stripe_payloads as p
 from tests.conftest import API_TOKEN, WEBHOOK_SECRET
-from tests.servers import reconciler_serve
+from tests.servers import reconciler_serve, wait_until_applied
 
 
 def test_serve_on_a_fresh_sqlite_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -23,7 +23,8 @@ def test_serve_on_a_fresh_sqlite_file(tmp_path) -> None:  # type: ignore[no-unty
         event = p.event("charge.succeeded", p.charge(amount=5000, currency="jpy", metadata={"order_id": "ord_srv"}))
         body = p.encode(event)
         response = requests.post(f"{base}/webhooks/stripe", data=body, headers={"Stripe-Signature": p.sign(body, WEBHOOK_SECRET)}, timeout=10)
-        assert response.status_code == 200 and response.json()["status"] == "processed"
+        assert response.status_code == 200 and response.json()["status"] == "received"
+        wait_until_applied(base, event["id"])  # by the applier process serve started
         order = requests.get(f"{base}/api/orders/ord_srv", headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10).json()
         assert order["totals"] == {"jpy": {"charged": 5000, "refunded": 0, "held": 5000}}
     assert (tmp_path / "instance" / "reconciler.db").exists()
@@ -62,7 +63,9 @@ def test_healthz_is_503_when_the_database_is_unreachable(settings) -> None:  # t
 
 
 def test_healthz_is_200(client) -> None:  # type: ignore[no-untyped-def]
-    assert client.get("/healthz").get_json() == {"status": "ok", "database": "ok"}
+    health = client.get("/healthz").get_json()
+    assert (health["status"], health["database"], health["applier"]) == ("ok", "ok", "idle")
+    assert health["inbox"] == {"pending": 0, "failed": 0, "oldest_pending_seconds": None}
 
 
 def test_reads_do_not_queue_behind_a_writer(client, api_headers, session_factory) -> None:  # type: ignore[no-untyped-def]

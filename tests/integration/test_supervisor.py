@@ -153,8 +153,9 @@ def test_serve_runs_the_scheduler_restarts_it_and_leaves_nothing_on_sigterm(tmp_
         assert body["next_pass_at"].endswith("T02:00:00+00:00")  # RECONCILE_CRON's default, UTC  # type: ignore[index]
 
         kids = {pid: cmdline(pid) for pid in children(serve.pid)}
-        (web,) = [pid for pid, line in kids.items() if "serve --no-scheduler" in line]
+        (web,) = [pid for pid, line in kids.items() if "serve --supervised" in line]
         (scheduler,) = [pid for pid, line in kids.items() if line.rstrip().endswith(" scheduler")]
+        (applier,) = [pid for pid, line in kids.items() if line.rstrip().endswith(" applier")]  # one on SQLite
 
         runs = subprocess.run([sys.executable, "-m", "app.cli", "runs"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         assert runs.returncode == 0, runs.stderr
@@ -170,7 +171,7 @@ def test_serve_runs_the_scheduler_restarts_it_and_leaves_nothing_on_sigterm(tmp_
 
         everything = descendants(serve.pid)
         assert web in everything and restarted[0] in everything  # type: ignore[index]
-        assert len(everything) >= 4  # web master, its two workers, the scheduler
+        assert applier in everything and len(everything) >= 5  # web master, its two workers, the applier, the scheduler
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0
         left = [pid for pid in everything if alive(pid)]
@@ -184,10 +185,32 @@ def test_serve_runs_the_scheduler_restarts_it_and_leaves_nothing_on_sigterm(tmp_
     assert "warning: SECRET_KEY is not set" in log and log.count("warning: SECRET_KEY is not set") == 1
 
 
-def test_serve_without_the_scheduler_runs_gunicorn_alone(tmp_path: Path) -> None:
-    from tests.servers import reconciler_serve
-
+def test_serve_without_the_scheduler_runs_the_web_server_and_the_applier(tmp_path: Path) -> None:
+    port = free_port()
     env = env_for(f"sqlite:///{tmp_path / 'web.db'}")
-    with reconciler_serve([], env, tmp_path / "serve.log", cwd=tmp_path) as base:
-        assert requests.get(f"{base}/healthz", timeout=5).json() == {"status": "ok", "database": "ok"}
-    assert "supervisor" not in (tmp_path / "serve.log").read_text()
+    with open(tmp_path / "serve.log", "w") as log:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--no-scheduler", "--port", str(port)],
+            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def health() -> dict | None:
+            try:
+                body = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).json()
+            except requests.RequestException:
+                return None
+            return body if body.get("applier") == "ok" else None
+
+        body = wait_for(health, 60, "/healthz with a live applier")
+        assert (body["scheduler"], body["next_pass_at"]) == ("not running", None)  # type: ignore[index]
+        lines = sorted(cmdline(pid).split(" app.cli ", 1)[1].split()[0] for pid in children(serve.pid))
+        assert lines == ["applier", "serve"]
+        everything = descendants(serve.pid)
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(timeout=60) == 0
+        assert [pid for pid in everything if alive(pid)] == []
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()

@@ -1,4 +1,4 @@
-"""POST /webhooks/stripe: verified, stored once, applied in the same transaction."""
+"""POST /webhooks/stripe: verified, stored once in the inbox; the applier applies it once."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-from app.services import ingest
+from sqlalchemy import update
+
+from domain.ledger import handlers
 from models import Charge, EventFailure, Order, Refund, StripeEvent
 from tests import stripe_payloads as p
 from tests.conftest import ROTATED_SECRET, WEBHOOK_SECRET
@@ -18,13 +20,17 @@ def succeeded_charge_event(order_id: str = "ord_1", **charge_fields):  # type: i
     return p.event("charge.succeeded", charge)
 
 
-def test_event_is_stored_and_applied(deliver, ledger) -> None:  # type: ignore[no-untyped-def]
+def test_event_is_stored_and_applied(app, deliver, ledger) -> None:  # type: ignore[no-untyped-def]
     event = succeeded_charge_event(amount=4999)
-    response = deliver(event)
+    response = deliver(event, apply=False)
     assert response.status_code == 200
-    assert response.get_json() == {"status": "processed", "event_id": event["id"]}
+    assert response.get_json() == {"status": "received", "event_id": event["id"]}
+    # Answered once stored; nothing applied yet.
+    assert ledger.get(StripeEvent, event["id"]).status == "received"
+    assert ledger.count(Charge) == 0
+    app.extensions["reconciler"].applier.drain()
     stored = ledger.get(StripeEvent, event["id"])
-    assert stored.status == "processed" and stored.type == "charge.succeeded"
+    assert stored.status == "applied" and stored.type == "charge.succeeded" and stored.applied_at is not None
     assert json.loads(stored.payload) == event
     charge = ledger.get(Charge, event["data"]["object"]["id"])
     assert (charge.amount, charge.currency, charge.status, charge.order_id) == (4999, "usd", "succeeded", "ord_1")
@@ -33,17 +39,17 @@ def test_event_is_stored_and_applied(deliver, ledger) -> None:  # type: ignore[n
 
 def test_same_event_twice_is_applied_once(deliver, ledger, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     applied: list[str] = []
-    original = ingest.HANDLERS["charge.succeeded"]
+    original = handlers.HANDLERS["charge.succeeded"]
 
-    def counting(session, event):  # type: ignore[no-untyped-def]
+    def counting(session, event, linking):  # type: ignore[no-untyped-def]
         applied.append(event.id)
-        original(session, event)
+        original(session, event, linking)
 
-    monkeypatch.setitem(ingest.HANDLERS, "charge.succeeded", counting)
+    monkeypatch.setitem(handlers.HANDLERS, "charge.succeeded", counting)
     event = succeeded_charge_event()
     first = deliver(event)
     second = deliver(event)
-    assert first.get_json()["status"] == "processed"
+    assert first.get_json()["status"] == "received"
     assert second.status_code == 200
     assert second.get_json() == {"status": "duplicate", "event_id": event["id"]}
     assert applied == [event["id"]]
@@ -55,7 +61,7 @@ def test_unknown_type_is_stored_and_ignored(deliver, ledger) -> None:  # type: i
     event = p.event("customer.created", {"id": "cus_123", "object": "customer", "livemode": False})
     response = deliver(event)
     assert response.status_code == 200
-    assert response.get_json()["status"] == "ignored"
+    assert response.get_json() == {"status": "ignored", "event_id": event["id"], "reason": "type_not_applied"}
     assert ledger.get(StripeEvent, event["id"]).status == "ignored"
     assert deliver(event).get_json()["status"] == "duplicate"
 
@@ -76,38 +82,50 @@ def test_rotated_second_secret_is_accepted(deliver, ledger) -> None:  # type: ig
     assert ledger.count(StripeEvent) == 1
 
 
-def test_handler_failure_rolls_back_records_failure_and_redelivery_applies(deliver, ledger, monkeypatch, client, api_headers) -> None:  # type: ignore[no-untyped-def]
-    original = ingest.HANDLERS["charge.refunded"]
+def _make_ready(session_factory, event_id: str) -> None:  # type: ignore[no-untyped-def]
+    """Skip the failed event's backoff: its next try is due now."""
+    with session_factory.begin() as session:
+        session.execute(update(StripeEvent).where(StripeEvent.event_id == event_id).values(next_attempt_at=None))
 
-    def explode_after_partial_work(session, event):  # type: ignore[no-untyped-def]
-        original(session, event)  # the charge and its order are written...
+
+def test_handler_failure_rolls_back_records_failure_and_a_retry_applies(app, deliver, ledger, monkeypatch, client, api_headers, session_factory) -> None:  # type: ignore[no-untyped-def]
+    original = handlers.HANDLERS["charge.refunded"]
+
+    def explode_after_partial_work(session, event, linking):  # type: ignore[no-untyped-def]
+        original(session, event, linking)  # the charge and its order are written...
         raise RuntimeError("ledger exploded")  # ...and then the handler fails
 
-    monkeypatch.setitem(ingest.HANDLERS, "charge.refunded", explode_after_partial_work)
+    monkeypatch.setitem(handlers.HANDLERS, "charge.refunded", explode_after_partial_work)
     charge = p.charge(amount=2500, amount_refunded=2500, metadata={"order_id": "ord_poison"})
     event = p.event("charge.refunded", charge)
+    applier = app.extensions["reconciler"].applier
 
-    for attempt in (1, 2):
-        response = deliver(event)
-        assert response.status_code == 500
-        body = response.get_json()
-        assert body["error"] == "processing_failed" and body["attempts"] == attempt
-    # Nothing of the event survived: no event row, no charge, no order.
-    assert ledger.count(StripeEvent) == 0
+    response = deliver(event)  # stored, then the apply fails
+    assert response.status_code == 200 and response.get_json()["status"] == "received"
+    assert deliver(event).get_json()["status"] == "duplicate"  # a redelivery changes nothing
+    _make_ready(session_factory, event["id"])
+    applier.drain()
+    # Nothing of the handler's work survived: no charge, no order; the event waits.
     assert ledger.count(Charge) == 0
     assert ledger.count(Order) == 0
+    stored = ledger.get(StripeEvent, event["id"])
+    assert stored.status == "failed" and stored.attempts == 2 and stored.next_attempt_at is not None
     failure = ledger.get(EventFailure, event["id"])
     assert failure.attempts == 2 and "ledger exploded" in failure.last_error and failure.resolved_at is None
+    # In backoff: a drain does not retry it before its time.
+    applier.drain()
+    assert ledger.get(StripeEvent, event["id"]).attempts == 2
     visible = client.get(f"/api/events/{event['id']}", headers=api_headers)
     assert visible.status_code == 200
     assert visible.get_json()["status"] == "failed"
-    assert visible.get_json()["failure"]["attempts"] == 2
+    assert visible.get_json()["attempts"] == 2 and visible.get_json()["failure"]["attempts"] == 2
     listed = client.get("/api/events?status=failed", headers=api_headers)
     assert [f["event_id"] for f in listed.get_json()["data"]] == [event["id"]]
 
-    monkeypatch.setitem(ingest.HANDLERS, "charge.refunded", original)
-    response = deliver(event)
-    assert response.status_code == 200 and response.get_json()["status"] == "processed"
+    monkeypatch.setitem(handlers.HANDLERS, "charge.refunded", original)
+    _make_ready(session_factory, event["id"])
+    applier.drain()
+    assert ledger.get(StripeEvent, event["id"]).status == "applied"
     assert ledger.get(Charge, charge["id"]).reported_refunded == 2500
     assert ledger.get(EventFailure, event["id"]).resolved_at is not None
     assert ledger.order("ord_poison")["status"] == "refunded"
@@ -115,15 +133,18 @@ def test_handler_failure_rolls_back_records_failure_and_redelivery_applies(deliv
     assert listed.get_json()["data"] == []
 
 
-def test_malformed_object_in_signed_event_is_422_and_stores_nothing(deliver, ledger) -> None:  # type: ignore[no-untyped-def]
+def test_malformed_object_in_signed_event_is_stored_and_fails_to_apply(deliver, ledger) -> None:  # type: ignore[no-untyped-def]
+    """A signed event is Stripe's word: it is kept (nothing is lost), and its apply fails
+    visibly instead of the delivery being refused."""
     charge = p.charge()
     charge["amount"] = 49.99  # never a float
     event = p.event("charge.succeeded", charge)
     response = deliver(event)
-    assert response.status_code == 422
-    assert response.get_json()["error"] == "invalid_event_object"
-    assert ledger.count(StripeEvent) == 0 and ledger.count(Charge) == 0
-    assert ledger.get(EventFailure, event["id"]).attempts == 1
+    assert response.status_code == 200 and response.get_json()["status"] == "received"
+    assert ledger.get(StripeEvent, event["id"]).status == "failed"
+    assert ledger.count(Charge) == 0
+    failure = ledger.get(EventFailure, event["id"])
+    assert failure.attempts == 1 and "ShapeError" in failure.last_error
 
 
 # -- bad input: every one a 4xx with an error code, nothing stored -------------------------
@@ -228,7 +249,7 @@ def test_wrong_method_is_json_405(client) -> None:  # type: ignore[no-untyped-de
 
 def test_without_a_configured_secret_every_delivery_is_refused(app, deliver, ledger) -> None:  # type: ignore[no-untyped-def]
     services = app.extensions["reconciler"]
-    object.__setattr__(services.ingestor, "_settings", services.settings.with_overrides(stripe_webhook_secrets=()))
+    object.__setattr__(services.inbox, "_settings", services.settings.with_overrides(stripe_webhook_secrets=()))
     response = deliver(succeeded_charge_event())
     assert response.status_code == 503
     assert response.get_json()["error"] == "webhook_secret_not_configured"
@@ -275,6 +296,12 @@ EXTREMES = list(_extreme_events())
 
 
 @pytest.mark.parametrize(("name", "event", "status"), EXTREMES, ids=[e[0] for e in EXTREMES])
-def test_signed_events_with_extreme_values_never_5xx(deliver, name, event, status) -> None:  # type: ignore[no-untyped-def]
+def test_signed_events_with_extreme_values_never_5xx(deliver, ledger, name, event, status) -> None:  # type: ignore[no-untyped-def]
+    """422 here means: stored, and its apply fails visibly (the object is out of bounds)."""
     response = deliver(event)
-    assert response.status_code == status, response.get_json()
+    assert response.status_code == (200 if status == 422 else status), response.get_json()
+    if status == 422:
+        assert ledger.get(StripeEvent, event["id"]).status == "failed"
+        assert ledger.get(EventFailure, event["id"]).attempts == 1
+    elif status == 200:
+        assert ledger.get(StripeEvent, event["id"]).status in ("applied", "ignored")

@@ -20,15 +20,14 @@ then PaymentIntent/refund/dispute rows, then charges, then orders.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Iterable
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.services import case_lifecycle as lifecycle
 from app.services.case_lifecycle import CaseAction
-from app.services.stripe_shapes import (
+from domain.ledger.positions import INACTIVE_REFUND_STATUSES, charge_positions, order_status
+from domain.ledger.shapes import (
     ChargeSnapshot,
     CheckoutSessionSnapshot,
     DisputeSnapshot,
@@ -43,10 +42,6 @@ log = logging.getLogger(__name__)
 # Our refunds carry this metadata key (the attempt's idempotency key), so a refund reported
 # by a webhook or backfill before our own call returns is matched to its attempt.
 ATTEMPT_METADATA_KEY = "reconciler_attempt"
-INACTIVE_REFUND_STATUSES = frozenset({"failed", "canceled"})
-OPEN_DISPUTE_STATUSES = frozenset(
-    {"warning_needs_response", "warning_under_review", "needs_response", "under_review"}
-)
 
 _CHARGE_RANK = {"pending": 0, "succeeded": 1, "failed": 1}
 _REFUND_RANK = {"pending": 0, "requires_action": 1, "succeeded": 2, "failed": 3, "canceled": 3}
@@ -71,63 +66,6 @@ _PAYMENT_INTENT_RANK = {
     "canceled": 3,
     "succeeded": 3,
 }
-
-
-# -- money a charge holds ------------------------------------------------------------------
-
-
-def refunded_amount(charge: Charge, refunds: Iterable[Refund]) -> int:
-    """What has been refunded from ``charge``: its refunds that have not failed or been
-    canceled, so a refund that fails days later gives the money back to the ledger.
-
-    Newer API versions no longer embed refunds in the charge, and before 2024-10-28 a
-    refund raised no event of its own: a ``charge.refunded`` may be all we hear. So the
-    freshest source wins: the charge's own ``amount_refunded`` when the charge snapshot is
-    newer than everything we know about its refunds, our refund records when one of them
-    changed later (e.g. a refund that failed after the charge was last updated).
-    """
-    refunds = list(refunds)
-    active = sum(r.amount for r in refunds if r.status not in INACTIVE_REFUND_STATUSES)
-    newest_refund = max((r.last_event_created for r in refunds), default=None)
-    if newest_refund is None or charge.last_event_created > newest_refund:
-        refunded = charge.reported_refunded
-    elif charge.last_event_created == newest_refund:
-        # Same second: the charge snapshot may predate a refund that failed or was
-        # canceled in that second. Such a refund is assumed not yet reflected in it, so the
-        # money it gave back is never hidden (an over-held order then shows; every refund
-        # call re-reads Stripe before it goes).
-        returned = sum(
-            r.amount
-            for r in refunds
-            if r.status in INACTIVE_REFUND_STATUSES and r.last_event_created >= charge.last_event_created
-        )
-        refunded = max(charge.reported_refunded - returned, active)
-    else:
-        refunded = active
-    return min(refunded, charge.amount)
-
-
-def captured_refunded_amount(charge: Charge, refunds: Iterable[Refund]) -> int:
-    """What has been refunded out of the money the charge captured.
-
-    A partial capture releases the rest, and Stripe counts the release in
-    ``amount_refunded`` ("any additional amount will be automatically refunded"), so the
-    captured money still held is ``amount - refunded``, never more than was captured.
-    """
-    if charge.status != "succeeded" or not charge.captured:
-        return 0
-    still_held = min(charge.amount_captured, max(0, charge.amount - refunded_amount(charge, refunds)))
-    return charge.amount_captured - still_held
-
-
-def held_amount(charge: Charge, refunds: Iterable[Refund], dispute: Dispute | None) -> int:
-    """Money ``charge`` still holds: captured and successful, minus refunds; a lost dispute
-    holds nothing. An uncaptured authorisation holds nothing (yet)."""
-    if charge.status != "succeeded" or not charge.captured:
-        return 0
-    if dispute is not None and dispute.status == "lost":
-        return 0
-    return charge.amount_captured - captured_refunded_amount(charge, refunds)
 
 
 # -- upserts -------------------------------------------------------------------------------
@@ -635,57 +573,6 @@ def ensure_order(session: Session, order_id: str) -> None:
     insert_ignore(session, Order, {"id": order_id, "status": "pending", "version": 1})
 
 
-@dataclass(frozen=True, slots=True)
-class ChargePosition:
-    """One charge with what it holds, as the order view and detection need it."""
-
-    charge: Charge
-    refunds: tuple[Refund, ...]
-    dispute: Dispute | None
-    refunded: int
-    held: int
-
-
-def charge_positions(session: Session, charges: list[Charge]) -> list[ChargePosition]:
-    """Each charge with its refunds, dispute and the amounts that follow from them."""
-    ids = [c.id for c in charges]
-    refunds: dict[str, list[Refund]] = {i: [] for i in ids}
-    disputes: dict[str, Dispute] = {}
-    if ids:
-        for refund in session.scalars(
-            select(Refund).where(Refund.charge_id.in_(ids)).order_by(Refund.created, Refund.id)
-        ):
-            refunds[refund.charge_id].append(refund)  # type: ignore[index]
-        for dispute in session.scalars(
-            select(Dispute).where(Dispute.charge_id.in_(ids)).order_by(Dispute.created)
-        ):
-            disputes[dispute.charge_id] = dispute  # type: ignore[index]
-    return [
-        ChargePosition(
-            charge=c,
-            refunds=tuple(refunds[c.id]),
-            dispute=disputes.get(c.id),
-            refunded=captured_refunded_amount(c, refunds[c.id]),
-            held=held_amount(c, refunds[c.id], disputes.get(c.id)),
-        )
-        for c in charges
-    ]
-
-
-def order_status(positions: list[ChargePosition]) -> str:
-    """pending | paid | partially_refunded | refunded | disputed, from the order's charges."""
-    paid = [p for p in positions if p.charge.status == "succeeded" and p.charge.captured]
-    if not paid:
-        return "pending"
-    if any(p.dispute is not None and (p.dispute.status in OPEN_DISPUTE_STATUSES or p.dispute.status == "lost") for p in paid):
-        return "disputed"
-    held = sum(p.held for p in paid)
-    refunded = sum(p.refunded for p in paid)
-    if held == 0:
-        return "refunded"
-    return "partially_refunded" if refunded else "paid"
-
-
 def refresh_order(session: Session, order_id: str) -> Order:
     """Recompute the order's status from its charges, under the order's row lock."""
     order = _locked(session, Order, order_id)
@@ -733,135 +620,3 @@ def _locked(session: Session, model: type, key: str):  # type: ignore[no-untyped
         .with_for_update()
         .execution_options(populate_existing=True)
     ).scalar_one()
-
-
-# -- the lean path for a charge seen for the first time (PostgreSQL) ------------------------
-#
-# The same rules as apply_charge, for its most common case: a charge we have never seen,
-# carrying no refunds. Plain SQL on the driver connection, statements sent in pipelines:
-# three round trips instead of a dozen, and no ORM identity map or flush. Everything
-# else (a charge we already hold, embedded refunds, a lost insert race) goes through
-# apply_charge. tests/integration/test_lean_ingest.py checks both give the same rows.
-
-_NEW_CHARGE_SQL = """
-WITH c AS (
-    INSERT INTO charges (id, payment_intent_id, customer, account, livemode, amount, amount_captured,
-                         currency, status, captured, reported_refunded, released, created, card_brand, card_last4,
-                         card_fingerprint, description, last_event_created, first_seen_at, updated_at)
-    VALUES (%(id)s, %(payment_intent_id)s, %(customer)s, %(account)s, %(livemode)s, %(amount)s, %(amount_captured)s,
-            %(currency)s, %(status)s, %(captured)s, %(reported_refunded)s, %(released)s, %(created)s, %(card_brand)s,
-            %(card_last4)s, %(card_fingerprint)s, %(description)s, %(last_event_created)s, %(now)s, %(now)s)
-    ON CONFLICT DO NOTHING
-    RETURNING id
-), target AS (
-    SELECT COALESCE(
-        %(order_id)s::varchar,
-        (SELECT order_id FROM payment_intents WHERE id = %(payment_intent_id)s::varchar),
-        (SELECT order_id FROM checkout_sessions WHERE payment_intent_id = %(payment_intent_id)s::varchar
-         AND order_id IS NOT NULL ORDER BY created, id LIMIT 1)
-    ) AS order_id
-    FROM c
-), o AS (
-    INSERT INTO orders (id, status, version, created_at, updated_at)
-    SELECT order_id, 'pending', 1, %(now)s, %(now)s FROM target WHERE order_id IS NOT NULL
-    ON CONFLICT DO NOTHING
-)
-SELECT EXISTS (SELECT 1 FROM c), (SELECT order_id FROM target)
-"""
-_LOCK_ORDER_SQL = "SELECT status FROM orders WHERE id = %(order_id)s FOR UPDATE"
-_LINK_SQL = "UPDATE charges SET order_id = %(order_id)s, updated_at = %(now)s WHERE id = %(id)s"
-_ORDER_CHARGES_SQL = (
-    "SELECT id, status, captured, amount, amount_captured, reported_refunded, last_event_created "
-    "FROM charges WHERE order_id = %(order_id)s ORDER BY created, id"
-)
-_ORDER_REFUNDS_SQL = (
-    "SELECT charge_id, amount, status, last_event_created FROM refunds "
-    "WHERE charge_id IN (SELECT id FROM charges WHERE order_id = %(order_id)s) ORDER BY created, id"
-)
-_ORDER_DISPUTES_SQL = (
-    "SELECT charge_id, status FROM disputes "
-    "WHERE charge_id IN (SELECT id FROM charges WHERE order_id = %(order_id)s) ORDER BY created"
-)
-_ORDER_STATUS_SQL = (
-    "UPDATE orders SET status = %(status)s, version = version + 1, updated_at = %(now)s WHERE id = %(order_id)s"
-)
-
-
-@dataclass(slots=True)
-class _Row:
-    """The columns of a charge, refund or dispute that the status rules read."""
-
-    id: str | None = None
-    charge_id: str | None = None
-    status: str = ""
-    captured: bool = False
-    amount: int = 0
-    amount_captured: int = 0
-    reported_refunded: int = 0
-    last_event_created: int = 0
-
-
-def lean_charge_applicable(snapshot: ChargeSnapshot) -> bool:
-    """The lean path only takes charges that embed no refunds."""
-    return not snapshot.refunds
-
-
-def new_charge_statements(snapshot: ChargeSnapshot, *, as_of: int, account: str | None, now) -> list[tuple[str, dict]]:  # type: ignore[no-untyped-def]
-    """The statements that open the lean path, to be pipelined after the event insert:
-    the PaymentIntent lock (as apply_charge takes it first), then the charge insert that,
-    when it inserted, makes sure its order row exists. The last one's row says whether the
-    charge was new and which order it belongs to (see :func:`finish_new_charge`)."""
-    statements: list[tuple[str, dict]] = []
-    if snapshot.payment_intent_id:
-        statements.append(
-            ("SELECT pg_advisory_xact_lock(hashtext(%(namespace)s), hashtext(%(key)s))",
-             {"namespace": "payment_intent", "key": snapshot.payment_intent_id})
-        )
-    statements.append(
-        (_NEW_CHARGE_SQL, {**charge_row(snapshot, as_of=as_of, account=account), "now": now, "order_id": snapshot.order_id})
-    )
-    return statements
-
-
-def finish_new_charge(connection, charge_id: str, order_id: str | None, now) -> tuple[str, dict] | None:  # type: ignore[no-untyped-def]
-    """Link a charge just inserted by the lean path to its order and recompute the order's
-    status, as _link_charge and refresh_order do: order row locked (after the charge),
-    link, the order's charges, refunds and disputes read in one round trip.
-
-    Returns the order's status update when the status changed, for the caller to send in
-    this transaction (the ingest path sends it together with its COMMIT); None otherwise."""
-    if order_id is None:
-        return None
-    params = {"order_id": order_id, "id": charge_id, "now": now}
-    with connection.pipeline():
-        current = connection.execute(_LOCK_ORDER_SQL, params)
-        connection.execute(_LINK_SQL, params)
-        charges_cursor = connection.execute(_ORDER_CHARGES_SQL, params)
-        refunds_cursor = connection.execute(_ORDER_REFUNDS_SQL, params)
-        disputes_cursor = connection.execute(_ORDER_DISPUTES_SQL, params)
-    (current_status,) = current.fetchone()
-    charges = [
-        _Row(id=i, status=s, captured=c, amount=a, amount_captured=ac, reported_refunded=rr, last_event_created=lec)
-        for i, s, c, a, ac, rr, lec in charges_cursor.fetchall()
-    ]
-    refunds: dict[str, list[_Row]] = {c.id: [] for c in charges}  # type: ignore[misc]
-    for cid, amount, status, lec in refunds_cursor.fetchall():
-        refunds[cid].append(_Row(charge_id=cid, amount=amount, status=status, last_event_created=lec))
-    disputes: dict[str, _Row] = {}
-    for cid, status in disputes_cursor.fetchall():
-        disputes[cid] = _Row(charge_id=cid, status=status)
-    positions = [
-        ChargePosition(
-            charge=c,  # type: ignore[arg-type]
-            refunds=tuple(refunds[c.id]),  # type: ignore[index, arg-type]
-            dispute=disputes.get(c.id),  # type: ignore[arg-type]
-            refunded=captured_refunded_amount(c, refunds[c.id]),  # type: ignore[arg-type, index]
-            held=held_amount(c, refunds[c.id], disputes.get(c.id)),  # type: ignore[arg-type, index]
-        )
-        for c in charges
-    ]
-    status = order_status(positions)
-    if status == current_status:
-        return None
-    return _ORDER_STATUS_SQL, {"status": status, "order_id": order_id, "now": now}
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.services.stripe_shapes import (
+from domain.ledger.shapes import (
     ShapeError,
     charge_snapshot,
     dispute_snapshot,

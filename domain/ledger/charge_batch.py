@@ -1,0 +1,149 @@
+"""The set-based apply of charges new to the ledger: the common case of a batch (a
+``charge.succeeded`` for a charge we have never seen), in a handful of statements for the
+whole batch instead of a dozen per event.
+
+It follows :func:`domain.ledger.upserts.apply_charge` exactly for that case, and takes the
+same locks in the same order (PaymentIntent keys, then the charges it inserts, then their
+orders): insert the charge if new, link it to the order its metadata, its PaymentIntent or
+its Checkout Session names, and recompute that order's status. A charge already in the
+ledger is left to the per-event path (``apply_charge`` merges snapshots by age).
+tests/integration/test_event_applier.py checks both paths leave the same rows.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+from sqlalchemy import bindparam, select, text, update
+from sqlalchemy.orm import Session
+
+from domain.ledger.envelope import EventEnvelope
+from domain.ledger.positions import charge_positions, order_status
+from domain.ledger.shapes import ChargeSnapshot
+from domain.ledger.upserts import charge_row
+from models import Charge, CheckoutSession, Order, PaymentIntent, utcnow
+
+NewCharge = tuple[EventEnvelope, ChargeSnapshot]
+
+_charges = Charge.__table__
+_orders = Order.__table__
+_LINK = update(_charges).where(_charges.c.id == bindparam("b_id")).values(order_id=bindparam("b_order"))
+_STATUS = (
+    update(_orders)
+    .where(_orders.c.id == bindparam("b_id"))
+    .values(status=bindparam("b_status"), version=_orders.c.version + 1, updated_at=bindparam("b_now"))
+)
+
+
+def eligible(snapshot: ChargeSnapshot) -> bool:
+    """A snapshot the set-based path may take: it embeds no refunds."""
+    return not snapshot.refunds
+
+
+def apply_new_charges(session: Session, items: Sequence[NewCharge]) -> set[str]:
+    """Insert the charges of ``items`` that the ledger does not hold yet, link them and
+    refresh their orders. Returns the ids of the events fully applied; every other item
+    (its charge was already there) must go through the per-event path. Each charge id
+    must appear once in ``items``."""
+    if not items:
+        return set()
+    postgres = session.get_bind().dialect.name == "postgresql"
+    now = utcnow()
+    intents = sorted({s.payment_intent_id for _, s in items if s.payment_intent_id})
+    if postgres and intents:
+        # apply_charge's first lock, for every PaymentIntent of the batch, in one order.
+        session.execute(
+            text("SELECT count(pg_advisory_xact_lock(hashtext('payment_intent'), hashtext(k))) FROM unnest(CAST(:keys AS text[])) AS k"),
+            {"keys": intents},
+        )
+    inserted = _insert_new(session, items, now, postgres)
+    new = [(event, snapshot) for event, snapshot in items if snapshot.id in inserted]
+    links = _orders_named(session, [s for _, s in new])
+    if links:
+        _link(session, links, now, postgres)
+    return {event.id for event, _ in new}
+
+
+def _insert_new(session: Session, items: Sequence[NewCharge], now, postgres: bool) -> set[str]:  # type: ignore[no-untyped-def]
+    if postgres:
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    rows = [
+        {**charge_row(s, as_of=e.created, account=e.account), "order_id": None, "first_seen_at": now, "updated_at": now}
+        for e, s in items
+    ]
+    statement = insert(_charges).values(rows).on_conflict_do_nothing().returning(_charges.c.id)
+    return set(session.execute(statement).scalars())
+
+
+def _orders_named(session: Session, snapshots: Iterable[ChargeSnapshot]) -> dict[str, str]:
+    """charge id -> the order its metadata names, else its PaymentIntent's order, else the
+    first Checkout Session's of that PaymentIntent (as apply_charge looks them up)."""
+    links: dict[str, str] = {}
+    by_intent: dict[str, list[str]] = defaultdict(list)
+    for s in snapshots:
+        if s.order_id:
+            links[s.id] = s.order_id
+        elif s.payment_intent_id:
+            by_intent[s.payment_intent_id].append(s.id)
+    if by_intent:
+        intent_orders = dict(
+            session.execute(
+                select(PaymentIntent.id, PaymentIntent.order_id).where(
+                    PaymentIntent.id.in_(list(by_intent)), PaymentIntent.order_id.is_not(None)
+                )
+            ).all()
+        )
+        missing = [i for i in by_intent if i not in intent_orders]
+        if missing:
+            for intent_id, order_id in session.execute(
+                select(CheckoutSession.payment_intent_id, CheckoutSession.order_id)
+                .where(CheckoutSession.payment_intent_id.in_(missing), CheckoutSession.order_id.is_not(None))
+                .order_by(CheckoutSession.created.desc(), CheckoutSession.id.desc())
+            ).all():
+                intent_orders[intent_id] = order_id  # the last one written is the first in order
+        for intent_id, charge_ids in by_intent.items():
+            if intent_id in intent_orders:
+                links.update((charge_id, intent_orders[intent_id]) for charge_id in charge_ids)
+    return links
+
+
+def _link(session: Session, links: dict[str, str], now, postgres: bool) -> None:  # type: ignore[no-untyped-def]
+    """Make sure the orders exist, lock them (in id order), link the charges and write
+    each order's new status (with its version bumped, as the ORM would)."""
+    if postgres:
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    order_ids = sorted(set(links.values()))
+    session.execute(
+        insert(_orders)
+        .values([{"id": o, "status": "pending", "version": 1, "created_at": now, "updated_at": now} for o in order_ids])
+        .on_conflict_do_nothing()
+    )
+    current = dict(
+        session.execute(
+            select(_orders.c.id, _orders.c.status).where(_orders.c.id.in_(order_ids)).order_by(_orders.c.id).with_for_update()
+        ).all()
+    )
+    session.execute(_LINK, [{"b_id": c, "b_order": o} for c, o in links.items()])
+    charges = list(
+        session.scalars(
+            select(Charge)
+            .where(Charge.order_id.in_(order_ids))
+            .order_by(Charge.order_id, Charge.created, Charge.id)
+            .execution_options(populate_existing=True)
+        )
+    )
+    by_order: dict[str, list] = defaultdict(list)
+    for position in charge_positions(session, charges):
+        by_order[position.charge.order_id].append(position)  # type: ignore[index]
+    changes = [
+        {"b_id": o, "b_status": status, "b_now": now}
+        for o in order_ids
+        if (status := order_status(by_order.get(o, []))) != current.get(o)
+    ]
+    if changes:
+        session.execute(_STATUS, changes)

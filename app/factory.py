@@ -98,16 +98,22 @@ def create_app(
     # Server-side sessions, Flask-Login, login throttling, security headers, proxy trust.
     init_web_security(app, settings, session_factory, secret_key)
 
-    from app.blueprints import api, health, review, webhooks
+    from app.blueprints import api, health, review
     from app.blueprints import payments as payments_blueprint
 
-    app.register_blueprint(webhooks.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(payments_blueprint.bp)  # POST /orders/<id>/pay
     app.register_blueprint(review.bp)  # /review: the finance review page (HTML, login)
     register_error_handlers(app)
     _record_request_metrics(app)
+    # POST /webhooks/stripe is answered in front of Flask (app/webhook_lane.py).
+    from app.webhook_lane import WebhookLane
+
+    services_ = app.extensions["reconciler"]
+    app.wsgi_app = WebhookLane(  # type: ignore[method-assign]
+        app.wsgi_app, services_.inbox, services_.signature_watch, settings.webhook_max_bytes
+    )
     return app
 
 

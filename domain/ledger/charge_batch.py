@@ -74,8 +74,10 @@ def _insert_new(session: Session, items: Sequence[NewCharge], now, postgres: boo
         {**charge_row(s, as_of=e.created, account=e.account), "order_id": None, "first_seen_at": now, "updated_at": now}
         for e, s in items
     ]
-    statement = insert(_charges).values(rows).on_conflict_do_nothing().returning(_charges.c.id)
-    return set(session.execute(statement).scalars())
+    # A list of parameter sets: SQLAlchemy sends them as multi-row INSERTs ("insertmanyvalues")
+    # from one cached compilation, RETURNING the ids it inserted.
+    statement = insert(_charges).on_conflict_do_nothing().returning(_charges.c.id)
+    return set(session.execute(statement, rows).scalars())
 
 
 def _orders_named(session: Session, snapshots: Iterable[ChargeSnapshot]) -> dict[str, str]:
@@ -119,9 +121,8 @@ def _link(session: Session, links: dict[str, str], now, postgres: bool) -> None:
         from sqlalchemy.dialects.sqlite import insert
     order_ids = sorted(set(links.values()))
     session.execute(
-        insert(_orders)
-        .values([{"id": o, "status": "pending", "version": 1, "created_at": now, "updated_at": now} for o in order_ids])
-        .on_conflict_do_nothing()
+        insert(_orders).on_conflict_do_nothing(),
+        [{"id": o, "status": "pending", "version": 1, "created_at": now, "updated_at": now} for o in order_ids],
     )
     current = dict(
         session.execute(

@@ -36,6 +36,7 @@ ENDPOINT_SCOPES: dict[str, frozenset[str]] = {
     "api.get_duplicate": frozenset({"finance", "read"}),
     "api.refund_duplicate": frozenset({"finance"}),
     "api.dismiss_duplicate": frozenset({"finance"}),
+    "api.approve_duplicates": frozenset({"finance"}),
     "api.list_runs": frozenset({"finance", "read"}),
     "health.prometheus_metrics": frozenset({"metrics"}),
 }

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,28 +126,33 @@ def default_threads(settings: Settings) -> int:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--workers", type=click.IntRange(1, 64), help="Default: 2 on SQLite, cores + 1 (at most 8) on PostgreSQL.")
-@click.option("--threads", type=click.IntRange(1, 64), help="Threads per worker (gthread workers when above 1).  [default: 2]")
+@click.option("--workers", type=click.IntRange(1, 64), envvar="WEB_WORKERS", help="Default: 2 on SQLite, cores + 1 (at most 8) on PostgreSQL.")
+@click.option("--threads", type=click.IntRange(1, 64), envvar="WEB_THREADS", help="Threads per worker (gunicorn: gthread workers when above 1).  [default: 2]")
 @click.option("--migrate/--no-migrate", default=None, help="Apply migrations first (default: on SQLite only).")
+@click.option("--server", "server_name", type=click.Choice(["gunicorn", "granian"]), default="granian", show_default=True, envvar="WEB_SERVER",
+              help="The WSGI server (README: Benchmarks, Ingest).")
 @click.option("--scheduler/--no-scheduler", "with_scheduler", default=True,
               help="Also run the scheduler (nightly pass, alert sweep, housekeeping) as a supervised child process (default: on).")
 @click.option("--supervised", "web_only", is_flag=True, hidden=True,
-              help="Run gunicorn alone in this process: how serve's supervisor starts its web child.")
-def serve(host: str, port: int, workers: int | None, threads: int | None, migrate: bool | None, with_scheduler: bool, web_only: bool) -> None:
-    """Run the service: the web app under gunicorn, the event applier(s)
+              help="Run the web server alone in this process: how serve's supervisor starts its web child.")
+def serve(
+    host: str, port: int, workers: int | None, threads: int | None, migrate: bool | None, server_name: str,
+    with_scheduler: bool, web_only: bool,
+) -> None:
+    """Run the service: the web app (granian, or gunicorn), the event applier(s)
     (APPLIER_PROCESSES) and, unless --no-scheduler, the scheduler, each a supervised child
     process (an applier or scheduler that dies is restarted; SIGTERM or Ctrl-C stops them
     all)."""
     settings = _settings()
     _ensure_schema(settings, migrate=settings.is_sqlite if migrate is None else migrate)
     if web_only:
-        _run_web(settings, host=host, port=port, workers=workers, threads=threads)
+        _run_web(settings, server_name, host=host, port=port, workers=workers, threads=threads)
         return
     for warning in settings.warnings():
         click.echo(f"warning: {warning}", err=True)
     from jobs.supervisor import Supervisor
 
-    web_args = ["--host", host, "--port", str(port)]
+    web_args = ["--server", server_name, "--host", host, "--port", str(port)]
     if workers:
         web_args += ["--workers", str(workers)]
     if threads:
@@ -175,9 +179,12 @@ def service_children(settings: Settings, web_args: list[str], *, scheduler: bool
     return children
 
 
-def _run_web(settings: Settings, *, host: str, port: int, workers: int | None, threads: int | None) -> None:
-    """gunicorn in this process, until it is stopped."""
+def _run_web(settings: Settings, server_name: str, *, host: str, port: int, workers: int | None, threads: int | None) -> None:
+    """The web server (granian or gunicorn) in this process, until it is stopped."""
     metrics_dir = _prepare_metrics_dir()
+    if server_name == "granian":
+        _serve_granian(host, port, workers or default_workers(settings), threads or default_threads(settings))
+        return
     from gunicorn.app.base import BaseApplication
 
     class Server(BaseApplication):  # type: ignore[misc]
@@ -216,6 +223,33 @@ def _run_web(settings: Settings, *, host: str, port: int, workers: int | None, t
             return create_app(settings)
 
     Server().run()
+
+
+def _serve_granian(host: str, port: int, workers: int, threads: int) -> None:
+    """Granian: HTTP parsed in Rust, the app called from ``threads`` blocking threads in
+    each of ``workers`` processes."""
+    import copy
+    from granian import Granian
+    from granian.constants import Interfaces
+    from granian.log import LOGGING_CONFIG
+
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    # The worker pid on every access line, as gunicorn's was: which process answered.
+    log_config["formatters"]["access"]["fmt"] = "pid=<%(process)d> %(message)s"
+    logging.getLogger(__name__).info("server config: server=granian workers=%d threads=%d", workers, threads)
+    Granian(
+        "app.wsgi:create",
+        factory=True,
+        address=host,
+        port=port,
+        interface=Interfaces.WSGI,
+        workers=workers,
+        blocking_threads=threads,
+        log_access=True,
+        log_access_format='%(addr)s "%(method)s %(path)s %(protocol)s" %(status)d %(dt_ms).1fms',
+        log_dictconfig=log_config,
+        respawn_failed_workers=True,
+    ).serve()
 
 
 @main.command()
@@ -421,10 +455,10 @@ SUMMARY_LIST_LIMIT = 20
 
 
 def _print_summary(summary) -> None:  # type: ignore[no-untyped-def]
-    from models.money import format_amount
+    from models.money import format_amounts
 
     counts = summary.counts()
-    amounts = ", ".join(format_amount(v, c) for c, v in sorted(counts["refunded_amounts"].items())) or "nothing"
+    amounts = format_amounts(counts["refunded_amounts"])
     click.echo(f"run {summary.run_id} ({summary.mode}): {summary.status}")
     click.echo(
         f"  backfill: {counts['charges_backfilled']} charges, {counts['refunds_backfilled']} refunds, "
@@ -463,14 +497,13 @@ def datetime_now_utc():  # type: ignore[no-untyped-def]
 # The dry run's plan (jobs.detection._planned), per order: what a pass would do.
 
 _STEP_WORDS = {"open": "new case", "refresh": "case {case_id}", "reopen": "reopens case {case_id}"}
-_REASON_CODE = re.compile(r"^[a-z_]+: ")
 
 
 def _money(amount: int | None, currency: str | None) -> dict[str, Any]:
-    from models.money import format_amount
+    from models.money import format_money
 
     known = amount is not None and currency is not None
-    return {"amount": amount, "currency": currency, "display": format_amount(amount, currency) if known else "total unknown"}  # type: ignore[arg-type]
+    return {"amount": amount, "currency": currency, "display": format_money(amount, currency) if known else "total unknown"}  # type: ignore[arg-type]
 
 
 def plan_data(plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -500,8 +533,10 @@ def plan_data(plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def plan_lines(plan: list[dict[str, Any]], *, limit: int | None = None) -> list[str]:
     """What a dry run would do, per order (by order id), as lines of text: the order and
     its total, the keeper, then each refund and release, or for a person's decision "to
-    finance:" and the reasons (their words, without the code), with any suggested refunds.
+    finance:" and the reasons in words (amounts in major units), with any suggested refunds.
     ``limit``: the first orders only, then a line saying how many more ``--json`` lists."""
+    from app.services.reasons import ReasonContext, reason_sentences
+
     if not plan:
         return ["nothing would be done: no refund, release or case for finance"]
     lines = [f"would act on {len(plan)} order(s):"]
@@ -517,8 +552,9 @@ def plan_lines(plan: list[dict[str, Any]], *, limit: int | None = None) -> list[
         lines.append(f"order {entry['order_id']} ({entry['order_total']['display']}): {step}, keep {keeper}")
         automatic = entry["action"] == "refund"
         if not automatic:
-            reasons = [_REASON_CODE.sub("", r, count=1) for r in entry["reasons"]]
-            lines.append("  to finance: " + ("; ".join(reasons) or "a person decides"))
+            context = ReasonContext(currency=entry["order_total"]["currency"], active=True)
+            reasons = reason_sentences(entry["reasons"], context)
+            lines.append("  to finance: " + (" ".join(reasons) or "a person decides."))
         prefix = "" if automatic else "suggested: "
         for refund in entry["refunds"]:
             lines.append(f"  {prefix}refund {refund['charge_id']} {refund['display']}")
@@ -597,14 +633,13 @@ def review_list(status: str | None, limit: int) -> None:
     if not page["cases"]:
         click.echo("no cases")
         return
-    click.echo(f"{'case':>5}  {'status':9}  {'order':24}  {'total':>14}  {'excess':>14}  {'proposed':>14}  why")
+    click.echo(f"{'case':>5}  {'status':9}  {'opened (UTC)':25}  {'order':24}  {'total':>14}  {'excess':>14}  {'proposed':>14}  why")
     for case in page["cases"]:
         excess = ", ".join(case["excess_display"].values()) or "-"
         proposed = ", ".join(case["proposed_refunds_display"].values()) or "-"
-        why = "automatic" if case["automatic"] else (case["review_reasons"][0].split(":")[0] if case["review_reasons"] else "-")
         click.echo(
-            f"{case['id']:>5}  {case['status']:9}  {case['order_id'][:24]:24}  {case['order_amount_display'] or 'unknown':>14}  "
-            f"{excess:>14}  {proposed:>14}  {why}"
+            f"{case['id']:>5}  {case['status']:9}  {case['opened_at']:25}  {case['order_id'][:24]:24}  "
+            f"{case['order_amount_display'] or 'unknown':>14}  {excess:>14}  {proposed:>14}  {case['reason_text']}"
         )
     click.echo(f"{page['total']} case(s); totals: " + "; ".join(f"{c.upper()} excess {t['excess_display']}, refunded {t['refunded_display']}" for c, t in page["totals"].items()))
     unlinked = page.get("unlinked") or {}
@@ -631,21 +666,24 @@ def review_show(case_id: int) -> None:
     if view is None:
         raise click.ClickException(f"no case {case_id}")
     click.echo(f"case {view['id']}: {view['status']}   order {view['order_id']}  total {view['order_amount_display'] or 'unknown'}")
+    click.echo(f"  opened {view['opened_at']}" + (f"   decided {view['decided_at']} by {view['decided_by']} ({view['decision']})" if view["decided_at"] else ""))
     click.echo(f"  excess: {', '.join(view['excess_display'].values()) or '-'}   proposed refund: {', '.join(view['proposed_refunds_display'].values()) or '-'}")
-    for reason in view["review_reasons"]:
-        click.echo(f"  why: {reason}")
+    for reason in view["reasons"] or [{"text": view["reason_text"]}]:
+        click.echo(f"  why: {reason['text']}")
+    if view["escalation_text"]:
+        click.echo(f"  sent back to a person: {view['escalation_text']}")
     for charge in view["charges"]:
         mark = "keeper" if charge["keeper"] else charge["role"]
-        card = f"{charge['card_brand'] or ''} {charge['card_last4'] or ''}".strip() or "-"
+        card = charge["card_display"] or "-"
         proposal = f"  propose refund {charge['proposed_refund_display']}" if charge["proposed_refund"] else ""
         click.echo(
-            f"  {charge['id']}  {mark:9}  {charge['amount_display']:>12}  {charge['created_at'][:19]}  {card:12}  "
+            f"  {charge['id']}  {mark:9}  {charge['amount_display']:>12}  {charge['created_at']}  {card:14}  "
             f"refunded {charge['refunded_display']}  held {charge['held_display']}{'  dispute ' + charge['dispute_status'] if charge['dispute_status'] else ''}{proposal}"
         )
     for attempt in view["attempts"]:
-        click.echo(f"  attempt {attempt['idempotency_key']}: {attempt['status']} {attempt['refund_id'] or ''} {attempt['error'] or ''}")
+        click.echo(f"  attempt {attempt['idempotency_key']} ({attempt['created_at']}): {attempt['status']} {attempt['refund_id'] or ''} {attempt['error'] or ''}".rstrip())
     for entry in view["audit"]:
-        click.echo(f"  {entry['at'][:19]}  {entry['actor']}: {entry['action']}{'  — ' + entry['note'] if entry['note'] else ''}")
+        click.echo(f"  {entry['at']}  {entry['actor']}: {entry['action']}{'  — ' + entry['note'] if entry['note'] else ''}")
 
 
 @review.command("approve")
@@ -664,8 +702,10 @@ def review_approve(case_id: int, actor: str, note: str | None) -> None:
         raise click.ClickException(f"{exc.code}: {exc.message}") from None
     finally:
         engine.dispose()
+    from models.money import format_money
+
     for outcome in result.outcomes:
-        click.echo(f"{outcome.charge_id}: {outcome.result} {outcome.amount} {outcome.currency} {outcome.refund_id or ''} {outcome.message or ''}".rstrip())
+        click.echo(f"{outcome.charge_id}: {outcome.result} {format_money(outcome.amount, outcome.currency)} {outcome.refund_id or ''} {outcome.message or ''}".rstrip())
     click.echo(f"case {case_id}: {result.status}")
     if result.status not in ("refunded",):
         sys.exit(1)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.services.cases import SORT_KEYS
+from app.services.reasons import REASON_KINDS
+
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
 
@@ -42,6 +45,62 @@ _CASE_ID = {
     "schema": {"type": "integer", "minimum": 0},
     "examples": {"a case": {"value": 1}, "beyond 2^31": {"value": 2**31}, "beyond 2^63": {"value": 2**64}},
 }
+_BULK_APPROVE: dict[str, Any] = {
+    "post": {
+        "operationId": "approveCases",
+        "summary": "Approve several cases' proposals, each on its own (scope finance)",
+        "description": (
+            "Only open cases of clear duplicates whose proposal is a full refund are approved; "
+            "each through the same phased refund and audit entry as approving it alone. "
+            "Other cases are refused with the reason and left unchanged."
+        ),
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["ids"],
+                        "properties": {
+                            "ids": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1, "maxItems": 100},
+                            "note": {"type": "string", "maxLength": 2000},
+                        },
+                    }
+                }
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "One result per case: refunded, approved, refused (code, message) or not_started",
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["results", "counts"],
+                            "properties": {
+                                "results": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["case_id", "result", "message"],
+                                        "properties": {
+                                            "case_id": {"type": "integer"},
+                                            "result": {"type": "string", "enum": ["refunded", "approved", "refused", "not_started"]},
+                                            "message": {"type": "string"},
+                                        },
+                                    },
+                                },
+                                "counts": {"type": "object"},
+                            },
+                        }
+                    }
+                },
+            },
+            **_errors(400, 401, 403, 413, 422),
+        },
+    }
+}
+
 _NOTE_BODY = {
     "required": False,
     "content": {
@@ -112,6 +171,13 @@ def openapi_document() -> dict[str, Any]:
                             "description": "unlinked: possible duplicate, no order (review only, never refunded by the service; order_id is a synthetic ~unlinked:... id)",
                         },
                         "charges": {"type": "array", "items": object_},
+                        "review_reasons": {"type": "array", "items": {"type": "string"},
+                                           "description": "Why a person must decide: `code: detail` (minor units)"},
+                        "reasons": {"type": "array", "items": object_,
+                                    "description": "Each review reason as {code, text}: the text in words, amounts in major units"},
+                        "reason_text": {"type": "string",
+                                        "description": "Why the case exists and what is left to do, in words (amounts as `65.00 USD`)"},
+                        "opened_at": {"type": "string", "format": "date-time"},
                     },
                 },
                 "PaymentIntent": {
@@ -219,6 +285,15 @@ def openapi_document() -> dict[str, Any]:
                          "description": "Opened on or before (UTC, inclusive), same range"},
                         {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100000}},
                         {"name": "per_page", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
+                        {"name": "reason", "in": "query", "schema": {"type": "string", "enum": list(REASON_KINDS)},
+                         "description": "Cases with a reason of this code; `clear`: clear duplicates, nothing for a person to weigh"},
+                        {"name": "amount_min", "in": "query", "schema": {"type": "string", "pattern": "^[0-9]{1,13}(\\.[0-9]{1,3})?$"},
+                         "description": "Excess at least this, in major units (49.99), in the currency filtered on or any"},
+                        {"name": "amount_max", "in": "query", "schema": {"type": "string", "pattern": "^[0-9]{1,13}(\\.[0-9]{1,3})?$"},
+                         "description": "Excess at most this, in major units"},
+                        {"name": "sort", "in": "query", "schema": {"type": "string", "enum": list(SORT_KEYS)},
+                         "description": "Sort by this column (default: open and failed first, newest first)"},
+                        {"name": "dir", "in": "query", "schema": {"type": "string", "enum": ["asc", "desc"]}},
                     ],
                     "responses": {
                         "200": _json(
@@ -267,6 +342,8 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/api/duplicates/approve": _BULK_APPROVE,
+            "/api/cases/approve": _BULK_APPROVE,
             "/api/duplicates/{case_id}/dismiss": {
                 "post": {
                     "operationId": "dismissCase",

@@ -366,6 +366,9 @@ def http_run(url: str, args: argparse.Namespace, tag: str) -> dict:
 
 
 def _server_config(log: str) -> str:
+    granian = re.search(r"server config: server=granian workers=(\d+) threads=(\d+)", log)
+    if granian:
+        return f"granian, {granian.group(1)} workers x {granian.group(2)} threads"
     match = re.search(r"server config: workers=(\d+) worker_class=(\S+) threads=(\d+) keepalive=(\d+)", log)
     if match:
         return f"{match.group(1)} workers x {match.group(3)} threads, {match.group(2).rsplit('.', 1)[-1]}, keepalive {match.group(4)} s"

@@ -10,7 +10,9 @@ from sqlalchemy.orm import Session
 
 from app.services.alerts import Alert, Alerter
 from app.services.case_lifecycle import CaseAction
+from app.services.reasons import ReasonContext, explain
 from models import AlertSent, AuditEntry, DuplicateCase, EventFailure, RefundAttempt, utcnow
+from models.money import format_money
 
 __all__ = ["Alert", "Alerter", "pending_alerts"]
 
@@ -35,14 +37,14 @@ def pending_alerts(session: Session) -> list[Alert]:
         alerts.append(
             Alert(
                 key,
-                f"Refund failed: {attempt.amount} {attempt.currency.upper()} on {attempt.charge_id}",
-                f"Refund attempt {attempt.idempotency_key} for order {attempt.order_id} "
-                f"(case {attempt.case_id}) failed: {attempt.error}. The case is in 'failed' "
-                f"for finance; the customer still holds a duplicate charge.",
+                f"Refund failed: {format_money(attempt.amount, attempt.currency)} on {attempt.charge_id}",
+                f"The refund of {format_money(attempt.amount, attempt.currency)} on {attempt.charge_id} "
+                f"(attempt {attempt.idempotency_key}, order {attempt.order_id}, case {attempt.case_id}) failed: "
+                f"{attempt.error}. The case is in 'failed' for finance; the customer still holds a duplicate charge.",
             )
         )
-    for entry, order_id in session.execute(
-        select(AuditEntry, DuplicateCase.order_id)
+    for entry, order_id, currency in session.execute(
+        select(AuditEntry, DuplicateCase.order_id, DuplicateCase.currency)
         .join(DuplicateCase, DuplicateCase.id == AuditEntry.case_id)
         .where(AuditEntry.action.in_(list(_CASE_ALERTS)), AuditEntry.at >= utcnow() - timedelta(days=CASE_ALERT_DAYS))
         .order_by(AuditEntry.id)
@@ -53,8 +55,9 @@ def pending_alerts(session: Session) -> list[Alert]:
             Alert(
                 f"case-{entry.action}:{entry.id}",
                 f"Case {entry.case_id} (order {order_id}) {_CASE_ALERTS[entry.action]}",
-                f"Case {entry.case_id} for order {order_id} {_CASE_ALERTS[entry.action]}: {entry.note or ''}. "
-                f"A person needs to decide it on the review page.",
+                f"Case {entry.case_id} for order {order_id} {_CASE_ALERTS[entry.action]}. "
+                + " ".join(explain(entry.note or "", ReasonContext(currency=currency), tail=False))
+                + " A person needs to decide it on the review page.",
             )
         )
     for failure in session.scalars(

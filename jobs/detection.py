@@ -37,7 +37,7 @@ from models import (
     run_in_transaction,
 )
 from models.db import insert_ignore
-from models.money import format_amount
+from models.money import format_amounts, format_money
 
 log = logging.getLogger(__name__)
 
@@ -377,7 +377,7 @@ def _planned(balance: OrderBalance, verdict: Assessment, step: Step, cases: list
 
 
 def _amounts(amounts: dict[str, int]) -> str:
-    return ", ".join(format_amount(v, c) for c, v in sorted(amounts.items())) or "nothing"
+    return format_amounts(amounts)
 
 
 def _fill(case: DuplicateCase, balance: OrderBalance, verdict: Assessment) -> None:
@@ -630,7 +630,7 @@ def _fill_unlinked(
     case.excess = _unlinked_excess(group, positions)
     case.automatic = False
     case.review_reasons = [
-        f"unlinked_charges: {len(group.charge_ids)} charges of {format_amount(group.amount, group.currency)} "
+        f"unlinked_charges: {len(group.charge_ids)} charges of {format_money(group.amount, group.currency)} "
         f"with the same {'card (fingerprint ' + value + ')' if kind == 'fingerprint' else 'customer ' + value} "
         f"within {minutes:.1f} minutes (window {window_seconds // 60} min), none naming an order: {times}",
         "review_only: possible duplicate, no order; the service never refunds it. Refund in the Stripe "

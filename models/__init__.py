@@ -4,7 +4,7 @@ Never imports Flask or reads the environment; the web app, the CLI, the jobs and
 all use it directly.
 """
 
-from models.base import Base, utcnow
+from models.base import Base, iso_from_unix, iso_utc, utcnow
 from models.db import make_engine, make_session_factory, run_in_transaction
 from models.ledger import (
     Charge,
@@ -68,5 +68,7 @@ __all__ = [
     "make_engine",
     "make_session_factory",
     "run_in_transaction",
+    "iso_from_unix",
+    "iso_utc",
     "utcnow",
 ]

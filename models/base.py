@@ -26,3 +26,19 @@ class Base(DeclarativeBase):
 def utcnow() -> datetime:
     """Timezone-aware UTC now. Used for our own bookkeeping times, never for Stripe ordering."""
     return datetime.now(timezone.utc)
+
+
+def iso_utc(moment: datetime | None) -> str | None:
+    """A stored time as ISO 8601 with its UTC offset (``2026-12-02T06:21:21.518029+00:00``),
+    for JSON, CSV and CLI output. SQLite hands ``DateTime(timezone=True)`` columns back
+    naive; they were written in UTC, so a naive value is read as UTC. None stays None."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat()
+
+
+def iso_from_unix(seconds: int | None) -> str | None:
+    """A Stripe ``created`` (unix seconds) as :func:`iso_utc` text."""
+    return None if seconds is None else datetime.fromtimestamp(seconds, timezone.utc).isoformat()

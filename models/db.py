@@ -170,3 +170,17 @@ def lock_key(session: Session, namespace: str, key: str) -> None:
             text("SELECT pg_advisory_xact_lock(hashtext(:namespace), hashtext(:key))"),
             {"namespace": namespace, "key": key},
         )
+
+
+def one_of(session: Session, column, values):  # type: ignore[no-untyped-def]
+    """``column IN (values)``; on PostgreSQL written ``column = ANY(:array)``: one parameter
+    whatever the number of values, so the statement's text stays the same and the driver
+    parses and prepares it once (an IN list of 200 ids is a new 200-placeholder statement
+    every time, and parsing those was the applier's biggest client-side cost)."""
+    values = list(values)
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy import any_, bindparam
+        from sqlalchemy.dialects.postgresql import ARRAY
+
+        return column == any_(bindparam(None, values, type_=ARRAY(column.type)))
+    return column.in_(values)

@@ -70,14 +70,28 @@ def major_units(amount: int, currency: str) -> str:
     return f"{Decimal(amount).scaleb(-places):.{places}f}"
 
 
-def format_amount(amount: int, currency: str) -> str:
-    """Human form, e.g. ``format_amount(4999, "usd") == "49.99 USD"``, ``5000 JPY``."""
-    places = decimals(currency)
-    value = Decimal(amount).scaleb(-places)
+def format_money(amount_minor: int, currency: str) -> str:
+    """The one human form of money, used by the page, the API's ``*_display`` fields, the
+    CLI, reason texts and alerts: major units with the currency's own decimals, thousands
+    grouped, the ISO code in capitals. ``4999, "usd"`` -> ``"49.99 USD"``; ``5000, "jpy"``
+    -> ``"5,000 JPY"``; ``12340, "kwd"`` -> ``"12.340 KWD"``. Decimal arithmetic; a float
+    (or a bool) is a bug upstream and raises :class:`TypeError` instead of being rounded."""
+    if isinstance(amount_minor, bool) or not isinstance(amount_minor, (int, Decimal)) or (
+        isinstance(amount_minor, Decimal) and amount_minor != amount_minor.to_integral_value()
+    ):
+        # (an integral Decimal is what a database SUM of minor units may come back as)
+        raise TypeError(f"money is an integer in minor units, not {amount_minor!r}")
+    places = decimals(currency.lower())
+    value = Decimal(amount_minor).scaleb(-places)
     return f"{value:,.{places}f} {currency.upper()}"
 
 
-def format_money(amount_minor: int, currency: str) -> str:
-    """Major units and the currency in capitals, no grouping: ``format_money(5000, "usd")
-    == "50.00 USD"``, ``"5000 JPY"``, ``format_money(1500, "kwd") == "1.500 KWD"``."""
-    return f"{major_units(amount_minor, currency.lower())} {currency.upper()}"
+def format_amount(amount: int, currency: str) -> str:
+    """The older name of :func:`format_money` (same text)."""
+    return format_money(amount, currency)
+
+
+def format_amounts(amounts: dict[str, int], *, empty: str = "nothing") -> str:
+    """Several currencies, each in :func:`format_money` form, by currency code:
+    ``{"usd": 4999, "eur": 500}`` -> ``"5.00 EUR, 49.99 USD"``."""
+    return ", ".join(format_money(amount, currency) for currency, amount in sorted(amounts.items())) or empty

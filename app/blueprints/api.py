@@ -14,6 +14,8 @@ from app.factory import services
 from app.services.cases import (
     CaseActionError,
     approve,
+    approve_many,
+    parse_case_ids,
     case_view,
     dismiss,
     list_cases,
@@ -134,6 +136,31 @@ def refund_duplicate(case_id: int):  # type: ignore[no-untyped-def]
     with services().read_session_factory() as session:
         view = case_view(session, case_id)
     return jsonify({"case": view, "outcomes": [asdict(o) for o in result.outcomes]})
+
+
+@bp.post("/duplicates/approve")
+@bp.post("/cases/approve")
+def approve_duplicates():  # type: ignore[no-untyped-def]
+    """Approve several cases' proposals at once: ``{"ids": [12, 13], "note": "..."}``.
+
+    Only open cases of clear duplicates whose proposal is a full refund go through (as on
+    the review page's "approve selected"); each is approved alone, through the same phased
+    refund and audit entry as ``POST /api/duplicates/<id>/refund``. The answer is 200 with
+    one result per id (``refunded``, ``approved``, ``refused`` with a code and the reason,
+    or ``not_started``); a malformed body is a 400/422 and changes nothing."""
+    body = _optional_json()
+    if isinstance(body, tuple):
+        return body
+    if body is None:
+        return error_response(400, "invalid_json", "The body must be a JSON object: {\"ids\": [case ids]}.")
+    try:
+        ids = parse_case_ids(body.get("ids"))
+        note = body.get("note")
+        results = approve_many(services().refunds, services().session_factory, ids, actor=_actor(), note=note)
+    except CaseActionError as exc:
+        return _case_error(exc)
+    counts = {kind: sum(1 for r in results if r.result == kind) for kind in ("refunded", "approved", "refused", "not_started")}
+    return jsonify({"results": [r.as_json() for r in results], "counts": counts})
 
 
 @bp.post("/duplicates/<id:case_id>/dismiss")

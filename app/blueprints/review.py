@@ -50,21 +50,42 @@ from app.services.auth import ReviewUser, UserDirectory
 from app.services.login_guard import LoginGuard, Locked
 from app.services.web_sessions import SessionStore
 from app.services.cases import (
+    MAX_BULK,
+    SORT_KEYS,
     CaseActionError,
     approve,
+    approve_many,
     case_view,
     dismiss,
     list_cases,
+    parse_case_ids,
     parse_filter,
     reopen,
     report_csv,
     report_rows,
 )
+from app.services.reasons import REASON_KINDS
 from app.services.refunds import PlannedRefund
 from models import CASE_STATUSES
-from models.money import MoneyError, check_amount, decimals, format_amount
+from models.money import MoneyError, check_amount, decimals, format_money
 
 bp = Blueprint("review", __name__, url_prefix="/review")
+
+# The queue shows this many cases a page unless the person picks the other size.
+PAGE_SIZES = (50, 100)
+DEFAULT_PAGE_SIZE = 100
+# Query parameters the queue keeps from one page (or sort) to the next.
+_FILTER_PARAMS = ("status", "currency", "from", "until", "reason", "amount_min", "amount_max")
+
+
+@bp.record_once
+def _root_redirect(state) -> None:  # type: ignore[no-untyped-def]
+    """``/`` is the review queue's address people type: it redirects to ``/review``."""
+
+    def root():  # type: ignore[no-untyped-def]
+        return redirect(url_for("review.cases"), 302)
+
+    state.app.add_url_rule("/", "root", root, methods=["GET"])
 
 CSRF_FIELD = "csrf_token"
 _MAJOR_AMOUNT = re.compile(r"^\d{1,15}(\.\d{1,6})?$")
@@ -147,7 +168,21 @@ def _no_store(response: Response) -> Response:
 
 @bp.app_template_filter("money")
 def _money(amount: int | None, currency: str) -> str:
-    return "—" if amount is None else format_amount(amount, currency)
+    return "—" if amount is None else format_money(amount, currency)
+
+
+@bp.app_template_filter("age")
+def _age(seconds: int | None) -> str:
+    """How long ago, in the largest whole unit: ``just now``, ``12 min``, ``5 h``, ``3 d``."""
+    if seconds is None:
+        return "—"
+    if seconds < 60:
+        return "just now"
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 86400} d"
 
 
 @bp.app_template_global("csrf_token")
@@ -242,28 +277,49 @@ def _duration(seconds: int) -> str:
 @bp.get("/", endpoint="cases_slash")
 @bp.get("")
 def cases():  # type: ignore[no-untyped-def]
+    """The queue: one row per case, sortable by column, filterable, 50 or 100 a page, with
+    the totals of everything the filter matches on top."""
     try:
-        case_filter = parse_filter(request.args)
+        case_filter = parse_filter(request.args, default_per_page=DEFAULT_PAGE_SIZE)
     except CaseActionError as exc:
         return _page("error.html", exc.http_status, title="Check the filters", message=exc.message, back=url_for("review.cases"))
     with services().read_session_factory() as db:
-        listing = list_cases(db, case_filter)
+        listing = list_cases(db, case_filter, rows=True)
     pages = max(1, -(-listing["total"] // listing["per_page"]))
-    filters = {k: (request.args.get(k) or "").strip() for k in ("status", "currency", "from", "until")}
+    filters = {k: (request.args.get(k) or "").strip() for k in _FILTER_PARAMS}
     kept = {k: v for k, v in filters.items() if v}
-    if case_filter.per_page != 25:
+    if case_filter.per_page != DEFAULT_PAGE_SIZE:
         kept["per_page"] = str(case_filter.per_page)
+    sorting = {"sort": case_filter.sort, "dir": "desc" if case_filter.descending else "asc"} if case_filter.sort else {}
 
     def page_url(number: int) -> str:
-        return url_for("review.cases") + "?" + urlencode({**kept, "page": number})
+        return url_for("review.cases") + "?" + urlencode({**kept, **sorting, "page": number})
+
+    def sort_url(column: str) -> str:
+        # A column's first click sorts ascending, the next one descending; always page 1.
+        again = case_filter.sort == column and not case_filter.descending
+        return url_for("review.cases") + "?" + urlencode({**kept, "sort": column, "dir": "desc" if again else "asc"})
+
+    def aria_sort(column: str) -> str | None:
+        if case_filter.sort != column:
+            return None
+        return "descending" if case_filter.descending else "ascending"
 
     today = datetime.now(timezone.utc).date()
     return _page(
         "list.html",
         listing=listing,
         filters=filters,
+        per_page=case_filter.per_page,
+        page_sizes=PAGE_SIZES,
+        reason_kinds=REASON_KINDS,
+        sort_keys=SORT_KEYS,
         pages=pages,
         page_url=page_url,
+        sort_url=sort_url,
+        aria_sort=aria_sort,
+        here=request.full_path.rstrip("?"),
+        max_bulk=MAX_BULK,
         report_since=filters["from"] or (today - timedelta(days=30)).isoformat(),
         report_until=filters["until"] or today.isoformat(),
     )
@@ -348,6 +404,38 @@ def approve_case(case_id: int):  # type: ignore[no-untyped-def]
     except CaseActionError as exc:
         return _failed(case_id, exc)
     return _done(case_id, _outcome_message("Approved", result))
+
+
+@bp.post("/approve-selected")
+def approve_selected():  # type: ignore[no-untyped-def]
+    """"Approve selected" on the queue: each ticked case approved on its own, exactly as
+    its own Approve button does (its phased refund, its audit entry), when it is an open
+    case of clear duplicates proposing a full refund; any other case is refused with the
+    reason and left as it was. The outcome per case is shown on the queue it came from."""
+    refused = _require_approver()
+    if refused:
+        return refused
+    back = _safe_next(request.form.get("back"))
+    try:
+        ids = parse_case_ids(request.form.getlist("case_id"))
+        results = approve_many(
+            services().refunds, services().session_factory, ids, actor=_actor(), note=request.form.get("note")
+        )
+    except CaseActionError as exc:
+        flash(f"Nothing was approved: {exc.message}", "error")
+        return redirect(back, 303)
+    done = sum(1 for r in results if r.result == "refunded")
+    approved = sum(1 for r in results if r.result == "approved")
+    not_done = len(results) - done - approved
+    summary = f"Approve selected: {done} approved and refunded"
+    if approved:
+        summary += f", {approved} approved with refunds not all done"
+    summary += f", {not_done} refused or not started." if not_done else "."
+    flash(summary, "bulk")
+    for r in results:
+        order = f" (order {r.order_id})" if r.order_id else ""
+        flash(f"Case {r.case_id}{order}: {r.message}.", f"bulk-{r.result}")
+    return redirect(back, 303)
 
 
 @bp.post("/cases/<int:case_id>/refund")

@@ -11,16 +11,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any, Iterable
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.converters import DateParamError, parse_day
+from app.converters import MAX_ID, DateParamError, parse_day
 from app.services import case_lifecycle as lifecycle
 from domain import ledger
 from app.services.balance import load_balance
 from app.services.case_lifecycle import CaseAction, CaseTransitionRefused, DismissedState
+from app.services.reasons import REASON_KINDS, ReasonContext, case_reason_text, explain, reason_code, reason_sentences
 from app.services.refunds import CaseRefundResult, PlannedRefund, RefundRefused, RefundService
 from models import (
     ACTIVE_CASE_STATUSES,
@@ -35,9 +37,12 @@ from models import (
     ReconciliationRun,
     Refund,
     RefundAttempt,
+    iso_from_unix,
+    iso_utc,
     run_in_transaction,
+    utcnow,
 )
-from models.money import format_amount, major_units
+from models.money import decimals, format_amounts, format_money, major_units
 
 MAX_NOTE = 2000
 # Open and failed cases need a person: they come first.
@@ -76,6 +81,12 @@ def dashboard_url(charge: Charge) -> str:
     return f"https://dashboard.stripe.com/{account}{mode}payments/{charge.payment_intent_id or charge.id}"
 
 
+# Columns the queue sorts by (``sort=``), each ascending with ``dir=asc``.
+SORT_KEYS = ("id", "order", "status", "amount", "currency", "age", "reason", "action")
+MAX_AMOUNT_FILTER = Decimal("1000000000000")
+_MAJOR_FILTER = re.compile(r"^\d{1,13}(\.\d{1,3})?$")
+
+
 @dataclass(frozen=True)
 class CaseFilter:
     status: str | None = None
@@ -84,6 +95,15 @@ class CaseFilter:
     opened_until: datetime | None = None
     page: int = 1
     per_page: int = 25
+    # A reason kind (a key of app.services.reasons.REASON_KINDS): "clear" or a reason code.
+    reason: str | None = None
+    # Excess in major units (as typed: 49.99), inclusive; in the currency filtered on, or
+    # in any currency the case holds too much of.
+    amount_min: Decimal | None = None
+    amount_max: Decimal | None = None
+    # One of SORT_KEYS, or None for the work order (open and failed first, newest first).
+    sort: str | None = None
+    descending: bool = False
 
     def where(self) -> list[Any]:
         clauses: list[Any] = []
@@ -97,8 +117,48 @@ class CaseFilter:
             clauses.append(DuplicateCase.opened_at < self.opened_until)
         return clauses
 
+    @property
+    def sifts(self) -> bool:
+        """Whether some of the filter is applied to the cases read (reason, amounts)."""
+        return self.reason is not None or self.amount_min is not None or self.amount_max is not None
 
-def parse_filter(args: dict[str, Any]) -> CaseFilter:
+    def keeps(self, case: DuplicateCase) -> bool:
+        """The reason and amount filters, on a case the database filters kept."""
+        if self.reason is not None and self.reason not in reason_kinds(case):
+            return False
+        if self.amount_min is None and self.amount_max is None:
+            return True
+        for currency, amount in (case.excess or {}).items():
+            if self.currency and currency != self.currency:
+                continue
+            value = Decimal(int(amount)).scaleb(-decimals(currency))
+            if (self.amount_min is None or value >= self.amount_min) and (self.amount_max is None or value <= self.amount_max):
+                return True
+        return False
+
+
+def reason_kinds(case: DuplicateCase) -> set[str]:
+    """The reason kinds a case is filed under: its reasons' codes, or "clear" for a clear
+    duplicate with nothing for a person to weigh."""
+    reasons = list(case.review_reasons or [])
+    if not reasons:
+        return {"clear"} if case.kind != CaseKind.UNLINKED.value else set()
+    return {code for code in (reason_code(r) for r in reasons) if code}
+
+
+def _major_param(args: dict[str, Any], name: str) -> Decimal | None:
+    text = (args.get(name) or "").strip().replace(" ", "")
+    if not text:
+        return None
+    if not _MAJOR_FILTER.match(text):
+        raise CaseActionError(400, "invalid_amount", f"{name} is an amount such as 49.99 (major units, no sign or grouping)")
+    value = Decimal(text)
+    if value > MAX_AMOUNT_FILTER:
+        raise CaseActionError(400, "invalid_amount", f"{name} is too large")
+    return value
+
+
+def parse_filter(args: dict[str, Any], *, default_per_page: int = 25) -> CaseFilter:
     """Validate filter parameters from a query string; :class:`CaseActionError` 400 if bad."""
     status = (args.get("status") or "").strip() or None
     if status is not None and status not in CASE_STATUSES:
@@ -116,7 +176,7 @@ def parse_filter(args: dict[str, Any]) -> CaseFilter:
             dates[name] = day
     try:
         page = int(args.get("page") or 1)
-        per_page = int(args.get("per_page") or 25)
+        per_page = int(args.get("per_page") or default_per_page)
     except ValueError:
         raise CaseActionError(400, "invalid_page", "page and per_page are whole numbers") from None
     if not (1 <= page <= 100_000 and 1 <= per_page <= 200):
@@ -124,92 +184,241 @@ def parse_filter(args: dict[str, Any]) -> CaseFilter:
     until = dates.get("until")
     if until is not None:
         until = until + timedelta(days=1)  # "until" is inclusive: the whole day
-    return CaseFilter(status, currency, dates.get("from"), until, page, per_page)
-
-
-def list_cases(session: Session, case_filter: CaseFilter) -> dict[str, Any]:
-    """A page of cases (open and failed first, newest first within), the total count, and
-    per-currency totals of excess and refunded over every case the filter matches."""
-    where = case_filter.where()
-    total = session.scalar(select(func.count()).select_from(DuplicateCase).where(*where)) or 0
-    rows = list(
-        session.scalars(
-            select(DuplicateCase)
-            .where(*where)
-            .order_by(
-                _status_order(),
-                # possible duplicates with no order (review only) after the real cases
-                (DuplicateCase.kind == CaseKind.UNLINKED.value).asc(),
-                DuplicateCase.opened_at.desc(),
-                DuplicateCase.id.desc(),
-            )
-            .offset((case_filter.page - 1) * case_filter.per_page)
-            .limit(case_filter.per_page)
-        )
+    if "from" in dates and until is not None and dates["from"] >= until:
+        raise CaseActionError(400, "invalid_date", "from must be on or before until")
+    reason = (args.get("reason") or "").strip() or None
+    if reason is not None and reason not in REASON_KINDS:
+        raise CaseActionError(400, "invalid_reason", f"reason must be one of {', '.join(REASON_KINDS)}")
+    amount_min, amount_max = _major_param(args, "amount_min"), _major_param(args, "amount_max")
+    if amount_min is not None and amount_max is not None and amount_min > amount_max:
+        raise CaseActionError(400, "invalid_amount", "amount_min must not be above amount_max")
+    sort = (args.get("sort") or "").strip() or None
+    if sort is not None and sort not in SORT_KEYS:
+        raise CaseActionError(400, "invalid_sort", f"sort must be one of {', '.join(SORT_KEYS)}")
+    direction = (args.get("dir") or "asc").strip()
+    if direction not in ("asc", "desc"):
+        raise CaseActionError(400, "invalid_sort", "dir is asc or desc")
+    return CaseFilter(
+        status, currency, dates.get("from"), until, page, per_page,
+        reason=reason, amount_min=amount_min, amount_max=amount_max, sort=sort, descending=direction == "desc",
     )
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def _excess_value(case: DuplicateCase) -> Decimal:
+    """The largest excess of the case in major units (what the amount column sorts by)."""
+    values = [Decimal(int(a)).scaleb(-decimals(c)) for c, a in (case.excess or {}).items()]
+    return max(values, default=Decimal(0))
+
+
+def _action_rank(case: DuplicateCase) -> int:
+    if case.kind == CaseKind.UNLINKED.value:
+        return 3
+    if case.status not in (CaseStatus.OPEN.value, CaseStatus.FAILED.value):
+        return 4
+    return 0 if case.automatic and not case.review_reasons else 1 if case.kind == CaseKind.DUPLICATE.value else 2
+
+
+def _sort_key(name: str):  # type: ignore[no-untyped-def]
+    keys = {
+        "id": lambda c: (c.id,),
+        "order": lambda c: (c.order_id, c.id),
+        "status": lambda c: (_STATUS_RANK.get(c.status, 9), c.id),
+        "amount": lambda c: (_excess_value(c), c.id),
+        "currency": lambda c: (",".join(sorted(c.excess or {})) or (c.currency or ""), c.id),
+        # youngest first when ascending
+        "age": lambda c: (-_aware(c.opened_at).timestamp(), -c.id),
+        "reason": lambda c: (min(reason_kinds(c) or {"~"}), c.id),
+        "action": lambda c: (_action_rank(c), c.id),
+    }
+    return keys[name]
+
+
+def _work_order(case: DuplicateCase):  # type: ignore[no-untyped-def]
+    # open and failed first; possible duplicates with no order after the real cases;
+    # newest first within
+    return (
+        _STATUS_RANK.get(case.status, 9),
+        case.kind == CaseKind.UNLINKED.value,
+        -_aware(case.opened_at).timestamp(),
+        -case.id,
+    )
+
+
+def _matching(session: Session, case_filter: CaseFilter) -> list[DuplicateCase]:
+    """Every case the filter matches, in the order asked for."""
+    cases = [c for c in session.scalars(select(DuplicateCase).where(*case_filter.where())) if case_filter.keeps(c)]
+    if case_filter.sort is None:
+        return sorted(cases, key=_work_order)
+    return sorted(cases, key=_sort_key(case_filter.sort), reverse=case_filter.descending)
+
+
+def list_cases(session: Session, case_filter: CaseFilter, *, rows: bool = False) -> dict[str, Any]:
+    """A page of cases (sorted as the filter says; by default open and failed first,
+    newest first within), the total count, and per-currency totals of excess and refunded
+    over every case the filter matches.
+
+    ``cases`` holds each case's full view (:func:`case_view`, compact); with ``rows`` it
+    holds the lighter queue rows of :func:`queue_rows` instead (the review page's table)."""
+    matching = _matching(session, case_filter)
+    start = (case_filter.page - 1) * case_filter.per_page
+    page = matching[start : start + case_filter.per_page]
+    real = [c.id for c in matching if c.kind != CaseKind.UNLINKED.value]
+    unlinked = [c for c in matching if c.kind == CaseKind.UNLINKED.value]
     return {
-        "cases": [case_view(session, case.id, compact=True) for case in rows],
-        "total": total,
+        "cases": queue_rows(session, page) if rows else [case_view(session, case.id, compact=True) for case in page],
+        "total": len(matching),
         "page": case_filter.page,
         "per_page": case_filter.per_page,
         # Real cases only: possible duplicates with no order are counted apart, so
         # they cannot drown the money orders hold too much of.
-        "totals": _totals(session, [*where, DuplicateCase.kind != CaseKind.UNLINKED.value]),
-        "unlinked": _unlinked_counts(session, where),
+        "totals": _totals(session, [c for c in matching if c.kind != CaseKind.UNLINKED.value], real),
+        # How many of those real cases hold too much in each currency.
+        "case_counts": _case_counts(c for c in matching if c.kind != CaseKind.UNLINKED.value),
+        "unlinked": _unlinked_counts(unlinked),
     }
 
 
-def _unlinked_counts(session: Session, where: list[Any]) -> dict[str, Any]:
+def bulk_refusal(case: DuplicateCase, members: Iterable[CaseCharge]) -> str | None:
+    """Why "approve selected" may not approve this case, in words; None when it may.
+
+    Only an open case of clear duplicates whose proposal is a full refund of each
+    duplicate charge goes through in bulk: nothing for a person to weigh (no reasons, never
+    sent back to a person), no authorisation to release, nothing partial. Everything else
+    is decided on its own page."""
+    if case.kind == CaseKind.UNLINKED.value:
+        return "it is a possible duplicate with no order: review only, never refunded by the service"
+    if case.status != CaseStatus.OPEN.value:
+        return f"it is {case.status}, not open"
+    if case.kind != CaseKind.DUPLICATE.value:
+        return "it releases an authorisation: decide it on its own page"
+    if case.review_reasons or case.escalation or not case.automatic:
+        return "a person must decide it on its own page: " + case_reason_text(
+            status=case.status, kind=case.kind, automatic=case.automatic, review_reasons=case.review_reasons or [],
+            currency=case.currency, order_amount=case.order_amount,
+        )
+    proposed = [m for m in members if m.proposed_refund > 0]
+    if not proposed:
+        return "it proposes no refund"
+    if any(m.role != "duplicate" or m.proposed_refund != m.amount for m in proposed):
+        return "its proposal is not a full refund of clear duplicates"
+    return None
+
+
+def queue_rows(session: Session, cases: list[DuplicateCase]) -> list[dict[str, Any]]:
+    """One row per case for the review queue: what the table shows, without the charges'
+    ledger positions (three queries for the whole page, not several per case)."""
+    ids = [c.id for c in cases]
+    members: dict[int, list[CaseCharge]] = {i: [] for i in ids}
+    if ids:
+        for member in session.scalars(select(CaseCharge).where(CaseCharge.case_id.in_(ids)).order_by(CaseCharge.case_id, CaseCharge.position)):
+            members[member.case_id].append(member)
+    keepers = {c.keeper_charge_id for c in cases if c.keeper_charge_id}
+    cards = {
+        cid: (brand, last4)
+        for cid, brand, last4 in (
+            session.execute(select(Charge.id, Charge.card_brand, Charge.card_last4).where(Charge.id.in_(keepers))) if keepers else []
+        )
+    }
+    now = utcnow()
+    rows = []
+    for case in cases:
+        proposed: dict[str, int] = {}
+        for m in members[case.id]:
+            if m.proposed_refund:
+                proposed[m.currency] = proposed.get(m.currency, 0) + m.proposed_refund
+        brand, last4 = cards.get(case.keeper_charge_id, (None, None))
+        refusal = bulk_refusal(case, members[case.id])
+        opened = _aware(case.opened_at)
+        rows.append(
+            {
+                "id": case.id,
+                "order_id": case.order_id,
+                "status": case.status,
+                "kind": case.kind,
+                "review_only": case.kind == CaseKind.UNLINKED.value,
+                "kind_label": _KIND_LABELS.get(case.kind, case.kind),
+                "excess": dict(sorted((case.excess or {}).items())),
+                "excess_display": {c: format_money(a, c) for c, a in sorted((case.excess or {}).items())},
+                "currencies": sorted(case.excess or {}) or ([case.currency] if case.currency else []),
+                "opened_at": iso_utc(opened),
+                "age_seconds": max(0, int((now - opened).total_seconds())),
+                "reason_kinds": sorted(reason_kinds(case)),
+                "reason_text": case_reason_text(
+                    status=case.status, kind=case.kind, automatic=case.automatic, review_reasons=case.review_reasons or [],
+                    currency=case.currency, order_amount=case.order_amount, proposed=proposed,
+                ),
+                "proposed_refunds": proposed,
+                "proposed_action": proposed_action(case, proposed),
+                "card": _card(brand, last4),
+                "bulk_approvable": refusal is None,
+                "bulk_refusal": refusal,
+            }
+        )
+    return rows
+
+
+def proposed_action(case: DuplicateCase, proposed: dict[str, int]) -> str:
+    """What deciding the case would do, in a few words."""
+    if case.kind == CaseKind.UNLINKED.value:
+        return "Review only: refund in the Dashboard or dismiss"
+    if case.status == CaseStatus.REFUNDING.value:
+        return "Refunds on their way"
+    if case.status == CaseStatus.REFUNDED.value:
+        return "None: refunded"
+    if case.status == CaseStatus.DISMISSED.value:
+        return "None: dismissed"
+    if not proposed:
+        return "A person chooses"
+    verb = "Release" if case.kind == CaseKind.AUTHORIZATION.value else "Refund"
+    return f"{verb} {format_amounts(proposed)}"
+
+
+def _unlinked_counts(cases: list[DuplicateCase]) -> dict[str, Any]:
     """How many "possible duplicate, no order" cases the filter matches (and how many are
     active), and what their repeated charges hold per currency: review only, apart."""
-    unlinked = [*where, DuplicateCase.kind == CaseKind.UNLINKED.value]
-    count = session.scalar(select(func.count()).select_from(DuplicateCase).where(*unlinked)) or 0
-    active = (
-        session.scalar(
-            select(func.count())
-            .select_from(DuplicateCase)
-            .where(*unlinked, DuplicateCase.status.in_(ACTIVE_CASE_STATUSES))
-        )
-        or 0
-    )
+    active = [c for c in cases if c.status in ACTIVE_CASE_STATUSES]
     held: dict[str, int] = {}
-    for excess in session.scalars(
-        select(DuplicateCase.excess).where(*unlinked, DuplicateCase.status.in_(ACTIVE_CASE_STATUSES))
-    ):
-        for currency, amount in (excess or {}).items():
+    for case in active:
+        for currency, amount in (case.excess or {}).items():
             held[currency] = held.get(currency, 0) + amount
     return {
-        "count": count,
-        "active": active,
+        "count": len(cases),
+        "active": len(active),
         "held": dict(sorted(held.items())),
-        "held_display": {c: format_amount(a, c) for c, a in sorted(held.items())},
+        "held_display": {c: format_money(a, c) for c, a in sorted(held.items())},
     }
 
 
-def _status_order():  # type: ignore[no-untyped-def]
-    from sqlalchemy import case as sql_case
+def _case_counts(cases: Iterable[DuplicateCase]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for case in cases:
+        for currency in case.excess or {}:
+            counts[currency] = counts.get(currency, 0) + 1
+    return dict(sorted(counts.items()))
 
-    return sql_case(_STATUS_RANK, value=DuplicateCase.status, else_=9)
 
-
-def _totals(session: Session, where: list[Any]) -> dict[str, dict[str, Any]]:
-    ids = select(DuplicateCase.id).where(*where)
+def _totals(session: Session, cases: list[DuplicateCase], ids: list[int]) -> dict[str, dict[str, Any]]:
     totals: dict[str, dict[str, Any]] = {}
-    for excess in session.scalars(select(DuplicateCase.excess).where(DuplicateCase.id.in_(ids))):
-        for currency, amount in (excess or {}).items():
+    for case in cases:
+        for currency, amount in (case.excess or {}).items():
             bucket = totals.setdefault(currency, {"excess": 0, "refunded": 0})
             bucket["excess"] += amount
-    refunded = session.execute(
-        select(Refund.currency, func.sum(Refund.amount))
-        .join(RefundAttempt, RefundAttempt.refund_id == Refund.id)
-        .where(RefundAttempt.case_id.in_(ids), Refund.status.not_in(tuple(ledger.INACTIVE_REFUND_STATUSES)))
-        .group_by(Refund.currency)
-    )
-    for currency, amount in refunded:
-        totals.setdefault(currency, {"excess": 0, "refunded": 0})["refunded"] += int(amount or 0)
+    for chunk in (ids[i : i + 2000] for i in range(0, len(ids), 2000)):
+        refunded = session.execute(
+            select(Refund.currency, func.sum(Refund.amount))
+            .join(RefundAttempt, RefundAttempt.refund_id == Refund.id)
+            .where(RefundAttempt.case_id.in_(chunk), Refund.status.not_in(tuple(ledger.INACTIVE_REFUND_STATUSES)))
+            .group_by(Refund.currency)
+        )
+        for currency, amount in refunded:
+            totals.setdefault(currency, {"excess": 0, "refunded": 0})["refunded"] += int(amount or 0)
     for currency, bucket in totals.items():
-        bucket["excess_display"] = format_amount(bucket["excess"], currency)
-        bucket["refunded_display"] = format_amount(bucket["refunded"], currency)
+        bucket["excess_display"] = format_money(bucket["excess"], currency)
+        bucket["refunded_display"] = format_money(bucket["refunded"], currency)
     return dict(sorted(totals.items()))
 
 
@@ -237,27 +446,28 @@ def case_view(session: Session, case_id: int, *, compact: bool = False) -> dict[
                 "keeper": member.charge_id == case.keeper_charge_id,
                 "amount": charge.amount,
                 "currency": charge.currency,
-                "amount_display": format_amount(charge.amount, charge.currency),
+                "amount_display": format_money(charge.amount, charge.currency),
                 "created": charge.created,
-                "created_at": datetime.fromtimestamp(charge.created, timezone.utc).isoformat(),
+                "created_at": iso_from_unix(charge.created),
                 "card_brand": charge.card_brand,
                 "card_last4": charge.card_last4,
+                "card_display": _card(charge.card_brand, charge.card_last4),
                 "customer": charge.customer,
                 "payment_intent_id": charge.payment_intent_id,
                 "account": charge.account,
                 "status": charge.status,
                 "captured": charge.captured,
                 "refunded_amount": position.refunded,
-                "refunded_display": format_amount(position.refunded, charge.currency),
+                "refunded_display": format_money(position.refunded, charge.currency),
                 "held_amount": position.held,
-                "held_display": format_amount(position.held, charge.currency),
+                "held_display": format_money(position.held, charge.currency),
                 "dispute_status": position.dispute.status if position.dispute else None,
                 "refunds": [
                     {"id": r.id, "amount": r.amount, "status": r.status, "reason": r.reason, "origin": r.origin}
                     for r in position.refunds
                 ],
                 "proposed_refund": member.proposed_refund,
-                "proposed_refund_display": format_amount(member.proposed_refund, charge.currency) if member.proposed_refund else None,
+                "proposed_refund_display": format_money(member.proposed_refund, charge.currency) if member.proposed_refund else None,
                 # refund | release (an uncaptured authorisation is released whole, never captured)
                 "proposed_action": "release" if member.role == "authorization" else "refund",
                 # never for a possible duplicate with no order: review only
@@ -279,7 +489,7 @@ def case_view(session: Session, case_id: int, *, compact: bool = False) -> dict[
         "order_amount": case.order_amount if order is None else order.amount,
         "order_currency": case.currency if order is None else order.currency,
         "order_amount_display": (
-            format_amount(order.amount, order.currency) if order is not None and order.amount is not None and order.currency else None
+            format_money(order.amount, order.currency) if order is not None and order.amount is not None and order.currency else None
         ),
         "kind": case.kind,
         "review_only": case.kind == CaseKind.UNLINKED.value,
@@ -288,17 +498,31 @@ def case_view(session: Session, case_id: int, *, compact: bool = False) -> dict[
         "automatic": case.automatic,
         "escalation": case.escalation,
         "review_reasons": list(case.review_reasons or []),
+        # The same reasons in words (major units, currency codes in capitals): one sentence
+        # per reason, and the whole as one text (also for clear cases, which have none).
+        "reasons": [
+            {"code": reason_code(r), "text": t}
+            for r, t in zip(case.review_reasons or [], reason_sentences(case.review_reasons or [], _context(case)))
+        ],
+        "reason_text": case_reason_text(
+            status=case.status, kind=case.kind, automatic=case.automatic, review_reasons=case.review_reasons or [],
+            currency=case.currency, order_amount=case.order_amount, proposed=proposed,
+        ),
+        "escalation_text": " ".join(explain(case.escalation, _context(case), tail=False)) if case.escalation else None,
+        "proposed_action_text": proposed_action(case, proposed),
+        "bulk_approvable": bulk_refusal(case, members) is None,
+        "bulk_refusal": bulk_refusal(case, members),
         "excess": dict(case.excess or {}),
-        "excess_display": {c: format_amount(a, c) for c, a in (case.excess or {}).items()},
+        "excess_display": {c: format_money(a, c) for c, a in (case.excess or {}).items()},
         "proposed_refunds": proposed,
-        "proposed_refunds_display": {c: format_amount(a, c) for c, a in proposed.items()},
+        "proposed_refunds_display": {c: format_money(a, c) for c, a in proposed.items()},
         "decision": case.decision,
         "decided_by": case.decided_by,
-        "decided_at": case.decided_at.isoformat() if case.decided_at else None,
+        "decided_at": iso_utc(case.decided_at),
         "note": case.note,
         "failure": case.failure,
-        "opened_at": case.opened_at.isoformat(),
-        "updated_at": case.updated_at.isoformat(),
+        "opened_at": iso_utc(case.opened_at),
+        "updated_at": iso_utc(case.updated_at),
         "charges": charge_views,
     }
     if not compact:
@@ -313,15 +537,26 @@ def case_view(session: Session, case_id: int, *, compact: bool = False) -> dict[
                 "origin": a.origin,
                 "requested_by": a.requested_by,
                 "error": a.error,
-                "created_at": a.created_at.isoformat(),
+                "created_at": iso_utc(a.created_at),
             }
             for a in attempts
         ]
         view["audit"] = [
-            {"at": e.at.isoformat(), "actor": e.actor, "action": e.action, "note": e.note, "details": e.details}
+            {"at": iso_utc(e.at), "actor": e.actor, "action": e.action, "note": e.note, "details": e.details}
             for e in session.scalars(select(AuditEntry).where(AuditEntry.case_id == case.id).order_by(AuditEntry.id))
         ]
     return view
+
+
+def _context(case: DuplicateCase) -> ReasonContext:
+    return ReasonContext(currency=case.currency, active=case.status in (CaseStatus.OPEN.value, CaseStatus.FAILED.value))
+
+
+def _card(brand: str | None, last4: str | None) -> str | None:
+    """``visa ···· 4242`` (what the page shows for a card)."""
+    if not last4:
+        return brand or None
+    return f"{brand or 'card'} ···· {last4}"
 
 
 def run_views(session: Session, limit: int = 50) -> list[dict[str, Any]]:
@@ -332,8 +567,8 @@ def run_views(session: Session, limit: int = 50) -> list[dict[str, Any]]:
             "trigger": r.trigger,
             "status": r.status,
             "full": r.full,
-            "started_at": r.started_at.isoformat(),
-            "finished_at": r.finished_at.isoformat() if r.finished_at else None,
+            "started_at": iso_utc(r.started_at),
+            "finished_at": iso_utc(r.finished_at),
             "backfill_from": r.backfill_from,
             "watermark": r.watermark,
             "counts": r.counts,
@@ -392,6 +627,115 @@ def approve(
     except RefundRefused as exc:
         raise CaseActionError(_REFUSAL_STATUS.get(exc.code, 422), exc.code, exc.message) from None
     return refunds.execute_case(case_id)
+
+
+# "Approve selected": how many cases one request may name, and how long it may spend on
+# them before leaving the rest untouched (a web worker is stopped after 30 s; each case is
+# a few Stripe calls).
+MAX_BULK = 100
+BULK_TIME_BUDGET = 20.0
+
+
+@dataclass(frozen=True)
+class BulkResult:
+    """What "approve selected" did with one case."""
+
+    case_id: int
+    # refunded (approved, every refund issued, the case settled) | approved (approved;
+    # the case is refunding or failed: see message) | refused (nothing changed) |
+    # not_started (the time budget ran out first; nothing changed)
+    result: str
+    message: str
+    code: str | None = None
+    status: str | None = None
+    order_id: str | None = None
+    refunded: dict[str, int] | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "case_id": self.case_id,
+            "order_id": self.order_id,
+            "result": self.result,
+            "status": self.status,
+            "code": self.code,
+            "message": self.message,
+            "refunded": dict(self.refunded or {}),
+            "refunded_display": format_amounts(self.refunded or {}, empty="") or None,
+        }
+
+
+def parse_case_ids(raw: Any) -> list[int]:
+    """Case ids as sent (form values or a JSON list): whole numbers, each once, in the
+    order given, at most :data:`MAX_BULK`. :class:`CaseActionError` 422 otherwise."""
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise CaseActionError(422, "invalid_ids", "Select at least one case (ids: a list of case ids).")
+    if len(raw) > MAX_BULK:
+        raise CaseActionError(422, "too_many_ids", f"At most {MAX_BULK} cases at once.")
+    ids: list[int] = []
+    for item in raw:
+        if isinstance(item, bool):
+            raise CaseActionError(422, "invalid_ids", "Case ids are whole numbers.")
+        if isinstance(item, str) and re.fullmatch(r"\s*\d{1,12}\s*", item):
+            item = int(item)
+        if not isinstance(item, int) or not 1 <= item <= MAX_ID:
+            raise CaseActionError(422, "invalid_ids", f"Case ids are whole numbers from 1 to {MAX_ID}.")
+        if item not in ids:
+            ids.append(item)
+    return ids
+
+
+def approve_many(
+    refunds: RefundService,
+    session_factory: sessionmaker[Session],
+    case_ids: Iterable[int],
+    *,
+    actor: str,
+    note: str | None = None,
+    budget: float = BULK_TIME_BUDGET,
+    clock: Any = None,
+) -> list[BulkResult]:
+    """Approve each case's proposal, one case at a time, exactly as approving it alone
+    does (:func:`approve`: its own phased refund, its own audit entry), but only cases
+    :func:`bulk_refusal` lets through: every other case is refused with the reason and
+    left as it was. One case's refusal or failure never stops the others."""
+    import time
+
+    now = clock or time.monotonic
+    note = _clean_note(note, required=False)
+    started = now()
+    results: list[BulkResult] = []
+    for case_id in case_ids:
+        if now() - started > budget:
+            results.append(BulkResult(case_id, "not_started", "not started: this request ran out of time first; nothing changed, select it again"))
+            continue
+        with session_factory() as session:
+            case = session.get(DuplicateCase, case_id)
+            if case is None:
+                results.append(BulkResult(case_id, "refused", f"refused: there is no case {case_id}", "case_not_found"))
+                continue
+            refusal = bulk_refusal(case, list(case.charges))
+            order_id, status = case.order_id, case.status
+        if refusal is not None:
+            results.append(BulkResult(case_id, "refused", f"refused: {refusal}", "not_eligible", status, order_id))
+            continue
+        try:
+            outcome = approve(refunds, case_id, actor=actor, note=note)
+        except CaseActionError as exc:
+            results.append(BulkResult(case_id, "refused", f"refused: {exc.message}", exc.code, status, order_id))
+            continue
+        done = [o for o in outcome.outcomes if o.result in ("refunded", "adopted", "released")]
+        refunded: dict[str, int] = {}
+        for o in done:
+            refunded[o.currency] = refunded.get(o.currency, 0) + o.amount
+        other = [o for o in outcome.outcomes if o not in done]
+        message = f"approved: {format_amounts(refunded, empty='nothing')} refunded; the case is now {outcome.status}"
+        if other:
+            message += ". Not done: " + "; ".join(
+                f"{o.charge_id} {o.result}" + (f" ({o.message})" if o.message else "") for o in other
+            )
+        result = "refunded" if outcome.status == CaseStatus.REFUNDED.value and not other else "approved"
+        results.append(BulkResult(case_id, result, message, None, outcome.status, order_id, refunded))
+    return results
 
 
 def dismiss(session_factory: sessionmaker[Session], case_id: int, *, actor: str, note: str | None) -> None:
@@ -493,6 +837,9 @@ REPORT_COLUMNS = [
     "note",
     "review_reasons",
     "kind",
+    # the reasons in words, as the page shows them (added after the columns above, which
+    # keep their order)
+    "reason_text",
 ]
 
 
@@ -531,6 +878,7 @@ def report_rows(session: Session, *, since: datetime, until: datetime | None) ->
                     "note": case.note or "",
                     "review_reasons": "; ".join(case.review_reasons or []),
                     "kind": case.kind,
+                    "reason_text": view["reason_text"],
                 }
             )
     return rows

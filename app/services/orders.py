@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import datetime, timezone
+from datetime import datetime
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from domain import ledger
 from domain.ledger.shapes import ORDER_ID
-from models import Charge, EventFailure, Order, StripeEvent
+from models import Charge, EventFailure, Order, StripeEvent, iso_utc
 from models.db import insert_ignore
 from models.money import MoneyError, check_amount, format_amount, normalise_currency
 
@@ -232,8 +232,8 @@ def order_view(session: Session, order_id: str) -> dict[str, Any] | None:
         "payment_intent_id": order.payment_intent_id,
         "totals": totals,
         "charges": [_charge_view(p) for p in positions],
-        "created_at": order.created_at.isoformat(),
-        "updated_at": order.updated_at.isoformat(),
+        "created_at": iso_utc(order.created_at),
+        "updated_at": iso_utc(order.updated_at),
     }
 
 
@@ -293,8 +293,8 @@ def unresolved_failures(session: Session, *, limit: int = 100) -> list[dict[str,
             "type": f.type,
             "attempts": f.attempts,
             "last_error": f.last_error,
-            "first_failed_at": f.first_failed_at.isoformat(),
-            "last_failed_at": f.last_failed_at.isoformat(),
+            "first_failed_at": iso_utc(f.first_failed_at),
+            "last_failed_at": iso_utc(f.last_failed_at),
         }
         for f in failures
     ]
@@ -339,9 +339,5 @@ def event_view(session: Session, event_id: str) -> dict[str, Any] | None:
 
 
 def _iso(moment: datetime | None) -> str | None:
-    """ISO 8601 with the UTC offset (SQLite hands back naive UTC)."""
-    if moment is None:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.isoformat()
+    """ISO 8601 with the UTC offset (SQLite hands back naive UTC): :func:`models.iso_utc`."""
+    return iso_utc(moment)

@@ -87,6 +87,7 @@ from app.services.sealing import Sealer
 from domain.ledger.shapes import payment_intent_snapshot
 from config import Settings
 from models import Order, PaymentIntent, run_in_transaction, utcnow
+from models.money import format_money
 from models.db import lock_key
 from models.payments import (
     CANCELED,
@@ -717,7 +718,7 @@ def _decide_change(order: Order, live: PaymentAttempt, status: str, now: datetim
         raise PayError(
             409,
             "payment_in_progress",
-            f"The PaymentIntent of order {order.id} is processing a payment of {live.amount} {live.currency}; "
+            f"The PaymentIntent of order {order.id} is processing a payment of {format_money(live.amount, live.currency)}; "
             "it cannot be changed to the order's new amount until that payment succeeds or fails.",
             retry_after=5,
             payment_intent_id=live.payment_intent_id,

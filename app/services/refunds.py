@@ -52,7 +52,7 @@ from models import (
     RefundAttempt,
     run_in_transaction,
 )
-from models.money import format_amount
+from models.money import format_amounts, format_money
 
 log = logging.getLogger(__name__)
 
@@ -237,15 +237,15 @@ class RefundService:
             if planned.amount != position.charge.amount:
                 raise RefundRefused(
                     "invalid_amount",
-                    f"{planned.charge_id} is an uncaptured authorisation of {position.charge.amount}; "
-                    f"it is released whole",
+                    f"{planned.charge_id} is an uncaptured authorisation of "
+                    f"{format_money(position.charge.amount, position.charge.currency)}; it is released whole",
                 )
             return
         if planned.amount > position.held:
             raise RefundRefused(
                 "exceeds_held",
-                f"{planned.charge_id} holds {position.held} {position.charge.currency}; "
-                f"{planned.amount} asked",
+                f"{planned.charge_id} holds {format_money(position.held, position.charge.currency)}; "
+                f"{format_money(planned.amount, position.charge.currency)} asked",
             )
 
     # -- phases 2 to 4 ---------------------------------------------------------------------
@@ -450,7 +450,7 @@ class RefundService:
             if excess:
                 reasons.append(
                     "still_over_total: after its refunds the order still holds "
-                    + ", ".join(format_amount(v, c) for c, v in sorted(excess.items()))
+                    + format_amounts(excess)
                     + " more than it should"
                 )
             if reasons:
@@ -543,9 +543,9 @@ def _check_order_stays_whole(
             raise RefundRefused(
                 "below_order_total",
                 "releasing these authorisations would leave the order unpaid: it holds "
-                f"{format_amount(held.get(order.currency, 0), order.currency)} and keeps "
-                f"{format_amount(kept, order.currency)} authorised, against a total of "
-                f"{format_amount(order.amount, order.currency)}",
+                f"{format_money(held.get(order.currency, 0), order.currency)} and keeps "
+                f"{format_money(kept, order.currency)} authorised, against a total of "
+                f"{format_money(order.amount, order.currency)}",
             )
     asked: dict[str, int] = {}
     for p in chosen:
@@ -557,9 +557,9 @@ def _check_order_stays_whole(
         if currency in floor and held.get(currency, 0) - amount < floor[currency]:
             raise RefundRefused(
                 "below_order_total",
-                f"refunding {format_amount(amount, currency)} would leave the order holding "
-                f"{format_amount(held.get(currency, 0) - amount, currency)}, below its total of "
-                f"{format_amount(floor[currency], currency)}",
+                f"refunding {format_money(amount, currency)} would leave the order holding "
+                f"{format_money(held.get(currency, 0) - amount, currency)}, below its total of "
+                f"{format_money(floor[currency], currency)}",
             )
 
 
@@ -750,7 +750,11 @@ def _release_problem(
             paid += int(o.get("amount") or 0)
     floor = order.amount if order is not None and order.amount is not None else 1
     if paid < floor:
-        return f"without this authorisation the order would hold or keep authorised only {paid}, below {floor}"
+        currency = order.currency if order is not None and order.currency else attempt.currency
+        return (
+            f"without this authorisation the order would hold or keep authorised only "
+            f"{format_money(paid, currency)}, below {format_money(floor, currency)}"
+        )
     return None
 
 
@@ -769,7 +773,10 @@ def _order_problem(
     if charge_obj.get("status") != "succeeded" or not charge_obj.get("captured"):
         return f"the charge is {charge_obj.get('status')}, captured={charge_obj.get('captured')}"
     if remaining < attempt.amount and not may_replay:
-        return f"the charge holds {remaining} at Stripe; the attempt wanted {attempt.amount}"
+        return (
+            f"the charge holds {format_money(remaining, attempt.currency)} at Stripe; "
+            f"the attempt wanted {format_money(attempt.amount, attempt.currency)}"
+        )
     problem, case = _case_problem(session, attempt, charge_objs)
     if problem or case is None:
         return problem
@@ -780,7 +787,11 @@ def _order_problem(
     keeper_holds = _stripe_remaining(keeper_obj) if keeper_obj.get("status") == "succeeded" and keeper_obj.get("captured") else 0
     keeper_needed = keeper_member.held if keeper_member is not None else 0
     if keeper_holds <= 0 or keeper_holds < keeper_needed:
-        return f"the keeper {case.keeper_charge_id} holds {keeper_holds} at Stripe, not the {keeper_needed} it held when this was approved"
+        keeper_currency = str(keeper_obj.get("currency") or attempt.currency).lower()
+        return (
+            f"the keeper {case.keeper_charge_id} holds {format_money(keeper_holds, keeper_currency)} at Stripe, "
+            f"not the {format_money(keeper_needed, keeper_currency)} it held when this was approved"
+        )
     order = session.get(Order, case.order_id)
     currency = attempt.currency
     holds = sum(
@@ -815,9 +826,9 @@ def _order_problem(
     after = holds - in_flight - pending
     if after < floor:
         return (
-            f"the order would hold {after} {currency} after this refund"
-            + (f" and {in_flight} in flight" if in_flight else "")
-            + f", below {what} ({floor})"
+            f"the order would hold {format_money(after, currency)} after this refund"
+            + (f" and {format_money(int(in_flight), currency)} in flight" if in_flight else "")
+            + f", below {what} ({format_money(floor, currency)})"
         )
     return None
 

@@ -38,7 +38,7 @@ from domain.ledger.handlers import HANDLERS, PLAIN_CHARGE_HANDLER, PLAIN_CHARGE_
 from domain.ledger.inbox import PENDING_SQL, EventStatus
 from domain.ledger.shapes import ShapeError, charge_snapshot
 from models import ApplierHeartbeat, EventFailure, StripeEvent, run_in_transaction, utcnow
-from models.db import insert_ignore, is_retryable
+from models.db import insert_ignore, is_retryable, one_of
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class Applier:
             return
         session.execute(
             update(StripeEvent)
-            .where(StripeEvent.event_id.in_([r.event_id for r in rows]))
+            .where(one_of(session, StripeEvent.event_id, [r.event_id for r in rows]))
             .values(status=EventStatus.APPLIED.value, applied_at=now, next_attempt_at=None)
             .execution_options(synchronize_session=False)
         )
@@ -217,7 +217,7 @@ class Applier:
         if retried:
             session.execute(
                 update(EventFailure)
-                .where(EventFailure.event_id.in_(retried), EventFailure.resolved_at.is_(None))
+                .where(one_of(session, EventFailure.event_id, retried), EventFailure.resolved_at.is_(None))
                 .values(resolved_at=now)
                 .execution_options(synchronize_session=False)
             )

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models import Charge, Dispute, Refund
+from models.db import one_of
 
 INACTIVE_REFUND_STATUSES = frozenset({"failed", "canceled"})
 OPEN_DISPUTE_STATUSES = frozenset(
@@ -93,11 +94,11 @@ def charge_positions(session: Session, charges: list[Charge]) -> list[ChargePosi
     disputes: dict[str, Dispute] = {}
     if ids:
         for refund in session.scalars(
-            select(Refund).where(Refund.charge_id.in_(ids)).order_by(Refund.created, Refund.id)
+            select(Refund).where(one_of(session, Refund.charge_id, ids)).order_by(Refund.created, Refund.id)
         ):
             refunds[refund.charge_id].append(refund)  # type: ignore[index]
         for dispute in session.scalars(
-            select(Dispute).where(Dispute.charge_id.in_(ids)).order_by(Dispute.created)
+            select(Dispute).where(one_of(session, Dispute.charge_id, ids)).order_by(Dispute.created)
         ):
             disputes[dispute.charge_id] = dispute  # type: ignore[index]
     return [

@@ -16,6 +16,7 @@ import requests
 from sqlalchemy import func, select
 
 from models import Charge, DuplicateCase, Refund, StripeEvent, make_engine, make_session_factory
+from models.money import format_money
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +39,7 @@ def test_demo_summary_matches_the_database(tmp_path: Path, stripe_choice: str) -
     assert "/review" not in result.stdout and "password" not in result.stdout.replace('"password": ""', "")
     assert summary["password"] == "" and summary["review_url"] == ""
     # Amounts in major units with the currency in capitals.
-    assert "50.00 USD + 15.00 USD on a 50.00 USD order" in result.stdout and "5000 JPY" in result.stdout
+    assert "50.00 USD + 15.00 USD on a 50.00 USD order" in result.stdout and format_money(5000, "jpy") in result.stdout
 
     engine = make_engine(f"sqlite:///{database}")
     try:

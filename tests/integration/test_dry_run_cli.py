@@ -30,7 +30,7 @@ def test_dry_run_prints_per_order_what_it_would_do_and_changes_nothing(run_cli, 
         f"  order ord_dc (49.99 USD): new case, keep {keeper['id']}",
         f"    refund {duplicate['id']} 49.99 USD",
         f"  order ord_over (50.00 USD): new case, keep {first['id']}",
-        "    to finance: 2 charges hold 6500 usd but none repeats an earlier charge's amount within the window",
+        "    to finance: 2 charges hold 65.00 USD but none repeats another; a person must decide.",
     ]
 
     as_json = run_cli("reconcile", "--mode", "dry-run", "--json")

@@ -431,12 +431,15 @@ def test_the_list_shows_what_finance_needs(web, ledger, case_id) -> None:  # typ
     login(web, VIEWER)
     html = web.get("/review").get_data(as_text=True)
     keeper, duplicate = charges_of(ledger, case_id)
-    assert "ord_dc" in html and "49.99 USD" in html and "visa" in html and "4242" in html
-    assert "keeper" in html and keeper in html and duplicate in html
-    assert "https://dashboard.stripe.com/test/payments/" in html
+    # The queue: one row per case (the charges are on the case's page, below).
+    assert "ord_dc" in html and "49.99 USD" in html and "visa ···· 4242" in html
+    assert "Clear duplicate: refunding 49.99 USD leaves the order holding its total of 49.99 USD; ready to approve." in html
     assert f'href="/review/cases/{case_id}"' in html
     assert "Totals over every matching case" in html and "USD" in html
     assert "/review/report.csv?since=" in html
+    case_html = web.get(f"/review/cases/{case_id}").get_data(as_text=True)
+    assert "keeper" in case_html and keeper in case_html and duplicate in case_html
+    assert "https://dashboard.stripe.com/test/payments/" in case_html
 
 
 def test_filters_and_pages(web, stripe_api, session_factory, review_settings, ledger) -> None:  # type: ignore[no-untyped-def]
@@ -446,8 +449,8 @@ def test_filters_and_pages(web, stripe_api, session_factory, review_settings, le
     login(web)
     first = web.get("/review?status=open&per_page=1").get_data(as_text=True)
     assert "Page 1 of 2" in first and "page=2" in first and "status=open" in first
-    assert web.get("/review?status=dismissed").get_data(as_text=True).count("<article") == 0
-    assert web.get("/review?currency=usd").get_data(as_text=True).count("<article") == 2
+    assert web.get("/review?status=dismissed").get_data(as_text=True).count('<tr class="case ') == 0
+    assert web.get("/review?currency=usd").get_data(as_text=True).count('<tr class="case ') == 2
     for bad in ("status=closed", "currency=dollars", "from=yesterday", "until=2024-13-01", "page=0", "per_page=x"):
         response = web.get(f"/review?{bad}")
         assert response.status_code == 400, bad

@@ -230,11 +230,11 @@ def test_there_are_at_least_thirty_kinds_of_bad_input() -> None:
     assert len(CASES) >= 30
 
 
-@pytest.mark.parametrize(("name", "body", "headers", "status", "code"), CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_a_clear_4xx_and_stores_nothing(client, ledger, name, body, headers, status, code) -> None:  # type: ignore[no-untyped-def]
-    # Signed now, not when the module was collected: in a long run more than the 300 s
-    # tolerance can pass in between, and a valid signature would read as a stale one.
-    _, body, headers, status, code = next(case for case in _cases() if case[0] == name)
+@pytest.mark.parametrize("name", [c[0] for c in CASES])
+def test_bad_input_is_a_clear_4xx_and_stores_nothing(client, ledger, name) -> None:  # type: ignore[no-untyped-def]
+    # Built now, not at collection: the signatures carry the current time, and a long
+    # suite reaches this test minutes after collecting it.
+    _, body, headers, status, code = next(c for c in _cases() if c[0] == name)
     response = client.post("/webhooks/stripe", data=body, headers={"Content-Type": "application/json", **headers})
     assert response.status_code == status, response.get_data(as_text=True)[:300]
     assert response.get_json()["error"] == code

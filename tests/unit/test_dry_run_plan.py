@@ -64,7 +64,8 @@ def test_lines_per_order_by_order_id() -> None:
         "order ord_jpy (5,000 JPY): new case, keep ch_k2",
         "  refund ch_j 5,000 JPY",
         "order ord_z_review (total unknown): case 7, keep ch_k3",
-        "  to finance: the order's total is not known, so no refund is automatic; ch_x has 1000 of 4999 usd refunded",
+        "  to finance: The order's total is not known, so no refund is made automatically. "
+        "Charge ch_x already has 10.00 USD of 49.99 USD refunded; a person must decide.",
         "  suggested: refund ch_p 10.00 USD",
     ]
 
@@ -89,5 +90,5 @@ def test_reopen_names_the_case() -> None:
     lines = plan_lines([_entry(step="reopen", case_id=3, action="review", reasons=["reopened: a settled case's order holds too much again; a person decides"])])
     assert lines[1:] == [
         "order ord_x (49.99 USD): reopens case 3, keep ch_keep",
-        "  to finance: a settled case's order holds too much again; a person decides",
+        "  to finance: A settled case's order holds too much again; a person must decide.",
     ]

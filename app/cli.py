@@ -1,7 +1,10 @@
 """The ``reconciler`` command: serve, db, orders. A composition root like ``create_app``.
 
-Settings are read once here; a malformed setting ends the command with a message naming
-the variable and exit status 2, before anything starts.
+Settings are read once here; a malformed setting ends the command with a one-line message
+naming the variable and exit status 2, before anything starts. Every command that uses the
+database checks it first (:mod:`models.availability`): a wrong URL, a server that is down,
+a missing database or an unmigrated schema is one line on stderr and exit status 1, never
+a traceback; so is a database that goes away while the command runs.
 """
 
 from __future__ import annotations
@@ -10,28 +13,92 @@ import logging
 import multiprocessing
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from config import Settings, SettingsError
+from config import DEFAULT_SQLITE_PATH, Settings, SettingsError
 from models import CASE_STATUSES
 
+if TYPE_CHECKING:
+    from jobs.supervisor import Child
+
 log = logging.getLogger("reconciler")
+
+
+class ConfigurationError(click.ClickException):
+    """A setting is missing or malformed: one line, no usage text, exit status 2."""
+
+    exit_code = 2
+
+
+class DatabaseError(click.ClickException):
+    """The database cannot be used: one line, exit status 1."""
+
+    exit_code = 1
 
 
 def _settings() -> Settings:
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
-        raise click.UsageError(f"configuration error: {exc}") from None
+        raise ConfigurationError(f"configuration error: {exc}") from None
     from app.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
     return settings
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _engine(settings: Settings, *, schema: str = "head"):  # type: ignore[no-untyped-def]
+    """An engine on the configured database once it is known to be usable (see
+    :func:`models.availability.open_database`), else a one-line :class:`DatabaseError`.
+    The default SQLite location's folder (``instance/``) is the one directory made here."""
+    from models.availability import DatabaseUnavailable, open_database
+
+    if settings.database_url == default_database_url():
+        DEFAULT_SQLITE_PATH.resolve().parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return open_database(settings.database_url, schema=schema)
+    except DatabaseUnavailable as exc:
+        raise DatabaseError(str(exc)) from None
+
+
+def default_database_url() -> str:
+    return f"sqlite:///{DEFAULT_SQLITE_PATH.resolve()}"
+
+
+class ReconcilerGroup(click.Group):
+    """The command group. A database error that escapes a command (the server went away
+    half way) becomes one line and exit status 1 instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from sqlalchemy.exc import DBAPIError, OperationalError
+
+        try:
+            return super().invoke(ctx)
+        except (OperationalError, DBAPIError) as exc:
+            if not _is_availability_error(exc):
+                raise
+            from models.availability import describe_error
+
+            raise DatabaseError(describe_error(exc, _configured_url())) from None
+
+
+def _is_availability_error(exc: BaseException) -> bool:
+    from sqlalchemy.exc import OperationalError
+
+    message = str(getattr(exc, "orig", exc)).lower()
+    return isinstance(exc, OperationalError) or "no such table" in message or ("relation" in message and "does not exist" in message)
+
+
+def _configured_url() -> str:
+    try:
+        return Settings.from_env().database_url
+    except SettingsError:
+        return "the configured database"
+
+
+@click.group(cls=ReconcilerGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Stripe webhook ledger and duplicate-charge reconciler."""
 
@@ -63,22 +130,64 @@ def default_threads(settings: Settings) -> int:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--workers", type=click.IntRange(1, 64), envvar="WEB_WORKERS", help="Default: 2 on SQLite, cores + 1 on PostgreSQL.")
-@click.option("--threads", type=click.IntRange(1, 64), envvar="WEB_THREADS", help="Threads per worker (gthread workers when above 1). Default: see default_threads.")
+@click.option("--workers", type=click.IntRange(1, 64), envvar="WEB_WORKERS", help="Default: 2 on SQLite; on PostgreSQL one per core with granian, cores + 1 with gunicorn (at most 8).")
+@click.option("--threads", type=click.IntRange(1, 64), envvar="WEB_THREADS", help="Threads per worker (gunicorn: gthread workers when above 1).  [default: 2]")
 @click.option("--migrate/--no-migrate", default=None, help="Apply migrations first (default: on SQLite only).")
 @click.option("--server", "server_name", type=click.Choice(["gunicorn", "granian"]), default="granian", show_default=True, envvar="WEB_SERVER",
               help="The WSGI server (README: Benchmarks, Ingest).")
-def serve(host: str, port: int, workers: int | None, threads: int | None, migrate: bool | None, server_name: str) -> None:
-    """Run the web app (and its applier processes)."""
+@click.option("--scheduler/--no-scheduler", "with_scheduler", default=True,
+              help="Also run the scheduler (nightly pass, alert sweep, housekeeping) as a supervised child process (default: on).")
+@click.option("--supervised", "web_only", is_flag=True, hidden=True,
+              help="Run the web server alone in this process: how serve's supervisor starts its web child.")
+def serve(
+    host: str, port: int, workers: int | None, threads: int | None, migrate: bool | None, server_name: str,
+    with_scheduler: bool, web_only: bool,
+) -> None:
+    """Run the service: the web app (granian, or gunicorn), the event applier(s)
+    (APPLIER_PROCESSES) and, unless --no-scheduler, the scheduler, each a supervised child
+    process (an applier or scheduler that dies is restarted; SIGTERM or Ctrl-C stops them
+    all)."""
     settings = _settings()
     _ensure_schema(settings, migrate=settings.is_sqlite if migrate is None else migrate)
+    if web_only:
+        _run_web(settings, server_name, host=host, port=port, workers=workers, threads=threads)
+        return
+    for warning in settings.warnings():
+        click.echo(f"warning: {warning}", err=True)
+    from jobs.supervisor import Supervisor
+
+    web_args = ["--server", server_name, "--host", host, "--port", str(port)]
+    if workers:
+        web_args += ["--workers", str(workers)]
+    if threads:
+        web_args += ["--threads", str(threads)]
+    sys.exit(Supervisor(service_children(settings, web_args, scheduler=with_scheduler)).run())
+
+
+def service_children(settings: Settings, web_args: list[str], *, scheduler: bool = True) -> list[Child]:
+    """What ``reconciler serve`` runs, in order: the web server (essential: if it exits,
+    everything stops), the event appliers (``APPLIER_PROCESSES``; one on SQLite, none when
+    0, for hosts that only accept events) and the scheduler; those are restarted when they
+    die. Each is this same command line in a process of its own. Another long-running
+    process of the service joins by adding one :class:`jobs.supervisor.Child` here."""
+    from jobs.supervisor import Child
+
+    command = [sys.executable, "-m", "app.cli"]
+    appliers = 0 if settings.applier_processes == 0 else (1 if settings.is_sqlite else settings.applier_processes)
+    children = [Child("web", [*command, "serve", "--supervised", "--no-migrate", *web_args], restart=False)]
+    children += [
+        Child("applier" if appliers == 1 else f"applier-{n}", [*command, "applier"]) for n in range(1, appliers + 1)
+    ]
+    if scheduler:
+        children.append(Child("scheduler", [*command, "scheduler"]))
+    return children
+
+
+def _run_web(settings: Settings, server_name: str, *, host: str, port: int, workers: int | None, threads: int | None) -> None:
+    """The web server (granian or gunicorn) in this process, until it is stopped."""
     metrics_dir = _prepare_metrics_dir()
     if server_name == "granian":
-        appliers = _start_appliers(settings)
-        try:
-            _serve_granian(host, port, workers or default_workers(settings, "granian"), threads or default_threads(settings))
-        finally:
-            _stop_children(appliers)
+        _serve_granian(host, port, workers or default_workers(settings, "granian"), threads or default_threads(settings))
         return
     from gunicorn.app.base import BaseApplication
 
@@ -117,11 +226,7 @@ def serve(host: str, port: int, workers: int | None, threads: int | None, migrat
 
             return create_app(settings)
 
-    appliers = _start_appliers(settings)
-    try:
-        Server().run()
-    finally:
-        _stop_children(appliers)
+    Server().run()
 
 
 def _serve_granian(host: str, port: int, workers: int, threads: int) -> None:
@@ -151,38 +256,6 @@ def _serve_granian(host: str, port: int, workers: int, threads: int) -> None:
     ).serve()
 
 
-def _start_appliers(settings: Settings) -> list["subprocess.Popen[bytes]"]:
-    """``APPLIER_PROCESSES`` children running ``reconciler applier``: they turn what the web
-    workers store into ledger rows. They die with this process (PR_SET_PDEATHSIG), even on
-    kill -9."""
-    import subprocess
-    import sys
-
-    def die_with_parent() -> None:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-    count = 0 if settings.applier_processes == 0 else (1 if settings.is_sqlite else settings.applier_processes)
-    return [
-        subprocess.Popen([sys.executable, "-c", "from app.cli import main; main()", "applier"], preexec_fn=die_with_parent)
-        for _ in range(count)
-    ]
-
-
-def _stop_children(children: list["subprocess.Popen[bytes]"]) -> None:
-    import subprocess
-
-    for child in children:
-        child.terminate()
-    for child in children:
-        try:
-            child.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            child.kill()
-
-
 @main.command()
 @click.option("--threads", type=click.IntRange(1, 16), default=1, show_default=True, help="Appliers in this process (PostgreSQL; SQLite runs one).")
 def applier(threads: int) -> None:
@@ -191,6 +264,7 @@ def applier(threads: int) -> None:
     from jobs.applier import run_applier
 
     settings = _settings()
+    _engine(settings).dispose()  # usable, migrated: else one line, exit status 1
     run_applier(settings, threads=threads)
 
 
@@ -216,21 +290,24 @@ def _metrics_child_exit(path: str, pid: int) -> None:
 
 
 def _ensure_schema(settings: Settings, *, migrate: bool) -> None:
-    from models import make_engine
-    from models.migrate import current_revision, head_revision, upgrade
-
+    """Migrate (when asked) or check that the schema is at the latest migration; either way
+    a database that cannot be used is one line and exit status 1."""
     if migrate:
-        upgrade(settings.database_url)
-        return
-    engine = make_engine(settings.database_url)
+        _upgrade(settings, "head")
+    _engine(settings).dispose()
+
+
+def _upgrade(settings: Settings, revision: str) -> None:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from models.availability import describe_error
+    from models.migrate import upgrade
+
+    _engine(settings, schema="create").dispose()  # reachable, and the directory exists
     try:
-        current = current_revision(engine)
-    finally:
-        engine.dispose()
-    if current != head_revision():
-        raise click.ClickException(
-            f"database schema is at {current or 'nothing'}, not {head_revision()}: run `reconciler db upgrade`"
-        )
+        upgrade(settings.database_url, revision)
+    except SQLAlchemyError as exc:
+        raise DatabaseError(describe_error(exc, settings.database_url)) from None
 
 
 # -- db --------------------------------------------------------------------------------
@@ -245,21 +322,18 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(revision: str) -> None:
     """Apply migrations."""
-    from models.migrate import upgrade
-
     settings = _settings()
-    upgrade(settings.database_url, revision)
+    _upgrade(settings, revision)
     click.echo(f"database at {revision}")
 
 
 @db.command("current")
 def db_current() -> None:
     """Print the schema revision."""
-    from models import make_engine
     from models.migrate import current_revision, head_revision
 
     settings = _settings()
-    engine = make_engine(settings.database_url)
+    engine = _engine(settings, schema="any")
     try:
         current = current_revision(engine)
     finally:
@@ -281,7 +355,7 @@ def orders_import(csv_file: Path) -> None:
     """Load orders from CSV_FILE (order_id,amount,currency[,customer]; amounts in minor
     units). All rows are applied in one transaction, or none if any row is invalid."""
     from app.services.orders import OrderError, import_orders, parse_order_csv
-    from models import make_engine, make_session_factory, run_in_transaction
+    from models import make_session_factory, run_in_transaction
 
     settings = _settings()
     try:
@@ -295,7 +369,7 @@ def orders_import(csv_file: Path) -> None:
         if len(errors) > 50:
             click.echo(f"... and {len(errors) - 50} more", err=True)
         raise click.ClickException(f"{len(errors)} invalid row(s); nothing imported")
-    engine = make_engine(settings.database_url)
+    engine = _engine(settings)
     try:
         report = run_in_transaction(make_session_factory(engine), lambda s: import_orders(s, rows))
     except OrderError as exc:
@@ -323,9 +397,9 @@ def _parse_day(value: str | None) -> "datetime | None":
 
 def _job_dependencies(settings: Settings):  # type: ignore[no-untyped-def]
     from app.gateway import StripeGateway
-    from models import make_engine, make_session_factory
+    from models import make_session_factory
 
-    engine = make_engine(settings.database_url)
+    engine = _engine(settings)
     return engine, make_session_factory(engine), StripeGateway.from_settings(settings)
 
 
@@ -335,26 +409,39 @@ def _job_dependencies(settings: Settings):  # type: ignore[no-untyped-def]
 @click.option("--full", is_flag=True, help="Examine every order, not only those touched since the last pass.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 def reconcile(mode: str | None, since: str | None, full: bool, as_json: bool) -> None:
-    """Run one reconciliation pass now (backfill, detect, refund in auto mode, alert)."""
+    """Run one reconciliation pass now (backfill, detect, refund in auto mode, alert).
+
+    Progress goes to stderr: bars on a terminal, JSON log lines otherwise. SIGINT, SIGTERM
+    or SIGHUP stop the pass where it is: it is recorded as aborted and the command exits
+    128 + the signal's number."""
+    import contextlib
     import json
 
-    from jobs.reconcile import RunInProgress, run_reconciliation
+    from app.progress import LogProgress, TerminalProgress
+    from jobs.reconcile import PassAborted, RunInProgress, abort_on_signals, run_reconciliation
 
     settings = _settings()
     since_at = _parse_day(since)
     engine, session_factory, gateway = _job_dependencies(settings)
-    progress = _progress_printer() if sys.stderr.isatty() and not as_json else None
+    started: list[int] = []
+    reporter: Any = TerminalProgress() if sys.stderr.isatty() else LogProgress()
     try:
-        summary = run_reconciliation(
-            session_factory, gateway, settings, mode=mode, since=since_at, full=full, progress=progress
-        )
+        with abort_on_signals(), (reporter if isinstance(reporter, TerminalProgress) else contextlib.nullcontext()):
+            summary = run_reconciliation(
+                session_factory, gateway, settings, mode=mode, since=since_at, full=full, progress=reporter,
+                on_start=started.append,
+            )
     except RunInProgress as exc:
         click.echo(f"not started: {exc}", err=True)
         sys.exit(3)
+    except PassAborted as exc:
+        what = f"run {started[0]} aborted" if started else "aborted before the pass started"
+        click.echo(f"{what}: {exc.reason}" + ("; recorded as aborted" if started else ""), err=True)
+        sys.exit(128 + (exc.signum or 2))
     finally:
+        if isinstance(reporter, LogProgress):
+            reporter.close()
         engine.dispose()
-    if progress is not None:
-        click.echo("", err=True)
     if as_json:
         data = {"run_id": summary.run_id, "status": summary.status, "mode": summary.mode, "counts": summary.counts(), "errors": summary.errors, "warnings": summary.warnings}
         if summary.mode == "dry-run":
@@ -366,15 +453,9 @@ def reconcile(mode: str | None, since: str | None, full: bool, as_json: bool) ->
         sys.exit(1)
 
 
-def _progress_printer():  # type: ignore[no-untyped-def]
-    seen: dict[str, int] = {}
-
-    def progress(kind: str, count: int) -> None:
-        seen[kind] = seen.get(kind, 0) + count
-        line = "  ".join(f"{k}: {v}" for k, v in seen.items())
-        click.echo(f"\rbackfill  {line}", nl=False, err=True)
-
-    return progress
+# How many cases (and dry-run orders) the printed summary lists; the rest are on the
+# review page, in `reconciler review list`, the CSV report, or `--json`.
+SUMMARY_LIST_LIMIT = 20
 
 
 def _print_summary(summary) -> None:  # type: ignore[no-untyped-def]
@@ -388,6 +469,16 @@ def _print_summary(summary) -> None:  # type: ignore[no-untyped-def]
         f"{counts['events_replayed']} undelivered events applied; watermark {summary.watermark}"
     )
     click.echo(f"  examined {counts['orders_examined']} orders; {counts['cases_opened']} case(s) opened, {counts['cases_resolved']} resolved outside")
+    opened = list(summary.detection.get("cases_opened", [])) + list(summary.detection.get("unlinked_opened", []))
+    if opened:
+        shown = ", ".join(str(case_id) for case_id in opened[:SUMMARY_LIST_LIMIT])
+        click.echo(f"  new cases: {shown}")
+        if len(opened) > SUMMARY_LIST_LIMIT:
+            day = f"{datetime_now_utc():%Y-%m-%d}"
+            click.echo(
+                f"  ... and {len(opened) - SUMMARY_LIST_LIMIT} more: see the review page (/review), "
+                f"`reconciler review list` or the CSV report (`reconciler report --since {day}`)"
+            )
     if summary.mode == "dry-run":
         click.echo(f"  would open {counts['would_open']} case(s), {counts['would_refund_automatically']} of them refunded automatically in auto mode")
     click.echo(f"  refunds: {counts['refunds_issued']} issued ({amounts}), {counts['refunds_failed']} failed, {counts['refunds_deferred']} left for the next pass, {counts['refunds_skipped']} skipped")
@@ -397,8 +488,14 @@ def _print_summary(summary) -> None:  # type: ignore[no-untyped-def]
     for error in summary.errors:
         click.echo(f"  ! {error}")
     if summary.mode == "dry-run":
-        for line in plan_lines(summary.detection.get("plan", [])):
+        for line in plan_lines(summary.detection.get("plan", []), limit=SUMMARY_LIST_LIMIT):
             click.echo(f"  {line}")
+
+
+def datetime_now_utc():  # type: ignore[no-untyped-def]
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)
 
 
 # The dry run's plan (jobs.detection._planned), per order: what a pass would do.
@@ -437,16 +534,23 @@ def plan_data(plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def plan_lines(plan: list[dict[str, Any]]) -> list[str]:
+def plan_lines(plan: list[dict[str, Any]], *, limit: int | None = None) -> list[str]:
     """What a dry run would do, per order (by order id), as lines of text: the order and
     its total, the keeper, then each refund and release, or for a person's decision "to
-    finance:" and the reasons in words (amounts in major units), with any suggested refunds."""
+    finance:" and the reasons in words (amounts in major units), with any suggested refunds.
+    ``limit``: the first orders only, then a line saying how many more ``--json`` lists."""
     from app.services.reasons import ReasonContext, reason_sentences
 
     if not plan:
         return ["nothing would be done: no refund, release or case for finance"]
     lines = [f"would act on {len(plan)} order(s):"]
-    for entry in plan_data(plan):
+    entries = plan_data(plan)
+    if limit is not None and len(entries) > limit:
+        hidden = len(entries) - limit
+        entries = entries[:limit]
+    else:
+        hidden = 0
+    for entry in entries:
         step = _STEP_WORDS.get(entry["step"], entry["step"] or "").format(case_id=entry["case_id"])
         keeper = entry["keeper_charge_id"] or "unknown"
         lines.append(f"order {entry['order_id']} ({entry['order_total']['display']}): {step}, keep {keeper}")
@@ -460,24 +564,31 @@ def plan_lines(plan: list[dict[str, Any]]) -> list[str]:
             lines.append(f"  {prefix}refund {refund['charge_id']} {refund['display']}")
         for release in entry["releases"]:
             lines.append(f"  {prefix}release authorisation {release['charge_id']} {release['display']}")
+    if hidden:
+        lines.append(f"... and {hidden} more order(s): `reconciler reconcile --mode dry-run --json` lists them all")
     return lines
 
 
 @main.command()
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
 def runs(limit: int) -> None:
-    """List recent reconciliation passes."""
+    """List recent reconciliation passes (status running, succeeded, partial, failed or
+    aborted), after when the next one is due."""
     from sqlalchemy import select
 
-    from models import ReconciliationRun, make_engine, make_session_factory
+    from models import ReconciliationRun, make_session_factory
+
+    from jobs.schedule_state import schedule_view
 
     settings = _settings()
-    engine = make_engine(settings.database_url)
+    engine = _engine(settings)
     try:
         with make_session_factory(engine)() as session:
             rows = list(session.scalars(select(ReconciliationRun).order_by(ReconciliationRun.id.desc()).limit(limit)))
+            schedule = schedule_view(session)
     finally:
         engine.dispose()
+    click.echo(schedule.describe())
     if not rows:
         click.echo("no passes yet")
         return
@@ -668,11 +779,11 @@ def users_hash_password(password: str) -> None:
 @click.argument("username")
 def users_logout(username: str) -> None:
     """End every review session of USERNAME (a lost laptop, a leaked password)."""
-    from models import WebSession, make_engine, make_session_factory, run_in_transaction
+    from models import WebSession, make_session_factory, run_in_transaction
     from sqlalchemy import delete
 
     settings = _settings()
-    engine = make_engine(settings.database_url)
+    engine = _engine(settings)
     try:
         ended = run_in_transaction(
             make_session_factory(engine),
@@ -684,7 +795,7 @@ def users_logout(username: str) -> None:
 
 
 @main.command()
-@click.option("--serve/--no-serve", "serve_after", default=False, help="Keep the service running afterwards (Ctrl-C stops it).")
+@click.option("--serve/--no-serve", "serve_after", default=False, help="Keep the service running afterwards and show the review login (Ctrl-C or SIGTERM stops it).")
 @click.option("--stripe", "stripe_choice", type=click.Choice(["auto", "emulator", "simulated"]), default="auto", show_default=True,
               help="auto: the stripe-stateful-mock emulator when installed, else the built-in simulation.")
 @click.option("--database", type=click.Path(dir_okay=False, path_type=Path), help="Keep the demo database at this path.")
@@ -696,28 +807,34 @@ def demo(serve_after: bool, stripe_choice: str, database: Path | None, as_json: 
     import dataclasses
     import json
 
-    from app.demo import run_demo
-
+    from app.demo import DemoError, DemoStopped, run_demo
     from app.logs import configure_logging
 
     configure_logging("WARNING", "text")
-    summary = run_demo(out=click.echo, serve_after=serve_after, database_path=database.resolve() if database else None, stripe_choice=stripe_choice)
+    try:
+        summary = run_demo(out=click.echo, serve_after=serve_after, database_path=database.resolve() if database else None, stripe_choice=stripe_choice)
+    except DemoError as exc:
+        raise click.ClickException(str(exc)) from None
+    except DemoStopped as stopped:
+        sys.exit(128 + stopped.signum)
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(summary)))
 
 
 @main.command()
 def scheduler() -> None:
-    """Run the scheduler process: the nightly pass at RECONCILE_CRON (UTC), and hourly
-    housekeeping. Run exactly one per deployment; the pass lock guards against more."""
+    """Run the scheduler process on its own: the nightly pass at RECONCILE_CRON (UTC), the
+    alert sweep and hourly housekeeping. `reconciler serve` already runs one; the pass lock
+    keeps passes apart if several hosts run it."""
     from jobs.scheduler import run_scheduler
 
     settings = _settings()
     engine, session_factory, gateway = _job_dependencies(settings)
     try:
-        run_scheduler(settings, session_factory, gateway)
+        status = run_scheduler(settings, session_factory, gateway)
     finally:
         engine.dispose()
+    sys.exit(status)
 
 
 

@@ -89,3 +89,6 @@ def configure_logging(level: str, fmt: str = "auto") -> None:
     root.setLevel(level)
     # Alembic announces every plugin it loads at INFO; keep its migration lines only.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    # stripe-python logs every request it sends at INFO (hundreds in a backfill): only its
+    # warnings and errors, unless the whole service logs at DEBUG.
+    logging.getLogger("stripe").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)

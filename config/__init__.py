@@ -308,6 +308,20 @@ class Settings:
             raise SettingsError("API_TOKEN must be at least 16 characters")
         return settings
 
+    def warnings(self) -> list[str]:
+        """What works but is probably not what was meant; ``reconciler serve`` prints these
+        at start. (``REVIEW_USERS`` without a ``SECRET_KEY`` of at least 32 bytes is not a
+        warning but an error: :meth:`__post_init__`.)"""
+        found: list[str] = []
+        if not self.secret_key:
+            found.append(
+                "SECRET_KEY is not set: each process makes up its own key, lost at every restart, so "
+                "REVIEW_USERS cannot be used (review logins need a persistent key) and sealed client "
+                "secrets are read again from Stripe; set a persistent SECRET_KEY "
+                "(python -c 'import secrets; print(secrets.token_hex(32))')"
+            )
+        return found
+
     def with_overrides(self, **changes: object) -> "Settings":
         """A copy with some fields changed (tests and the CLI use this)."""
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import StrEnum
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from sqlalchemy import and_, func, or_, select, union
 from sqlalchemy.orm import Session, aliased, selectinload, sessionmaker
@@ -212,15 +212,20 @@ def detect(
     touched_since: datetime | None,
     dry_run: bool,
     run_id: int | None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> DetectionSummary:
     """Open, refresh, reopen or resolve cases for every candidate order; one transaction
     per chunk. After it, every candidate order that holds more than it should has an
     active case or a dismissal made for its current state.
 
-    ``dry_run`` writes nothing: it reports, per order, what a pass would do."""
+    ``dry_run`` writes nothing: it reports, per order, what a pass would do.
+    ``progress(orders_done_in_this_chunk, candidate_orders)`` is called after each chunk
+    (and once before the first, with 0); it may raise to stop the pass between chunks."""
     summary = DetectionSummary()
     with session_factory() as session:
         order_ids = candidate_orders(session, touched_since=touched_since)
+    if progress:
+        progress(0, len(order_ids))
     for start in range(0, len(order_ids), CHUNK):
         chunk = order_ids[start : start + CHUNK]
 
@@ -256,6 +261,8 @@ def detect(
         else:
             part = run_in_transaction(session_factory, work)
         summary.merge(part)
+        if progress:
+            progress(len(chunk), len(order_ids))
     return summary
 
 

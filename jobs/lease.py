@@ -2,8 +2,10 @@
 
 PostgreSQL: a session-level advisory lock, held on a connection of its own for the whole
 pass; the server releases it if the process dies. SQLite (one host by nature): a lease row
-with an expiry, renewed by a heartbeat thread, so a crashed pass blocks the next one only
-until its lease runs out.
+with an expiry, renewed by a heartbeat thread. Its holder names the host and the process
+(``host:pid:suffix``), so a pass that finds the lease held by a process of this host that
+no longer exists (killed, crashed) takes it over at once; otherwise a dead holder blocks
+the next pass only until its lease runs out, and the refusal says when that is.
 """
 
 from __future__ import annotations
@@ -37,6 +39,28 @@ def holder_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def holder_is_dead(holder: str) -> bool:
+    """True only when ``holder`` (``host:pid:suffix``) names a process of this host that
+    no longer exists. A holder of another host, or one we cannot read, is taken as alive
+    (its lease expiry decides). A reused pid makes a dead holder look alive, never the
+    other way round, so the answer errs on the side of waiting."""
+    parts = holder.split(":")
+    if len(parts) < 3 or not parts[-2].isdigit():
+        return False
+    host, pid = ":".join(parts[:-2]), int(parts[-2])
+    if host != socket.gethostname() or pid <= 0:
+        return False
+    if pid == os.getpid():
+        return False  # this process: another thread of it holds the lease
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # exists, another user's
+    return False
+
+
 @contextlib.contextmanager
 def exclusive_pass(
     session_factory: sessionmaker[Session],
@@ -65,7 +89,7 @@ def exclusive_pass(
                 connection.commit()
         return
 
-    def take(session: Session) -> str | None:
+    def take(session: Session) -> tuple[str, datetime] | None:
         current = now()
         insert_ignore(session, RunLease, {"name": name, "holder": holder, "expires_at": current + ttl})
         lease = session.execute(
@@ -73,14 +97,20 @@ def exclusive_pass(
         ).scalar_one()
         expires = lease.expires_at if lease.expires_at.tzinfo else lease.expires_at.replace(tzinfo=timezone.utc)
         if lease.holder != holder and expires > current:
-            return lease.holder
+            if not holder_is_dead(lease.holder):
+                return lease.holder, expires
+            log.warning("lease holder %s is gone; taking the %s lease over", lease.holder, name)
         lease.holder = holder
         lease.expires_at = current + ttl
         return None
 
     other = run_in_transaction(session_factory, take)
     if other is not None:
-        raise RunInProgress(f"another {name} pass is running (lease held by {other})")
+        other_holder, expires = other
+        raise RunInProgress(
+            f"another {name} pass is running (lease held by {other_holder}, renewed while it runs; "
+            f"if that process stopped, the lease expires at {expires:%Y-%m-%d %H:%M:%S} UTC)"
+        )
     stop = threading.Event()
 
     def heartbeat() -> None:

@@ -8,15 +8,25 @@ it. Only one pass runs at a time (:mod:`jobs.lease`); a second one raises
 Modes: ``review`` opens cases and refunds nothing; ``auto`` also refunds the automatic
 cases; ``dry-run`` may backfill the ledger and records its run, but opens no case, calls no
 Stripe write API and sends no alert: it reports what it would do.
+
+A run explains how it ended: ``succeeded``, ``partial`` (finished with errors),
+``failed`` (an error stopped it) or ``aborted`` (stopped from outside: a signal, a stop
+request, or its process died). A pass that is stopped records ``aborted`` itself on the way
+out (:class:`PassAborted`, raised by the caller's signal handler or by ``should_stop`` at
+the next checkpoint). A process that dies without a word (SIGKILL, power loss) leaves its
+run ``running``: the next pass, once it holds the pass lock, knows no pass can still be
+running and marks such runs ``aborted``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,7 +39,7 @@ from domain.ledger.applier import Applier
 from domain.ledger.inbox import Inbox
 from jobs.applier import make_applier
 from jobs.alerts import Alert, Alerter, pending_alerts
-from jobs.backfill import LISTINGS, BackfillStopped, BackfillSummary, Progress, backfill, backfill_start, oldest_watermark
+from jobs.backfill import LISTINGS, BackfillStopped, BackfillSummary, backfill, backfill_start, oldest_watermark
 from jobs.detection import DetectionSummary, detect, detect_unlinked
 from jobs.lease import RunInProgress, exclusive_pass, holder_name
 from models import CaseStatus, DuplicateCase, ReconciliationRun, run_in_transaction
@@ -48,7 +58,26 @@ OVERLAP_SECONDS = 3600
 # looks this much further back instead.
 TOUCHED_MARGIN = timedelta(minutes=5)
 
-__all__ = ["RunInProgress", "RunSummary", "run_reconciliation"]
+__all__ = ["PassAborted", "PassProgress", "RunInProgress", "RunSummary", "run_reconciliation"]
+
+# ``progress(phase, count, total)``: ``count`` more units of ``phase`` are done; ``total``
+# (when known) is how many the phase has in all. Phases: "backfill charges", "backfill
+# refunds", ... (objects read from Stripe), "detection" (orders), "refunds" (cases). A
+# callback may raise :class:`PassAborted` to stop the pass at that point.
+PassProgress = Callable[[str, int, "int | None"], None]
+# Inside the pass: progress plus the stop check; phase None is the stop check alone.
+Checkpoint = Callable[["str | None", int, "int | None"], None]
+
+
+class PassAborted(BaseException):
+    """Stops a pass from outside (a signal, a stop request); the run is recorded
+    ``aborted`` with ``reason``. A BaseException, like KeyboardInterrupt, so that no
+    ``except Exception`` inside the pass swallows it."""
+
+    def __init__(self, reason: str, *, signum: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.signum = signum
 
 
 @dataclass
@@ -113,9 +142,16 @@ def run_reconciliation(
     sleep: Callable[[float], None] = time.sleep,
     alerter: Alerter | None = None,
     refund_service: RefundService | None = None,
-    progress: Progress | None = None,
+    progress: PassProgress | None = None,
+    should_stop: Callable[[], str | None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> RunSummary:
-    """Run one pass now. Raises :class:`RunInProgress` if another pass holds the lock."""
+    """Run one pass now. Raises :class:`RunInProgress` if another pass holds the lock.
+
+    ``should_stop()`` is asked at every checkpoint (each page, chunk and refund); a reason
+    it returns stops the pass there, recorded ``aborted``, and :class:`PassAborted` is
+    raised. ``on_start(run_id)`` is called once the run is recorded (a signal handler
+    uses it to know which run it stops)."""
     mode = mode or settings.refund_mode
     if mode not in ("review", "auto", "dry-run"):
         raise ValueError(f"mode must be review, auto or dry-run, not {mode!r}")
@@ -127,19 +163,78 @@ def run_reconciliation(
 
     with exclusive_pass(session_factory):
         previous = _previous_run(session_factory)
-        run_id = _start_run(session_factory, mode, full, trigger)
+        run_id, orphans = _start_run(session_factory, mode, full, trigger)
         summary = RunSummary(run_id=run_id, mode=mode, status="running", full=full, backfill_from=None, watermark=None)
+        if orphans:
+            message = (
+                f"run(s) {', '.join(map(str, orphans))} had stopped without finishing (their process is gone): "
+                "recorded as aborted"
+            )
+            log.warning(message, extra={"run_id": run_id})
+            summary.warnings.append(message)
+        if on_start:
+            on_start(run_id)
+        checkpoint = _checkpoint(should_stop, progress)
         try:
-            _pass(summary, previous, session_factory, gateway, settings, inbox, applier, refunds, alerter, limiter, since, clock, progress)
+            checkpoint(None, 0, None)
+            _pass(summary, previous, session_factory, gateway, settings, inbox, applier, refunds, alerter, limiter, since, clock, checkpoint)
             summary.status = "partial" if summary.errors else "succeeded"
         except Exception as exc:
             log.exception("reconciliation pass failed", extra={"run_id": run_id})
             summary.errors.append(f"{type(exc).__name__}: {exc}")
             summary.status = "failed"
             raise
+        except BaseException as exc:  # PassAborted, KeyboardInterrupt, SystemExit
+            reason = exc.reason if isinstance(exc, PassAborted) else type(exc).__name__
+            log.warning("reconciliation pass aborted: %s", reason, extra={"run_id": run_id})
+            summary.errors.append(f"aborted: {reason}")
+            summary.status = "aborted"
+            raise
         finally:
             _finish_run(session_factory, summary)
     return summary
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def abort_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """While the block runs, the first of ``signals`` raises :class:`PassAborted` where the
+    main thread is, so a pass in the block records itself ``aborted`` and releases the pass
+    lock on its way out; later signals are ignored so that this bookkeeping finishes. The
+    previous handlers come back afterwards. Main thread only (Python's rule for signals)."""
+    fired: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if fired:
+            log.warning("%s received while stopping; still recording the run", name)
+            return
+        fired.append(signum)
+        raise PassAborted(f"interrupted by {name}", signum=signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _checkpoint(should_stop: Callable[[], str | None] | None, progress: PassProgress | None) -> Checkpoint:
+    """One callback for the pass's progress and its stop checks: reports, then stops the
+    pass (:class:`PassAborted`) if ``should_stop`` gives a reason."""
+
+    def checkpoint(phase: str | None, count: int, total: int | None = None) -> None:
+        # phase None: between phases, the stop check alone
+        if progress is not None and phase is not None:
+            progress(phase, count, total)
+        reason = should_stop() if should_stop is not None else None
+        if reason:
+            raise PassAborted(reason)
+
+    return checkpoint
 
 
 def _pass(
@@ -155,11 +250,12 @@ def _pass(
     limiter: RateLimiter,
     since: datetime | None,
     clock: Callable[[], float],
-    progress: Progress | None,
+    checkpoint: Checkpoint,
 ) -> None:
     dry_run = summary.mode == "dry-run"
     # -- the inbox: what webhooks stored must be in the ledger before it is judged ---------
     _drain_inbox(summary, applier, settings.inbox_drain_seconds, "before backfill")
+    checkpoint(None, 0, None)
     # -- backfill --------------------------------------------------------------------------
     # Every listing starts from the oldest watermark minus the overlap. While only some
     # listings have one (the others never completed), from where the previous pass started.
@@ -184,7 +280,7 @@ def _pass(
         try:
             result: BackfillSummary = backfill(
                 session_factory, gateway, inbox, since=backfill_from, applier=applier, limiter=limiter, clock=clock,
-                progress=progress, watermarks=watermarks,
+                progress=lambda kind, count: checkpoint(f"backfill {kind}", count, None), watermarks=watermarks,
             )
         except BackfillStopped as exc:
             result = exc.summary
@@ -201,10 +297,13 @@ def _pass(
         with session_factory() as session:
             unfinished = pending_refund_cases(session)
         for case_id in unfinished:
+            checkpoint("resumed refunds", 0, len(unfinished))
             _collect(summary, refunds.execute_case(case_id).outcomes)
+            checkpoint("resumed refunds", 1, len(unfinished))
 
     # -- detection -------------------------------------------------------------------------
     _drain_inbox(summary, applier, settings.inbox_drain_seconds, "before detection")
+    checkpoint(None, 0, None)
     touched_since = None if summary.full or previous is None else previous.started_at
     if touched_since is not None and not (previous.counts or {}).get("inbox_drained", True):  # type: ignore[union-attr]
         touched_since -= TOUCHED_MARGIN
@@ -215,6 +314,7 @@ def _pass(
         touched_since=touched_since,
         dry_run=dry_run,
         run_id=summary.run_id,
+        progress=lambda count, total: checkpoint("detection", count, total),
     )
     # Charges that name no order: a review-only signal, counted apart (never refunded).
     unlinked = detect_unlinked(
@@ -237,15 +337,20 @@ def _pass(
         if not gateway.configured:
             summary.errors.append("auto mode: no STRIPE_API_KEY, so no refund was issued")
         else:
-            for case_id in found.automatic_open_cases:
+            automatic = found.automatic_open_cases
+            for case_id in automatic:
+                checkpoint("refunds", 0, len(automatic))
                 try:
                     refunds.approve(case_id, origin="auto", actor="reconciler")
                 except RefundRefused as exc:
                     summary.errors.append(f"case {case_id}: {exc.message}")
+                    checkpoint("refunds", 1, len(automatic))
                     continue
                 _collect(summary, refunds.execute_case(case_id).outcomes)
+                checkpoint("refunds", 1, len(automatic))
 
     # -- alerts ----------------------------------------------------------------------------
+    checkpoint(None, 0, None)
     if not dry_run:
         _send_alerts(summary, session_factory, alerter)
 
@@ -342,12 +447,26 @@ def _previous_watermarks(previous: ReconciliationRun | None) -> dict[str, int]:
     return {}
 
 
-def _start_run(session_factory: sessionmaker[Session], mode: str, full: bool, trigger: str) -> int:
-    def start(session: Session) -> int:
+def _start_run(session_factory: sessionmaker[Session], mode: str, full: bool, trigger: str) -> tuple[int, list[int]]:
+    """Record this run, and mark ``aborted`` every run still ``running``: called under the
+    pass lock, so no other pass can be running, and such a run's process died before it
+    could say how it ended. Returns this run's id and the ids marked."""
+
+    def start(session: Session) -> tuple[int, list[int]]:
+        orphans = list(
+            session.scalars(
+                select(ReconciliationRun).where(ReconciliationRun.status == "running").with_for_update()
+            )
+        )
+        now = datetime.now(timezone.utc)
+        for orphan in orphans:
+            orphan.status = "aborted"
+            orphan.finished_at = now
+            orphan.errors = [*(orphan.errors or []), "aborted: its process stopped without finishing the pass (found by the next pass)"][:100]
         run = ReconciliationRun(mode=mode, full=full, trigger=trigger, status="running", host=holder_name(), counts={}, errors=[])
         session.add(run)
         session.flush()
-        return run.id
+        return run.id, [o.id for o in orphans]
 
     return run_in_transaction(session_factory, start)
 

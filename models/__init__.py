@@ -32,6 +32,7 @@ from models.reconciliation import (
     ReconciliationRun,
     RefundAttempt,
     RunLease,
+    SchedulerHeartbeat,
     UNLINKED_ORDER_PREFIX,
     is_unlinked_order,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "ReconciliationRun",
     "RefundAttempt",
     "RunLease",
+    "SchedulerHeartbeat",
     "UNLINKED_ORDER_PREFIX",
     "is_unlinked_order",
     "Base",

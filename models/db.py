@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from pathlib import Path
 from typing import Callable, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
@@ -38,9 +37,9 @@ def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
     """Build an engine for ``url`` with the settings this service relies on."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        database = parsed.database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        # No directory is created here: a mistyped path must fail (models/availability.py
+        # says so in one line), not leave folders behind. The default location's folder is
+        # made by the command line (DEFAULT_SQLITE_PATH).
         engine = create_engine(url, echo=echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         _configure_sqlite(engine)
         return engine

@@ -257,3 +257,22 @@ class AuditEntry(Base):
 
 # Incremental detection looks for what changed since the last pass.
 Index("ix_refund_attempts_case_status", RefundAttempt.case_id, RefundAttempt.status)
+
+
+class SchedulerHeartbeat(Base):
+    """A live scheduler process and when it will start the next pass.
+
+    One row per scheduler (``holder`` is ``host:pid``), written when it starts, after each
+    pass and every minute; deleted when it stops. A row whose ``seen_at`` is older than a
+    few minutes belongs to a scheduler that died without saying so and is ignored. Several
+    hosts may run a scheduler: the pass lock keeps their passes apart, and the next pass is
+    the earliest ``next_pass_at`` among the live rows.
+    """
+
+    __tablename__ = "scheduler_heartbeats"
+
+    holder: Mapped[str] = mapped_column(String(255), primary_key=True)
+    next_pass_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cron: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

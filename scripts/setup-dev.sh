@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs the project with its test dependencies.
+# Everything the tests need: what serving needs (scripts/setup-serve.sh), the test
+# dependencies (the `dev` extra), the stripe-stateful-mock emulator (npm) and Debian's
+# chromium for the browser test. scripts/test and CI (.ci/run) run this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --upgrade pip
+bash scripts/setup-serve.sh
 .venv/bin/python -m pip install --quiet -e ".[dev]"
 
 # The stripe-stateful-mock emulator for the tests (Node): install it when node_modules is
@@ -28,3 +26,4 @@ if [ ! -x /usr/bin/chromium ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
 fi
+touch .venv/.dev-installed

@@ -1,7 +1,10 @@
 """``GET /healthz``: 200 when the database answers (503 otherwise), with the inbox's
 backlog and the appliers' heartbeat: ``applier`` is ``ok`` when one beat within the last
 20 s, ``stale`` when events wait and none did (the service still accepts events; they are
-applied once an applier runs again), ``idle`` when none runs and nothing waits."""
+applied once an applier runs again), ``idle`` when none runs and nothing waits. And the
+scheduler: ``scheduler`` is ``running`` when one recorded itself within the last three
+minutes (``reconciler serve`` runs one), with ``next_pass_at``, when the next
+reconciliation pass is due; else ``not running``, with ``scheduler_last_seen``."""
 
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ log = logging.getLogger(__name__)
 
 @bp.get("/healthz")
 def healthz():  # type: ignore[no-untyped-def]
+    from jobs.schedule_state import schedule_view
+
     try:
         with services().read_session_factory() as session:
             session.execute(text("SELECT 1"))
@@ -27,20 +32,24 @@ def healthz():  # type: ignore[no-untyped-def]
         log.warning("health check failed: %s", type(exc).__name__)
         return jsonify({"status": "unavailable", "database": "unreachable"}), 503
     applier = "ok" if state.appliers else ("stale" if state.pending else "idle")
-    return jsonify(
-        {
-            "status": "ok" if applier != "stale" else "degraded",
-            "database": "ok",
-            "applier": applier,
-            "appliers_live": state.appliers,
-            "applier_heartbeat_age_seconds": _rounded(state.last_heartbeat_seconds),
-            "inbox": {
-                "pending": state.pending,
-                "failed": state.failed,
-                "oldest_pending_seconds": _rounded(state.oldest_pending_seconds),
-            },
-        }
-    ), 200
+    body: dict[str, object] = {
+        "status": "ok" if applier != "stale" else "degraded",
+        "database": "ok",
+        "applier": applier,
+        "appliers_live": state.appliers,
+        "applier_heartbeat_age_seconds": _rounded(state.last_heartbeat_seconds),
+        "inbox": {
+            "pending": state.pending,
+            "failed": state.failed,
+            "oldest_pending_seconds": _rounded(state.oldest_pending_seconds),
+        },
+    }
+    try:
+        with services().read_session_factory() as session:
+            body.update(schedule_view(session).as_json())
+    except Exception as exc:  # the web answers whatever the scheduler bookkeeping says
+        log.warning("scheduler state unreadable: %s", type(exc).__name__)
+    return jsonify(body), 200
 
 
 def _rounded(seconds: float | None) -> float | None:

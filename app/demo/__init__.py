@@ -9,8 +9,13 @@
 4. Signed webhooks for those charges, as Stripe sends them, with one delivered twice and
    one never delivered (backfill must find it).
 5. One reconciliation pass in auto mode, in this process.
-6. A summary read back from the database, and the review page's URL with demo
-   credentials (``--serve`` keeps everything running until Ctrl-C).
+6. A summary read back from the database; with ``--serve``, the review page's URL and
+   demo credentials, and everything keeps running until Ctrl-C or SIGTERM.
+
+Stopping: SIGINT (Ctrl-C) or SIGTERM, at any point, stops the service and the Stripe
+emulator, deletes the temporary folder (and the database, unless ``--database`` named
+one) and says so. A stop while ``--serve`` keeps things running is the normal end (exit
+status 0); a stop before the demo finished exits 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +38,8 @@ from typing import Any, Callable, Iterator
 
 import requests
 from sqlalchemy import func, select
+
+from models.money import format_money
 
 ROOT = Path(__file__).resolve().parents[2]
 EMULATOR_DIR = ROOT / "tests" / "emulator" / "stateful_mock"
@@ -46,7 +54,9 @@ SCENARIOS: list[tuple[str, int, str, list[int], str]] = [
     ("demo-triple-yen", 5000, "jpy", [5000, 5000, 5000], "triple click in yen: two charges refunded"),
     ("demo-single", 2500, "usd", [2500], "a normal payment: nothing to do"),
     ("demo-split", 10000, "usd", [6000, 4000], "deposit and balance: exactly the total, nothing to do"),
-    ("demo-overpaid", 5000, "usd", [5000, 1500], "5000 + 1500 on a 5000 order: not a clear duplicate, flagged for finance"),
+    ("demo-overpaid", 5000, "usd", [5000, 1500],
+     f"{format_money(5000, 'usd')} + {format_money(1500, 'usd')} on a {format_money(5000, 'usd')} order: "
+     "not a clear duplicate, flagged for finance"),
 ]
 MISSED = ("demo-double-click", 1)  # (order, charge index) whose webhook is never delivered
 REDELIVERED = ("demo-two-tabs", 0)  # delivered twice
@@ -69,6 +79,36 @@ class DemoSummary:
     password: str = ""
 
 
+class DemoStopped(BaseException):
+    """SIGINT or SIGTERM: unwind, stopping every process and deleting the temporary files.
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` stops it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.finished = False  # stopped while --serve kept things running: the normal end
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """The first SIGINT or SIGTERM raises :class:`DemoStopped` where the demo is; further
+    ones are ignored, so that the clean-up they set off finishes."""
+    fired: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if fired:
+            return
+        fired.append(signum)
+        raise DemoStopped(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
 def run_demo(
     *,
     out: Callable[[str], None] = print,
@@ -76,18 +116,69 @@ def run_demo(
     database_path: Path | None = None,
     stripe_choice: str = "auto",
 ) -> DemoSummary:
+    """Run the demo; see the module docstring. Raises :class:`DemoStopped` (after cleaning
+    up, and saying so) when a signal stopped it before it finished."""
+    if database_path is not None and not database_path.parent.is_dir():
+        raise DemoError(f"cannot keep the demo database at {database_path}: the directory {database_path.parent} does not exist")
+    cleaned: list[str] = []
+    with _stop_on_signals():
+        try:
+            summary = _run_demo(out, serve_after, database_path, stripe_choice, cleaned)
+        except DemoStopped as stopped:
+            _say_stopped(out, stopped, cleaned, database_path)
+            if not stopped.finished:
+                raise
+            return stopped.summary  # type: ignore[attr-defined]
+    return summary
+
+
+@contextlib.contextmanager
+def _noted(cleaned: list[str], note: str) -> Iterator[list[str]]:
+    """Append the (possibly updated) note once the block ends."""
+    holder = [note]
+    try:
+        yield holder
+    finally:
+        cleaned.append(holder[0])
+
+
+class DemoError(Exception):
+    """The demo cannot start as asked (one line for the command line)."""
+
+
+def _say_stopped(out: Callable[[str], None], stopped: DemoStopped, cleaned: list[str], database_path: Path | None) -> None:
+    done = ", ".join(cleaned) if cleaned else "nothing had started yet"
+    kept = f"; the database is kept at {database_path}" if database_path and database_path.exists() else ""
+    when = "" if stopped.finished else " before the demo finished"
+    out(f"\nStopped by {signal.Signals(stopped.signum).name}{when}: {done}{kept}.")
+
+
+def _run_demo(
+    out: Callable[[str], None],
+    serve_after: bool,
+    database_path: Path | None,
+    stripe_choice: str,
+    cleaned: list[str],
+) -> DemoSummary:
     from config import Settings
     from models.migrate import upgrade
 
     with contextlib.ExitStack() as stack:
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reconciler-demo-")))
+        # Each note is registered before its resource, so (last in, first out) it is
+        # written once that resource is cleaned up.
+        temporary = tempfile.TemporaryDirectory(prefix="reconciler-demo-")
+        workdir = Path(temporary.name)
+        stack.callback(cleaned.append, f"the temporary folder {workdir} is deleted")
+        stack.enter_context(temporary)
         db_path = database_path or workdir / "demo.db"
         if db_path.exists():
             db_path.unlink()
         database_url = f"sqlite:///{db_path}"
         upgrade(database_url)
 
+        stripe_stopped = stack.enter_context(_noted(cleaned, "Stripe is stopped"))
         stripe_name, stripe_base = stack.enter_context(_stripe(stripe_choice, workdir))
+        stripe_stopped[0] = f"the {stripe_name} is stopped"
         out(f"Stripe: {stripe_name} at {stripe_base}")
         password = secrets.token_urlsafe(9)
         token = secrets.token_urlsafe(24)
@@ -106,9 +197,14 @@ def run_demo(
             "LOG_LEVEL": "WARNING",
             "LOG_FORMAT": "json",
         }
+        stack.callback(cleaned.append, "the service is stopped")
         base = stack.enter_context(serve_process(["--workers", "2", "--no-migrate"], env, workdir / "serve.log"))
         out(f"Service: {base} (log: {workdir / 'serve.log'})")
-        summary = DemoSummary(stripe=stripe_name, database=str(db_path), password=password, review_url=f"{base}/review")
+        # The review login is only shown (and kept in the summary) when the service stays up.
+        summary = DemoSummary(
+            stripe=stripe_name, database=str(db_path),
+            password=password if serve_after else "", review_url=f"{base}/review" if serve_after else "",
+        )
 
         api = requests.Session()
         api.headers["Authorization"] = f"Bearer {token}"
@@ -140,10 +236,15 @@ def run_demo(
             out(f"(The service and Stripe stop now and the database is {kept}; `reconciler demo --serve` keeps them running.)")
         if serve_after:
             out(f"\nThe service keeps running: open {summary.review_url} and log in as demo / {password}")
-            out("Ctrl-C stops it and deletes the demo database.")
-            with contextlib.suppress(KeyboardInterrupt):
+            gone = "keeps the database" if database_path else "deletes the demo database"
+            out(f"Ctrl-C (or SIGTERM) stops it and {gone}.")
+            try:
                 while True:
                     time.sleep(3600)
+            except DemoStopped as stopped:
+                stopped.finished = True
+                stopped.summary = summary  # type: ignore[attr-defined]
+                raise
         return summary
 
 
@@ -188,8 +289,7 @@ def _print_summary(summary: DemoSummary, run, out: Callable[[str], None]) -> Non
     flagged = [o for o, s in summary.cases.items() if s == "open"]
     out(f"  flagged for finance: {', '.join(flagged) or 'none'}")
     out(f"  run {run.run_id}: {run.status}" + (f" ({'; '.join(run.errors)})" if run.errors else ""))
-    out(f"\nReview page: {summary.review_url}   user: demo   password: {summary.password}")
-    out(f"Database: {summary.database}")
+    out(f"\nDatabase: {summary.database}")
 
 
 @contextlib.contextmanager
@@ -221,10 +321,14 @@ def _stripe(choice: str, workdir: Path) -> Iterator[tuple[str, str]]:
 
 
 @contextlib.contextmanager
-def serve_process(args: list[str], env: dict[str, str], log_path: Path, *, cwd: Path = ROOT) -> Iterator[str]:
+def serve_process(
+    args: list[str], env: dict[str, str], log_path: Path, *, cwd: Path = ROOT, scheduler: bool = False
+) -> Iterator[str]:
     """Run ``reconciler serve ARGS`` on a free 127.0.0.1 port until the block ends; yields
     its base URL once ``/healthz`` answers 200 (the tests start the service the same way).
-    Fails with the server's log if it does not start in 60 s."""
+    Without ``scheduler`` the service runs without its scheduler (``--no-scheduler``): the
+    demo and the tests run their passes themselves. Fails with the server's log if it does
+    not start in 60 s."""
     import socket
 
     with socket.socket() as sock:
@@ -232,7 +336,8 @@ def serve_process(args: list[str], env: dict[str, str], log_path: Path, *, cwd: 
         port = sock.getsockname()[1]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+             *([] if scheduler else ["--no-scheduler"]), *args],
             cwd=str(cwd), env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=log, stderr=subprocess.STDOUT,
         )
     base = f"http://127.0.0.1:{port}"
@@ -303,6 +408,4 @@ def _hash(password: str) -> str:
 
 
 def _money(amount: int, currency: str) -> str:
-    from models.money import format_amount
-
-    return format_amount(amount, currency)
+    return format_money(amount, currency)

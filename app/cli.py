@@ -19,6 +19,7 @@ import click
 
 from config import DEFAULT_SQLITE_PATH, Settings, SettingsError
 from models import CASE_STATUSES
+from models.base import iso_utc
 
 if TYPE_CHECKING:
     from jobs.supervisor import Child
@@ -592,12 +593,12 @@ def runs(limit: int) -> None:
     if not rows:
         click.echo("no passes yet")
         return
-    click.echo(f"{'id':>5}  {'started (UTC)':19}  {'secs':>6}  {'mode':8} {'status':9} {'opened':>6} {'refunds':>7} {'failed':>6}  watermark")
+    click.echo(f"{'id':>5}  {'started':25}  {'secs':>6}  {'mode':8} {'status':9} {'opened':>6} {'refunds':>7} {'failed':>6}  watermark")
     for run in rows:
         seconds = f"{(run.finished_at - run.started_at).total_seconds():.1f}" if run.finished_at else "-"
         counts = run.counts or {}
         click.echo(
-            f"{run.id:>5}  {run.started_at:%Y-%m-%d %H:%M:%S}  {seconds:>6}  {run.mode:8} {run.status:9} "
+            f"{run.id:>5}  {iso_utc(run.started_at.replace(microsecond=0)):25}  {seconds:>6}  {run.mode:8} {run.status:9} "
             f"{counts.get('cases_opened', 0):>6} {counts.get('refunds_issued', 0):>7} {counts.get('refunds_failed', 0):>6}  {run.watermark or '-'}"
         )
         for error in (run.errors or [])[:3]:

@@ -23,6 +23,7 @@ from sqlalchemy import Engine, delete, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import RunLease, run_in_transaction
+from models.base import iso_utc
 from models.db import insert_ignore
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def exclusive_pass(
         other_holder, expires = other
         raise RunInProgress(
             f"another {name} pass is running (lease held by {other_holder}, renewed while it runs; "
-            f"if that process stopped, the lease expires at {expires:%Y-%m-%d %H:%M:%S} UTC)"
+            f"if that process stopped, the lease expires at {iso_utc(expires.replace(microsecond=0))})"
         )
     stop = threading.Event()
 

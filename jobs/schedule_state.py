@@ -17,6 +17,8 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.base import iso_utc
+
 from models import SchedulerHeartbeat, run_in_transaction
 from models.db import insert_ignore
 
@@ -84,11 +86,11 @@ class ScheduleView:
     def describe(self) -> str:
         """One line for a person."""
         if self.live:
-            when = f"{self.next_pass_at:%Y-%m-%d %H:%M:%S} UTC" if self.next_pass_at else "not scheduled"
+            when = iso_utc(self.next_pass_at.replace(microsecond=0)) if self.next_pass_at else "not scheduled"
             return f"next pass: {when} (scheduler running on {', '.join(self.live)})"
         if self.stale:
             return (
-                f"next pass: unknown, no scheduler has been seen since {self.last_seen:%Y-%m-%d %H:%M:%S} UTC "
+                f"next pass: unknown, no scheduler has been seen since {iso_utc(self.last_seen.replace(microsecond=0))} "
                 "(run `reconciler serve` or `reconciler scheduler`)"
             )
         return "next pass: no scheduler is running (run `reconciler serve` or `reconciler scheduler`)"

@@ -70,7 +70,7 @@ def test_lease_of_a_live_or_remote_holder_is_refused_saying_when_it_expires(sess
             with exclusive_pass(session_factory):
                 pass
         message = str(refused.value)
-        assert holder in message and "the lease expires at" in message and "UTC" in message
+        assert holder in message and "the lease expires at" in message and "+00:00" in message
         run_in_transaction(session_factory, lambda s: s.query(RunLease).delete())
 
 
@@ -257,7 +257,7 @@ def test_healthz_and_runs_show_the_next_pass(client, session_factory, settings) 
     assert (health["status"], health["scheduler"], health["next_pass_at"]) == ("ok", "running", "2031-01-02T02:00:00+00:00")
     result = CliRunner().invoke(cli, ["runs"], env={"DATABASE_URL": settings.database_url, "LOG_LEVEL": "ERROR"})
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[0] == "next pass: 2031-01-02 02:00:00 UTC (scheduler running on web-1:100, web-2:200)"
+    assert result.output.splitlines()[0] == "next pass: 2031-01-02T02:00:00+00:00 (scheduler running on web-1:100, web-2:200)"
 
     remove_heartbeat(session_factory, "web-1:100")
     remove_heartbeat(session_factory, "web-2:200")

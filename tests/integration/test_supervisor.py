@@ -159,7 +159,7 @@ def test_serve_runs_the_scheduler_restarts_it_and_leaves_nothing_on_sigterm(tmp_
 
         runs = subprocess.run([sys.executable, "-m", "app.cli", "runs"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         assert runs.returncode == 0, runs.stderr
-        assert "next pass: " in runs.stdout and "02:00:00 UTC (scheduler running on" in runs.stdout
+        assert "next pass: " in runs.stdout and "T02:00:00+00:00 (scheduler running on" in runs.stdout
 
         # A scheduler that dies is started again (after the supervisor's backoff).
         os.kill(scheduler, signal.SIGKILL)

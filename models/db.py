@@ -133,6 +133,15 @@ def run_in_transaction(
     raise AssertionError("unreachable")
 
 
+def dialect_insert(dialect_name: str):  # type: ignore[no-untyped-def]
+    """The ``insert`` construct with ``ON CONFLICT`` for this database (PostgreSQL or SQLite)."""
+    if dialect_name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
 def insert_ignore(session: Session, model: type, values: dict) -> bool:
     """``INSERT ... ON CONFLICT DO NOTHING`` on the model's primary key.
 
@@ -141,11 +150,7 @@ def insert_ignore(session: Session, model: type, values: dict) -> bool:
     False) or rolls back (then this inserts): the unique key itself is the lock, across
     processes and hosts.
     """
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
+    insert = dialect_insert(session.get_bind().dialect.name)
     # RETURNING, not rowcount: with psycopg 3 SQLAlchemy reports rowcount -1 for this
     # statement, and a wrong answer here would store an event without its effects.
     table = model.__table__  # type: ignore[attr-defined]

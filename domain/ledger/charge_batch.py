@@ -23,7 +23,7 @@ from domain.ledger.positions import charge_positions, order_status
 from domain.ledger.shapes import ChargeSnapshot
 from domain.ledger.upserts import charge_row
 from models import Charge, CheckoutSession, Order, PaymentIntent, utcnow
-from models.db import one_of
+from models.db import dialect_insert, one_of
 
 NewCharge = tuple[EventEnvelope, ChargeSnapshot]
 
@@ -67,10 +67,7 @@ def apply_new_charges(session: Session, items: Sequence[NewCharge]) -> set[str]:
 
 
 def _insert_new(session: Session, items: Sequence[NewCharge], now, postgres: bool) -> set[str]:  # type: ignore[no-untyped-def]
-    if postgres:
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
+    insert = dialect_insert(session.get_bind().dialect.name)
     rows = [
         {**charge_row(s, as_of=e.created, account=e.account), "order_id": None, "first_seen_at": now, "updated_at": now}
         for e, s in items
@@ -131,10 +128,7 @@ def _orders_named(session: Session, snapshots: Iterable[ChargeSnapshot]) -> dict
 def _link(session: Session, links: dict[str, str], now, postgres: bool) -> None:  # type: ignore[no-untyped-def]
     """Make sure the orders exist, lock them (in id order), link the charges and write
     each order's new status (with its version bumped, as the ORM would)."""
-    if postgres:
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
+    insert = dialect_insert(session.get_bind().dialect.name)
     order_ids = sorted(set(links.values()))
     session.execute(
         insert(_orders).on_conflict_do_nothing(),
@@ -167,25 +161,20 @@ def _link(session: Session, links: dict[str, str], now, postgres: bool) -> None:
 
 
 def _update_each(session: Session, statement, rows: list[dict], postgres: bool) -> None:  # type: ignore[no-untyped-def]
-    """Run ``statement`` (one of the UPDATEs above) for every row. On PostgreSQL as one
-    UPDATE joined to the rows unnested from arrays (one statement, one round trip, one
-    parse); elsewhere as an executemany."""
+    """Run ``statement`` (_LINK or _STATUS above) for every row. On PostgreSQL as one UPDATE
+    joined to the rows unnested from arrays (one statement, one round trip, one parse);
+    elsewhere as an executemany."""
     if not postgres:
         session.execute(statement, rows)
         return
     from sqlalchemy.dialects.postgresql import ARRAY
 
-    if statement is _LINK:
-        ids = bindparam(None, [r["b_id"] for r in rows], type_=ARRAY(_charges.c.id.type))
-        orders = bindparam(None, [r["b_order"] for r in rows], type_=ARRAY(_charges.c.order_id.type))
-        v = select(func.unnest(ids).label("id"), func.unnest(orders).label("order_id")).subquery()
-        session.execute(update(_charges).where(_charges.c.id == v.c.id).values(order_id=v.c.order_id))
-        return
-    ids = bindparam(None, [r["b_id"] for r in rows], type_=ARRAY(_orders.c.id.type))
-    statuses = bindparam(None, [r["b_status"] for r in rows], type_=ARRAY(_orders.c.status.type))
-    v = select(func.unnest(ids).label("id"), func.unnest(statuses).label("status")).subquery()
-    session.execute(
-        update(_orders)
-        .where(_orders.c.id == v.c.id)
-        .values(status=v.c.status, version=_orders.c.version + 1, updated_at=rows[0]["b_now"])
-    )
+    table, column = (_charges, "order_id") if statement is _LINK else (_orders, "status")
+    value_key = "b_order" if statement is _LINK else "b_status"
+    ids = bindparam(None, [r["b_id"] for r in rows], type_=ARRAY(table.c.id.type))
+    values = bindparam(None, [r[value_key] for r in rows], type_=ARRAY(table.c[column].type))
+    v = select(func.unnest(ids).label("id"), func.unnest(values).label("value")).subquery()
+    update_ = update(table).where(table.c.id == v.c.id).values({column: v.c.value})
+    if table is _orders:
+        update_ = update_.values(version=_orders.c.version + 1, updated_at=rows[0]["b_now"])
+    session.execute(update_)

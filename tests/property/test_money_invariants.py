@@ -512,6 +512,9 @@ class MoneyMachine(RuleBasedStateMachine):
         assert response.status_code == 200 or "webhook200" not in CHECKS, (
             f"webhook {event['type']} {event['data']['object']['id']} answered {response.status_code}: {response.get_data(as_text=True)}"
         )
+        # Applied before the next step (an applier keeps up), so approvals and passes meet
+        # webhook effects interleaved as they would in service.
+        self.app.extensions["reconciler"].applier.drain()
 
     def _emit(self, type_: str, obj: dict[str, Any], delivery: str) -> None:
         event = p.event(type_, obj, created=self.now)

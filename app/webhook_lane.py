@@ -52,6 +52,8 @@ class WebhookLane:
             status, body, event_type = self._accept(environ)
         if status == 200:
             metrics.INGEST_SECONDS.observe(timer.seconds)
+        else:  # the access log is off by default: every refusal is logged here
+            log.warning("webhook answered %d %s", status, body.get("error"), extra={"status": status, "error": body.get("error")})
         metrics.EVENTS.labels(type=event_type, outcome=body.get("status") or ("failed" if status >= 500 else "rejected")).inc()
         return _answer(start_response, status, body)
 

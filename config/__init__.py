@@ -114,11 +114,18 @@ class Settings:
     # Events per applier transaction; an event that failed this many times raises one
     # alert; how long a reconcile pass waits for the inbox to drain before it goes on;
     # applier processes `reconciler serve` runs beside the web workers (0: none, for hosts
-    # that only accept; run `reconciler applier` elsewhere).
+    # that only accept; run `reconciler applier` elsewhere); the applier's CPU niceness
+    # (0-19: at a peak the accept path, which Stripe waits on, gets the cores first and
+    # the applier catches up on what is left).
     applier_batch_size: int = 200
     event_alert_attempts: int = 5
     inbox_drain_seconds: int = 60
     applier_processes: int = 1
+    applier_nice: int = 10
+    # One access-log line per request from the web server (WEB_ACCESS_LOG). Off by
+    # default: at a webhook peak it cost 15% of the accept path's CPU, and /metrics counts
+    # every webhook by type and outcome (every refused or failed one is also logged).
+    access_log: bool = False
 
     # -- Checkout Sessions (README "Checkout Sessions and Payment Links") ------------------
     # A session names its order in client_reference_id, else in metadata[this key].
@@ -264,6 +271,8 @@ class Settings:
             event_alert_attempts=_parse_int("EVENT_ALERT_ATTEMPTS", text("EVENT_ALERT_ATTEMPTS"), 5, minimum=1),
             inbox_drain_seconds=_parse_int("INBOX_DRAIN_SECONDS", text("INBOX_DRAIN_SECONDS"), 60, minimum=0),
             applier_processes=_parse_int("APPLIER_PROCESSES", text("APPLIER_PROCESSES"), 1, minimum=0),
+            applier_nice=_parse_int("APPLIER_NICE", text("APPLIER_NICE"), 10, minimum=0, maximum=19),
+            access_log=_parse_bool("WEB_ACCESS_LOG", text("WEB_ACCESS_LOG") or "false"),
             signature_alert_threshold=_parse_int(
                 "SIGNATURE_ALERT_THRESHOLD", text("SIGNATURE_ALERT_THRESHOLD"), 20, minimum=1
             ),
@@ -492,7 +501,7 @@ def _parse_payment_link_orders(raw: str | None) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def _parse_int(name: str, raw: str | None, default: int, *, minimum: int) -> int:
+def _parse_int(name: str, raw: str | None, default: int, *, minimum: int, maximum: int | None = None) -> int:
     if raw is None:
         return default
     try:
@@ -501,4 +510,6 @@ def _parse_int(name: str, raw: str | None, default: int, *, minimum: int) -> int
         raise SettingsError(f"{name} must be an integer, not {raw!r}") from None
     if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name} must be at most {maximum}")
     return value

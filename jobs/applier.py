@@ -47,6 +47,11 @@ def make_applier(
 def run_applier(settings: Settings, *, threads: int = 1, stop: threading.Event | None = None) -> None:
     """Apply the inbox until SIGTERM/SIGINT (or ``stop``). Each thread is an applier of its
     own with its own heartbeat."""
+    if settings.applier_nice:
+        # Below the web workers: at a peak the accept path gets the cores first (Stripe
+        # waits on it) and the applier takes what is left; on an idle machine it runs at
+        # full speed all the same.
+        os.nice(settings.applier_nice)
     engine = make_engine(settings.database_url, pool_size=threads + 1)
     if engine.dialect.name == "sqlite":
         threads = 1

@@ -22,8 +22,9 @@ def free_port() -> int:
 
 def reconciler_serve(args: list[str], env: dict[str, str], log_path: Path, *, cwd: Path = ROOT):  # type: ignore[no-untyped-def]
     """Run ``reconciler serve ARGS`` until the block ends; yields its base URL once
-    ``/healthz`` answers 200 (the demo's launcher: one way to start the service)."""
-    return serve_process(args, env, log_path, cwd=cwd)
+    ``/healthz`` answers 200 (the demo's launcher: one way to start the service). The
+    access log is on: tests read from it which worker answered."""
+    return serve_process(args, {"WEB_ACCESS_LOG": "1", **env}, log_path, cwd=cwd)
 
 
 def wait_for_workers(base: str, log_path: Path, count: int, *, timeout: float = 30.0) -> set[str]:

@@ -10,7 +10,8 @@ Guarantees:
   ``duplicate``.
 * The answer follows the commit: :meth:`Inbox.store` returns only once the row is durable
   (on PostgreSQL the insert runs in autocommit, so the statement's return *is* its commit,
-  with ``synchronous_commit`` as the server has it). When it cannot store, it raises
+  with ``synchronous_commit`` as the server has it; concurrent requests of one process
+  share one statement, see :class:`GroupInsert`). When it cannot store, it raises
   :class:`~domain.errors.Unavailable` and nothing is half-stored: Stripe redelivers.
 * Nothing else happens here: the applier (:mod:`domain.ledger.applier`) turns stored
   events into ledger rows.
@@ -20,11 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Collection
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, bindparam
 from sqlalchemy.exc import DBAPIError
 
 from app.gateway import WebhookSignatureError, verify_webhook
@@ -74,6 +76,105 @@ class Accepted:
     reason: str | None = None  # why ignored
 
 
+@dataclass(eq=False, slots=True)
+class _Slot:
+    """One request's row in a group insert, and what became of it."""
+
+    row: dict
+    done: bool = False
+    inserted: bool = False
+    error: BaseException | None = None
+
+
+class StoreFailed(Exception):
+    """The statement that carried this request's row failed (its error is ``__cause__``)."""
+
+
+class GroupInsert:
+    """The inserts of one process's concurrent requests in one statement and one commit
+    (PostgreSQL).
+
+    Each request queues its row, then waits for the flush lock. Whoever holds it takes
+    every row queued at that moment (at most ``max_rows``) and inserts them with one
+    multi-row ``INSERT ... ON CONFLICT DO NOTHING RETURNING event_id`` in autocommit; a
+    request whose row an earlier holder already carried returns at once. So:
+
+    * a request returns only after the commit of the statement that carried its row (the
+      answer follows the commit; ``synchronous_commit`` is the server's);
+    * the statement is atomic: when it fails, every request it carried gets
+      :class:`StoreFailed` and none of its rows is stored;
+    * while one statement is in flight the next batch forms behind it, so the busier the
+      worker, the fewer statements and commits per event; an idle worker sends each row
+      alone, as soon as it comes;
+    * two copies of one event in one statement: the first is inserted, the other is a
+      duplicate (``DO NOTHING`` skips it).
+    """
+
+    def __init__(self, engine: Engine, keys: tuple[str, ...], *, max_rows: int = 64) -> None:
+        self._engine = engine
+        self._keys = keys
+        self._max_rows = max_rows
+        self._statements: dict[int, str] = {}  # rows -> SQL; read and written under _flush
+        self._pending: list[_Slot] = []
+        self._guard = threading.Lock()  # _pending
+        self._flush = threading.Lock()  # one statement in flight per process
+
+    def insert(self, row: dict) -> bool:
+        """Store ``row`` once by event id; True when this row was the one inserted."""
+        slot = _Slot(row)
+        with self._guard:
+            self._pending.append(slot)
+        with self._flush:
+            if not slot.done:
+                with self._guard:
+                    batch = self._pending[: self._max_rows]
+                    del self._pending[: self._max_rows]
+                self._run(batch)
+        if slot.error is not None:
+            raise StoreFailed(type(slot.error).__name__) from slot.error
+        return slot.inserted
+
+    def _statement(self, rows: int) -> str:
+        """The multi-row insert for ``rows`` rows, built from the model's table and
+        compiled once per size (psycopg prepares each after a few uses)."""
+        sql = self._statements.get(rows)
+        if sql is None:
+            table = StripeEvent.__table__
+            values = [{key: bindparam(f"{key}_{i}", type_=table.c[key].type) for key in self._keys} for i in range(rows)]
+            insert = dialect_insert(self._engine.dialect.name)
+            statement = insert(table).values(values).on_conflict_do_nothing().returning(table.c.event_id)
+            sql = self._statements[rows] = str(statement.compile(dialect=self._engine.dialect))
+        return sql
+
+    def _run(self, batch: list[_Slot]) -> None:
+        params = {f"{key}_{i}": slot.row[key] for i, slot in enumerate(batch) for key in self._keys}
+        try:
+            connection = self._engine.raw_connection()
+            try:
+                driver = connection.driver_connection
+                driver.autocommit = True  # type: ignore[union-attr]
+                try:
+                    inserted = {row[0] for row in driver.execute(self._statement(len(batch)), params).fetchall()}  # type: ignore[union-attr]
+                finally:
+                    driver.autocommit = False  # type: ignore[union-attr]
+            except BaseException as exc:
+                if _is_disconnect(self._engine, exc):
+                    connection.invalidate(exc)  # type: ignore[arg-type]
+                raise
+            finally:
+                if connection.dbapi_connection is not None:
+                    connection.close()
+        except Exception as exc:  # noqa: BLE001 - handed to every request the statement carried
+            for slot in batch:
+                slot.error, slot.done = exc, True
+            return
+        for slot in batch:
+            event_id = slot.row["event_id"]
+            slot.inserted = event_id in inserted
+            inserted.discard(event_id)
+            slot.done = True
+
+
 class Inbox:
     """Stores verified events once; see the module docstring for the guarantees."""
 
@@ -93,6 +194,8 @@ class Inbox:
         compiled = statement.compile(dialect=engine.dialect, column_keys=list(_ROW_KEYS))
         self._sql = str(compiled)
         self._positions = compiled.positiontup  # None for named parameters (psycopg)
+        # PostgreSQL: concurrent requests share one statement and one commit.
+        self._group = GroupInsert(engine, _ROW_KEYS) if self._autocommit else None
         # The column types' own conversions for this database (SQLite stores datetimes as
         # SQLAlchemy's text format), so rows read back the same as any other path's.
         self._processors = {
@@ -160,10 +263,12 @@ class Inbox:
         params = row if self._positions is None else tuple(row[key] for key in self._positions)
         for attempt in (1, 2):
             try:
+                if self._group is not None:
+                    return self._group.insert(row)
                 return self._insert_row(params)
             except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
                 error = self._engine.dialect.dbapi.Error  # type: ignore[union-attr]
-                if not isinstance(exc, (error, DBAPIError)):
+                if not isinstance(exc, (error, DBAPIError, StoreFailed)):
                     raise
                 if attempt == 1:
                     continue
@@ -172,19 +277,10 @@ class Inbox:
         raise AssertionError("unreachable")
 
     def _insert_row(self, params: dict | tuple) -> bool:
-        """One INSERT ... ON CONFLICT DO NOTHING RETURNING, committed before it returns.
-        On PostgreSQL in autocommit (one round trip: the statement's return is its
-        commit); on SQLite in a BEGIN IMMEDIATE transaction of its own."""
+        """SQLite: one INSERT ... ON CONFLICT DO NOTHING RETURNING in a BEGIN IMMEDIATE
+        transaction of its own, committed before it returns."""
         connection = self._engine.raw_connection()
         try:
-            driver = connection.driver_connection
-            if self._autocommit:
-                driver.autocommit = True  # type: ignore[union-attr]
-                try:
-                    row = driver.execute(self._sql, params).fetchone()  # type: ignore[union-attr]
-                finally:
-                    driver.autocommit = False  # type: ignore[union-attr]
-                return row is not None
             cursor = connection.cursor()
             try:
                 cursor.execute("BEGIN IMMEDIATE")

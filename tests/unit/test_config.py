@@ -17,6 +17,7 @@ def test_defaults_use_sqlite_under_instance() -> None:
     assert settings.webhook_max_bytes == 1024 * 1024
     assert settings.stripe_livemode is False
     assert settings.stripe_webhook_secrets == ()
+    assert (settings.applier_nice, settings.access_log) == (10, False)
 
 
 def test_reads_every_variable() -> None:
@@ -31,8 +32,11 @@ def test_reads_every_variable() -> None:
             "WEBHOOK_MAX_BYTES": "2048",
             "SECRET_KEY": "s3cret",
             "API_TOKEN": "0123456789abcdef",
+            "APPLIER_NICE": "0",
+            "WEB_ACCESS_LOG": "true",
         }
     )
+    assert (settings.applier_nice, settings.access_log) == (0, True)
     assert settings.database_url == "postgresql+psycopg://u:p@127.0.0.1:5432/db"
     assert settings.stripe_api_base == "http://127.0.0.1:12111"
     assert settings.stripe_webhook_secrets == ("whsec_one", "whsec_two")
@@ -65,6 +69,9 @@ def test_secrets_are_not_in_repr() -> None:
         ({"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL"),
         ({"API_TOKEN": "short"}, "API_TOKEN"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"APPLIER_NICE": "20"}, "APPLIER_NICE"),
+        ({"APPLIER_NICE": "-5"}, "APPLIER_NICE"),
+        ({"WEB_ACCESS_LOG": "loud"}, "WEB_ACCESS_LOG"),
         ({"STRIPE_LIVEMODE": "true"}, "STRIPE_API_KEY"),  # live needs its secrets
         (
             {"STRIPE_LIVEMODE": "true", "STRIPE_API_KEY": "sk_live_abc", "SECRET_KEY": "k", "API_TOKEN": "0123456789abcdef"},

@@ -117,7 +117,8 @@ class Settings:
     # that only accept; run `reconciler applier` elsewhere); the applier's CPU niceness
     # (0-19: at a peak the accept path, which Stripe waits on, gets the cores first and
     # the applier catches up on what is left).
-    applier_batch_size: int = 200
+    applier_batch_size: int = 500
+    applier_linger_ms: int = 250
     event_alert_attempts: int = 5
     inbox_drain_seconds: int = 60
     applier_processes: int = 1
@@ -267,7 +268,8 @@ class Settings:
                 a.strip() for a in (text("ALERT_EMAIL_TO") or "").split(",") if a.strip()
             ),
             review_users=_parse_review_users(text("REVIEW_USERS")),
-            applier_batch_size=_parse_int("APPLIER_BATCH_SIZE", text("APPLIER_BATCH_SIZE"), 200, minimum=1),
+            applier_batch_size=_parse_int("APPLIER_BATCH_SIZE", text("APPLIER_BATCH_SIZE"), 500, minimum=1),
+            applier_linger_ms=_parse_int("APPLIER_LINGER_MS", text("APPLIER_LINGER_MS"), 250, minimum=0, maximum=5000),
             event_alert_attempts=_parse_int("EVENT_ALERT_ATTEMPTS", text("EVENT_ALERT_ATTEMPTS"), 5, minimum=1),
             inbox_drain_seconds=_parse_int("INBOX_DRAIN_SECONDS", text("INBOX_DRAIN_SECONDS"), 60, minimum=0),
             applier_processes=_parse_int("APPLIER_PROCESSES", text("APPLIER_PROCESSES"), 1, minimum=0),

@@ -38,6 +38,7 @@ def make_applier(
         session_factory,
         linking=CheckoutLinking.from_settings(settings),
         batch_size=settings.applier_batch_size,
+        linger_seconds=settings.applier_linger_ms / 1000,
         alert_after=settings.event_alert_attempts,
         alert=lambda key, subject, body: alerter.send(Alert(key, subject, body)),
         name=name,

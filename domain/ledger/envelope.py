@@ -8,10 +8,12 @@ database.
 
 from __future__ import annotations
 
-import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
+
+import orjson
 
 from domain.errors import Rejected
 from domain.ledger.shapes import MAX_TIMESTAMP
@@ -47,7 +49,9 @@ class EventEnvelope:
 def parse_envelope(payload: bytes | str) -> EventEnvelope:
     """Parse and validate a Stripe event envelope; :class:`EnvelopeError` otherwise."""
     try:
-        document = json.loads(payload)
+        # orjson: a third of json's time on a 3 kB event, and every event is parsed twice
+        # (accept, apply). Stricter, too: a lone surrogate or a NaN is invalid JSON here.
+        document = orjson.loads(payload)
     except (ValueError, RecursionError):
         raise EnvelopeError("invalid_json", "The body is not valid JSON.") from None
     if not isinstance(document, dict):

@@ -25,7 +25,8 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from models.money import MoneyError, check_amount, check_minor_units, normalise_currency
 

@@ -234,3 +234,12 @@ def test_an_applier_killed_mid_batch_loses_nothing_and_applies_nothing_twice(set
     for n in range(200):
         expected[f"ord_kill_{n % 7}"] = expected.get(f"ord_kill_{n % 7}", 0) + 100 + n
     assert totals == expected
+
+
+def test_the_applier_lingers_only_in_a_burst(session_factory) -> None:  # type: ignore[no-untyped-def]
+    """A batch between a tenth of the batch size and full means events are pouring in: wait
+    for the next batch to fill. A lone event, a full batch, or linger off: go on at once."""
+    applier = Applier(session_factory, batch_size=500, linger_seconds=0.25)
+    assert [applier._should_linger(n) for n in (1, 49, 50, 499, 500)] == [False, False, True, True, False]
+    assert Applier(session_factory, batch_size=500)._should_linger(100) is False
+    assert Applier(session_factory, batch_size=5, linger_seconds=0.25)._should_linger(1) is False  # at least 2

@@ -18,6 +18,7 @@ def test_defaults_use_sqlite_under_instance() -> None:
     assert settings.stripe_livemode is False
     assert settings.stripe_webhook_secrets == ()
     assert (settings.applier_nice, settings.access_log) == (10, False)
+    assert (settings.applier_batch_size, settings.applier_linger_ms) == (500, 250)
 
 
 def test_reads_every_variable() -> None:
@@ -70,6 +71,7 @@ def test_secrets_are_not_in_repr() -> None:
         ({"API_TOKEN": "short"}, "API_TOKEN"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
         ({"APPLIER_NICE": "20"}, "APPLIER_NICE"),
+        ({"APPLIER_LINGER_MS": "5001"}, "APPLIER_LINGER_MS"),
         ({"APPLIER_NICE": "-5"}, "APPLIER_NICE"),
         ({"WEB_ACCESS_LOG": "loud"}, "WEB_ACCESS_LOG"),
         ({"STRIPE_LIVEMODE": "true"}, "STRIPE_API_KEY"),  # live needs its secrets

@@ -1,6 +1,6 @@
 """The web application and the services it shares with the jobs.
 
-``create_app`` is imported lazily so that ``app.services`` and ``app.gateway`` stay
+``create_app`` is imported lazily so that ``app.services`` and ``domain.stripe.gateway`` stay
 importable without Flask: the jobs and the scheduler use them directly.
 """
 

@@ -20,7 +20,7 @@ from flask import Flask, current_app, g, request
 from app import converters
 from app.errors import error_response
 from app.services.api_tokens import ApiClient, TokenDirectory
-from app.services.sealing import Sealer
+from domain.payments.sealing import Sealer
 from config import Settings
 
 log = logging.getLogger(__name__)

@@ -363,7 +363,7 @@ def orders() -> None:
 def orders_import(csv_file: Path) -> None:
     """Load orders from CSV_FILE (order_id,amount,currency[,customer]; amounts in minor
     units). All rows are applied in one transaction, or none if any row is invalid."""
-    from app.services.orders import OrderError, import_orders, parse_order_csv
+    from domain.orders import OrderError, import_orders, parse_order_csv
     from models import make_session_factory, run_in_transaction
 
     settings = _settings()
@@ -405,7 +405,7 @@ def _parse_day(value: str | None) -> "datetime | None":
 
 
 def _job_dependencies(settings: Settings):  # type: ignore[no-untyped-def]
-    from app.gateway import StripeGateway
+    from domain.stripe.gateway import StripeGateway
     from models import make_session_factory
 
     engine = _engine(settings)
@@ -426,7 +426,7 @@ def reconcile(mode: str | None, since: str | None, full: bool, as_json: bool) ->
     import contextlib
     import json
 
-    from app.progress import LogProgress, TerminalProgress
+    from jobs.progress import LogProgress, TerminalProgress
     from jobs.reconcile import PassAborted, RunInProgress, abort_on_signals, run_reconciliation
 
     settings = _settings()
@@ -507,7 +507,7 @@ def datetime_now_utc():  # type: ignore[no-untyped-def]
     return datetime.now(timezone.utc)
 
 
-# The dry run's plan (jobs.detection._planned), per order: what a pass would do.
+# The dry run's plan (domain.cases.detection._planned), per order: what a pass would do.
 
 _STEP_WORDS = {"open": "new case", "refresh": "case {case_id}", "reopen": "reopens case {case_id}"}
 
@@ -548,7 +548,7 @@ def plan_lines(plan: list[dict[str, Any]], *, limit: int | None = None) -> list[
     its total, the keeper, then each refund and release, or for a person's decision "to
     finance:" and the reasons in words (amounts in major units), with any suggested refunds.
     ``limit``: the first orders only, then a line saying how many more ``--json`` lists."""
-    from app.services.reasons import ReasonContext, reason_sentences
+    from domain.cases.reasons import ReasonContext, reason_sentences
 
     if not plan:
         return ["nothing would be done: no refund, release or case for finance"]
@@ -622,8 +622,8 @@ def review() -> None:
 
 
 def _review_services(settings: Settings):  # type: ignore[no-untyped-def]
-    from app.services.ratelimit import RateLimiter
-    from app.services.refunds import RefundService
+    from domain.stripe.ratelimit import RateLimiter
+    from domain.cases.refunds import RefundService
 
     engine, session_factory, gateway = _job_dependencies(settings)
     return engine, session_factory, RefundService(session_factory, gateway, limiter=RateLimiter(settings.stripe_rate_limit))
@@ -634,7 +634,7 @@ def _review_services(settings: Settings):  # type: ignore[no-untyped-def]
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 200))
 def review_list(status: str | None, limit: int) -> None:
     """Cases, open and failed first."""
-    from app.services.cases import CaseFilter, list_cases
+    from domain.cases.review import CaseFilter, list_cases
 
     settings = _settings()
     engine, session_factory, _ = _job_dependencies(settings)
@@ -667,7 +667,7 @@ def review_list(status: str | None, limit: int) -> None:
 @click.argument("case_id", type=int)
 def review_show(case_id: int) -> None:
     """One case in full: charges, proposal, refunds, audit."""
-    from app.services.cases import case_view
+    from domain.cases.review import case_view
 
     settings = _settings()
     engine, session_factory, _ = _job_dependencies(settings)
@@ -705,7 +705,7 @@ def review_show(case_id: int) -> None:
 @click.option("--note")
 def review_approve(case_id: int, actor: str, note: str | None) -> None:
     """Refund what the case proposes, through the phased refund path."""
-    from app.services.cases import CaseActionError, approve
+    from domain.cases.review import CaseActionError, approve
 
     settings = _settings()
     engine, _, refunds = _review_services(settings)
@@ -730,7 +730,7 @@ def review_approve(case_id: int, actor: str, note: str | None) -> None:
 @click.option("--note", required=True, help="Why (required).")
 def review_dismiss(case_id: int, actor: str, note: str) -> None:
     """Close a case without refunding."""
-    from app.services.cases import CaseActionError, dismiss
+    from domain.cases.review import CaseActionError, dismiss
 
     settings = _settings()
     engine, session_factory, _ = _job_dependencies(settings)
@@ -752,7 +752,7 @@ def report(since: str, until: str | None, fmt: str) -> None:
     decided, as CSV (opens cleanly in a spreadsheet) or JSON."""
     import json
 
-    from app.services.cases import report_csv, report_rows
+    from domain.cases.review import report_csv, report_rows
 
     settings = _settings()
     since_at, until_at = _parse_day(since), _parse_day(until)

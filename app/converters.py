@@ -11,22 +11,19 @@ or ``?until=9999-12-31``).
   :data:`MAX_DAY` (an inclusive "until" adds a day, which 9999-12-31 cannot take), else
   :class:`DateParamError` (a 400 with ``invalid_date``).
 
-No Flask here (Werkzeug's routing only): services may use :func:`parse_day`.
+No Flask here (Werkzeug's routing only). The bounds themselves (:data:`MAX_ID`,
+:func:`parse_day`) are the domain's (:mod:`domain.bounds`): services check them too.
 """
 
 from __future__ import annotations
 
-import re
-from datetime import datetime, timezone
 from typing import Any
 
 from werkzeug.routing import IntegerConverter, Map
 
-MAX_ID = 2**31 - 1
-MIN_DAY = datetime(1970, 1, 1, tzinfo=timezone.utc)
-MAX_DAY = datetime(9998, 12, 31, tzinfo=timezone.utc)
-_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+from domain.bounds import MAX_ID, DateParamError, parse_day
 
+__all__ = ["MAX_ID", "BoundedIntConverter", "DateParamError", "guard_query_dates", "parse_day", "register"]
 
 class BoundedIntConverter(IntegerConverter):
     """``int`` with ``max`` defaulting to :data:`MAX_ID` (an explicit smaller max wins)."""
@@ -41,33 +38,6 @@ def register(url_map: Map) -> None:
     """Before any rule is added (rules pick their converter when added)."""
     url_map.converters["id"] = BoundedIntConverter
     url_map.converters["int"] = BoundedIntConverter
-
-
-class DateParamError(ValueError):
-    """A date parameter the service cannot use; ``code`` is the JSON error code."""
-
-    http_status = 400
-    code = "invalid_date"
-
-
-def parse_day(raw: str | None, name: str, *, required: bool = False) -> datetime | None:
-    """The UTC midnight of ``raw`` (``YYYY-MM-DD``), None when empty and not required."""
-    text = (raw or "").strip()
-    if not text:
-        if required:
-            raise DateParamError(f"{name} is required: a date YYYY-MM-DD")
-        return None
-    try:
-        if not _DAY.fullmatch(text):
-            raise ValueError(text)
-        day = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=timezone.utc)
-    except ValueError:
-        raise DateParamError(f"{name} must be a date YYYY-MM-DD") from None
-    if not MIN_DAY <= day <= MAX_DAY:
-        raise DateParamError(
-            f"{name} must be between {MIN_DAY.date().isoformat()} and {MAX_DAY.date().isoformat()}"
-        )
-    return day
 
 
 #: Date query parameters read by routes that parse them themselves, checked here first

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import logging
 import secrets
-from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, current_app
+from flask import Flask
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import register_error_handlers
-from app.gateway import StripeGateway
-from app.services.alerts import Alerter
-from app.services.ratelimit import RateLimiter
-from app.services.refunds import RefundService
+from app.extensions import Services, services
+from domain.stripe.gateway import StripeGateway
+from domain.alerts import Alerter
+from domain.stripe.ratelimit import RateLimiter
+from domain.cases.refunds import RefundService
 from app.services.signature_watch import SignatureFailureWatch
 from app.web_security import init_web_security
 from jobs.applier import make_applier
@@ -25,20 +25,6 @@ from models import make_engine, make_session_factory
 from models.db import make_read_session_factory
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Services:
-    """What the blueprints need, built once per app."""
-
-    settings: Settings
-    session_factory: sessionmaker[Session]
-    read_session_factory: sessionmaker[Session]
-    gateway: StripeGateway
-    inbox: Inbox
-    applier: Applier
-    refunds: RefundService
-    signature_watch: SignatureFailureWatch
 
 
 def create_app(
@@ -151,8 +137,3 @@ def _pay_outcome(response) -> str:  # type: ignore[no-untyped-def]
     body = response.get_json(silent=True) if response.is_json else None
     code = body.get("error") if isinstance(body, dict) else None
     return code if isinstance(code, str) and code.isidentifier() and len(code) < 40 else f"http_{response.status_code}"
-
-
-def services() -> Services:
-    """The current app's :class:`Services`."""
-    return current_app.extensions["reconciler"]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.services.cases import SORT_KEYS
-from app.services.reasons import REASON_KINDS
+from domain.cases.review import SORT_KEYS
+from domain.cases.reasons import REASON_KINDS
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 

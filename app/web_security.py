@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.datastructures import CallbackDict
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from app.services.alerts import Alerter
+from domain.alerts import Alerter
 from app.services.auth import UserDirectory
 from app.services.login_guard import LoginGuard
 from app.services.web_sessions import SessionStore

@@ -11,7 +11,7 @@ through the ORM:
 * ``ANALYZE``.
 
 Then, each timed with ``time.perf_counter`` (peak process RSS by ``getrusage``), through
-``jobs.detection.detect`` itself:
+``domain.cases.detection.detect`` itself:
 
 1. the raw SQL candidate query, fetched in full (run twice: cold, then warm);
 2. a full pass (``touched_since=None``, ``dry_run=False``: cases are really written);
@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import create_engine, func, select, text  # noqa: E402
 from sqlalchemy.engine import Engine, make_url  # noqa: E402
 
-from jobs.detection import DetectionSummary, detect  # noqa: E402
+from domain.cases.detection import DetectionSummary, detect  # noqa: E402
 from models import ACTIVE_CASE_STATUSES, DuplicateCase, make_engine, make_session_factory  # noqa: E402
 from tests.databases import throwaway_database  # noqa: E402
 

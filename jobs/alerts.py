@@ -1,5 +1,5 @@
 """Which alerts are due: refund failures and poison events not alerted yet. Sending (the
-channels, once per key) is :mod:`app.services.alerts`, shared with the web app."""
+channels, once per key) is :mod:`domain.alerts`, shared with the web app."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from datetime import timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.services.alerts import Alert, Alerter
-from app.services.case_lifecycle import CaseAction
-from app.services.reasons import ReasonContext, explain
+from domain.alerts import Alert, Alerter
+from domain.cases.lifecycle import CaseAction
+from domain.cases.reasons import ReasonContext, explain
 from models import AlertSent, AuditEntry, DuplicateCase, EventFailure, RefundAttempt, utcnow
 from models.money import format_money
 

@@ -16,7 +16,7 @@ import threading
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.services.alerts import Alert, Alerter
+from domain.alerts import Alert, Alerter
 from config import Settings
 from domain.ledger.applier import Applier
 from domain.ledger.handlers import CheckoutLinking

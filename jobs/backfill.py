@@ -40,13 +40,13 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.gateway import GatewayError, StripeGateway, StripeNotFound
-from app.services.ratelimit import RateLimiter
+from domain.stripe.gateway import GatewayError, StripeGateway, StripeNotFound
+from domain.stripe.ratelimit import RateLimiter
 from domain import ledger
 from domain.ledger.applier import Applier
 from domain.ledger.envelope import EnvelopeError
 from domain.ledger.inbox import Inbox
-from domain.ledger.shapes import (
+from domain.stripe.shapes import (
     ShapeError,
     charge_snapshot,
     dispute_snapshot,

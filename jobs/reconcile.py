@@ -31,16 +31,16 @@ from typing import Any, Callable, Iterator
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.gateway import GatewayError, StripeGateway
-from app.services.ratelimit import RateLimiter
-from app.services.refunds import RefundRefused, RefundService, pending_refund_cases
+from domain.stripe.gateway import GatewayError, StripeGateway
+from domain.stripe.ratelimit import RateLimiter
+from domain.cases.refunds import RefundRefused, RefundService, pending_refund_cases
 from config import Settings
 from domain.ledger.applier import Applier
 from domain.ledger.inbox import Inbox
 from jobs.applier import make_applier
 from jobs.alerts import Alert, Alerter, pending_alerts
 from jobs.backfill import LISTINGS, BackfillStopped, BackfillSummary, backfill, backfill_start, oldest_watermark
-from jobs.detection import DetectionSummary, detect, detect_unlinked
+from domain.cases.detection import DetectionSummary, detect, detect_unlinked
 from jobs.lease import RunInProgress, exclusive_pass, holder_name
 from models import CaseStatus, DuplicateCase, ReconciliationRun, run_in_transaction
 

@@ -34,8 +34,8 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.gateway import StripeGateway
-from app.services.idempotency import purge_expired_idempotency_keys
+from domain.stripe.gateway import StripeGateway
+from domain.payments.idempotency import purge_expired_idempotency_keys
 from config import Settings
 from jobs.alerts import Alerter, pending_alerts
 from jobs.reconcile import PassAborted, RunInProgress, run_reconciliation
@@ -152,7 +152,7 @@ def nightly_pass(
     control = control or PassControl()
     if control.stop_reason:
         return
-    from app.progress import LogProgress
+    from jobs.progress import LogProgress
 
     control.idle.clear()
     progress = LogProgress(interval=10.0)  # a log line per phase every 10 s, and when it ends

@@ -118,7 +118,7 @@ class PaymentAttempt(Base):
     payment_method: Mapped[str | None] = mapped_column(STRIPE_ID)
     payment_intent_id: Mapped[str | None] = mapped_column(STRIPE_ID, unique=True)
     # The PaymentIntent's client_secret, handed back to the checkout backend on every
-    # answer, sealed with a key derived from SECRET_KEY (app/services/sealing.py); None or
+    # answer, sealed with a key derived from SECRET_KEY (domain/payments/sealing.py); None or
     # unreadable: read again from Stripe when needed. Never stored in clear.
     client_secret_sealed: Mapped[str | None] = mapped_column(String(512))
     # How many times phase 2 was entered for this attempt (first call plus resolutions).

@@ -46,7 +46,7 @@ from models.ledger import CURRENCY, STRIPE_ID
 
 
 class CaseStatus(StrEnum):
-    """A duplicate case's status. Only :mod:`app.services.case_lifecycle` changes it."""
+    """A duplicate case's status. Only :mod:`domain.cases.lifecycle` changes it."""
 
     OPEN = "open"  # needs a decision (a person's, or the job's in auto mode)
     REFUNDING = "refunding"  # refunds/releases approved, not all settled yet
@@ -67,7 +67,7 @@ class CaseKind(StrEnum):
 
 
 # The synthetic order an unlinked case hangs on: "~unlinked:<fp_...|cus_...>:<first charge>".
-# "~" can never start a merchant's order id (domain.ledger.shapes.ORDER_ID, checked on every way
+# "~" can never start a merchant's order id (domain.stripe.shapes.ORDER_ID, checked on every way
 # in), so such a row is never a real order, and a real order is never taken for one.
 UNLINKED_ORDER_PREFIX = "~unlinked:"
 
@@ -95,7 +95,7 @@ class DuplicateCase(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     order_id: Mapped[str] = mapped_column(ForeignKey("orders.id"), index=True)
-    # a CaseStatus; changed only through app.services.case_lifecycle
+    # a CaseStatus; changed only through domain.cases.lifecycle
     status: Mapped[str] = mapped_column(String(16))
     # a CaseKind
     kind: Mapped[str] = mapped_column(String(16), default=CaseKind.DUPLICATE.value, server_default="duplicate")

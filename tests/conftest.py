@@ -149,7 +149,7 @@ class Ledger:
             return session.scalar(select(func.count()).select_from(model).where(*where)) or 0
 
     def order(self, order_id: str) -> dict | None:
-        from app.services.orders import order_view
+        from domain.orders import order_view
 
         with self._session_factory() as session:
             return order_view(session, order_id)

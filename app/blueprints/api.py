@@ -10,8 +10,8 @@ from app.api_auth import actor as _actor
 from app.api_auth import require_token
 from app.errors import error_response
 from app.openapi import openapi_document
-from app.factory import services
-from app.services.cases import (
+from app.extensions import services
+from domain.cases.review import (
     CaseActionError,
     approve,
     approve_many,
@@ -23,7 +23,7 @@ from app.services.cases import (
     parse_refund_plan,
     run_views,
 )
-from app.services.orders import (
+from domain.orders import (
     OrderError,
     OrderInput,
     event_view,

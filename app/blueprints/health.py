@@ -13,7 +13,7 @@ import logging
 from flask import Blueprint, Response, jsonify
 from sqlalchemy import text
 
-from app.factory import services
+from app.extensions import services
 from domain.ledger.applier import inbox_state
 
 bp = Blueprint("health", __name__)

@@ -2,7 +2,7 @@
 ``POST /orders/<order_id>/checkout``: its one open Checkout Session (bearer token).
 
 Thin: checks the token, the ``Idempotency-Key`` header and the body, then hands over to
-:mod:`app.services.payments` (the phases) and :mod:`app.services.idempotency` (replay).
+:mod:`domain.payments.service` (the phases) and :mod:`domain.payments.idempotency` (replay).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from flask import Blueprint, Response, request
 
 from app.api_auth import require_token, sealer
 from app.errors import error_response
-from app.factory import services
-from app.services import idempotency
-from app.services.checkout import CheckoutRequest, CheckoutService
-from app.services.payments import PayError, PaymentService, PayRequest, reply_to_store, restore_reply
-from domain.ledger.shapes import ORDER_ID
+from app.extensions import services
+from domain.payments import idempotency
+from domain.payments.checkout import CheckoutRequest, CheckoutService
+from domain.payments.service import PayError, PaymentService, PayRequest, reply_to_store, restore_reply
+from domain.stripe.shapes import ORDER_ID
 
 bp = Blueprint("payments", __name__)
 bp.before_request(require_token)

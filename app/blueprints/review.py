@@ -1,6 +1,6 @@
 """The finance review page under ``/review``: server-rendered HTML for people, no JavaScript.
 
-Thin on purpose: reading and deciding are :mod:`app.services.cases`, users and roles are
+Thin on purpose: reading and deciding are :mod:`domain.cases.review`, users and roles are
 :mod:`app.services.auth`. This module owns the web-only parts and guarantees:
 
 * Every route but the login form needs a logged-in user; anyone else gets a 302 to the
@@ -45,11 +45,11 @@ from flask_login import current_user as login_current_user
 from flask_login import login_user, logout_user
 from werkzeug.exceptions import HTTPException
 
-from app.factory import services
+from app.extensions import services
 from app.services.auth import ReviewUser, UserDirectory
 from app.services.login_guard import LoginGuard, Locked
 from app.services.web_sessions import SessionStore
-from app.services.cases import (
+from domain.cases.review import (
     MAX_BULK,
     SORT_KEYS,
     CaseActionError,
@@ -64,8 +64,8 @@ from app.services.cases import (
     report_csv,
     report_rows,
 )
-from app.services.reasons import REASON_KINDS
-from app.services.refunds import PlannedRefund
+from domain.cases.reasons import REASON_KINDS
+from domain.cases.refunds import PlannedRefund
 from models import CASE_STATUSES
 from models.money import MoneyError, check_amount, decimals, format_money
 

@@ -249,7 +249,7 @@ def _run_demo(
 
 
 def _reconcile(settings):  # type: ignore[no-untyped-def]
-    from app.gateway import StripeGateway
+    from domain.stripe.gateway import StripeGateway
     from jobs.reconcile import run_reconciliation
     from models import make_engine, make_session_factory
 

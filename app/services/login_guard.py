@@ -42,7 +42,7 @@ from typing import Callable
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.services.alerts import Alert
+from domain.alerts import Alert
 from models import AuditEntry, LoginThrottle, run_in_transaction, utcnow
 from models.db import insert_ignore
 

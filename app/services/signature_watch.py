@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Callable
 
-from app.services.alerts import Alert
+from domain.alerts import Alert
 
 log = logging.getLogger(__name__)
 

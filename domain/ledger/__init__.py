@@ -1,7 +1,7 @@
 """The ledger: Stripe events as received (the inbox) and the orders, charges, refunds,
 disputes and PaymentIntents they describe.
 
-* :mod:`domain.ledger.shapes`: Stripe objects of any API version read into typed snapshots.
+* :mod:`domain.ledger.balance`: an order's balance and the duplicate rule's verdict on it.
 * :mod:`domain.ledger.envelope`: a webhook body read into an :class:`EventEnvelope`.
 * :mod:`domain.ledger.upserts`: the write rules (idempotent, order-independent upserts).
 * :mod:`domain.ledger.positions`: what a charge still holds, an order's status.

@@ -42,7 +42,7 @@ from domain.ledger import charge_batch
 from domain.ledger.envelope import EnvelopeError, EventEnvelope, parse_envelope
 from domain.ledger.handlers import HANDLERS, PLAIN_CHARGE_HANDLER, PLAIN_CHARGE_TYPES, CheckoutLinking, Handler
 from domain.ledger.inbox import PENDING_SQL, EventStatus
-from domain.ledger.shapes import ShapeError, charge_snapshot
+from domain.stripe.shapes import ShapeError, charge_snapshot
 from models import ApplierHeartbeat, EventFailure, StripeEvent, run_in_transaction, utcnow
 from models.db import insert_ignore, is_retryable, one_of
 
@@ -52,7 +52,7 @@ MAX_ERROR_CHARS = 2000
 BACKOFF_BASE_SECONDS = 2.0
 BACKOFF_MAX_SECONDS = 3600.0
 HEARTBEAT_SECONDS = 2.0
-# Alert(key, subject, body) -> whether it went out now; see app/services/alerts.py.
+# Alert(key, subject, body) -> whether it went out now; see domain/alerts.py.
 AlertSender = Callable[[str, str, str], bool]
 
 

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from domain.ledger.envelope import EventEnvelope
 from domain.ledger.positions import charge_positions, order_status
-from domain.ledger.shapes import ChargeSnapshot
+from domain.stripe.shapes import ChargeSnapshot
 from domain.ledger.upserts import charge_row
 from models import Charge, CheckoutSession, Order, PaymentIntent, utcnow
 from models.db import dialect_insert, one_of

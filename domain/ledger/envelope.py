@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from domain.errors import Rejected
-from domain.ledger.shapes import MAX_TIMESTAMP
+from domain.stripe.shapes import MAX_TIMESTAMP
 
 _EVENT_ID = re.compile(r"^evt_[A-Za-z0-9_]{1,250}\Z")
 _EVENT_TYPE = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+){1,5}\Z")

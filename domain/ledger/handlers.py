@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from config import Settings
 from domain.ledger import upserts
 from domain.ledger.envelope import EventEnvelope
-from domain.ledger.shapes import (
+from domain.stripe.shapes import (
     CheckoutSessionSnapshot,
     charge_snapshot,
     checkout_session_snapshot,

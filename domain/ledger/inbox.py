@@ -29,7 +29,7 @@ from typing import Collection
 from sqlalchemy import Engine, bindparam
 from sqlalchemy.exc import DBAPIError
 
-from app.gateway import WebhookSignatureError, verify_webhook
+from domain.stripe.gateway import WebhookSignatureError, verify_webhook
 from config import Settings
 from domain.errors import Rejected, Unavailable
 from domain.ledger.envelope import EventEnvelope, parse_envelope

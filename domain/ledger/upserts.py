@@ -24,10 +24,10 @@ import logging
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.services import case_lifecycle as lifecycle
-from app.services.case_lifecycle import CaseAction
+from domain.cases import lifecycle
+from domain.cases.lifecycle import CaseAction
 from domain.ledger.positions import INACTIVE_REFUND_STATUSES, charge_positions, order_status
-from domain.ledger.shapes import (
+from domain.stripe.shapes import (
     ChargeSnapshot,
     CheckoutSessionSnapshot,
     DisputeSnapshot,

@@ -15,7 +15,7 @@ import pytest
 import requests
 import stripe
 
-from app.gateway import StripeGateway
+from domain.stripe.gateway import StripeGateway
 from config import Settings
 from models import StripeEvent
 from tests import stripe_payloads as p

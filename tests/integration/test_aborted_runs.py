@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 from sqlalchemy import select
 
-from app.gateway import StripeGateway
+from domain.stripe.gateway import StripeGateway
 from config import Settings
 from jobs.reconcile import RunInProgress, run_reconciliation
 from models import ReconciliationRun, RunLease

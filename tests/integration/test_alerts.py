@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 from aiosmtpd.controller import Controller
 
-from app.gateway import StripeGateway
+from domain.stripe.gateway import StripeGateway
 from config import Settings
 from jobs.alerts import Alert, Alerter
 from jobs.reconcile import run_reconciliation

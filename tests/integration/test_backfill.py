@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from sqlalchemy import select
 
-from app.gateway import StripeGateway
+from domain.stripe.gateway import StripeGateway
 from config import Settings
 from jobs.reconcile import OVERLAP_SECONDS, run_reconciliation
 from models import Charge, PaymentIntent, ReconciliationRun, Refund, make_session_factory, run_in_transaction

@@ -14,9 +14,9 @@ import pytest
 import stripe
 from sqlalchemy import select
 
-from app.gateway import StripeGateway
+from domain.stripe.gateway import StripeGateway
 from domain.ledger.handlers import CheckoutLinking
-from domain.ledger.shapes import checkout_session_snapshot
+from domain.stripe.shapes import checkout_session_snapshot
 from config import Settings, SettingsError
 from jobs.reconcile import run_reconciliation
 from models import Charge, CheckoutSession, DuplicateCase, Order, PaymentIntent

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from app import create_app
 from app.cli import main as cli
 from jobs.reconcile import run_reconciliation
-from app.gateway import StripeGateway
-from app.services.cases import REPORT_COLUMNS
+from domain.stripe.gateway import StripeGateway
+from domain.cases.review import REPORT_COLUMNS
 from models import AuditEntry, DuplicateCase
 from tests.conftest import API_TOKEN
 from tests.fake_stripe import API

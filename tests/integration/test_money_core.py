@@ -356,7 +356,7 @@ def test_a_person_cannot_refund_an_order_below_its_total(stripe_api, reconcile, 
 
 
 def test_an_order_the_rule_cannot_assess_does_not_stop_the_pass(stripe_api, reconcile, session_factory, ledger, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from app.services import balance as balance_module
+    from domain.ledger import balance as balance_module
 
     _charges(stripe_api, session_factory, "ord_fine", 2)
     _charges(stripe_api, session_factory, "ord_broken", 2)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from app.services import payments as payments_service
+from domain.payments import service as payments_service
 from models import Order, PaymentIntent
 from tests import stripe_payloads as p
 from tests.integration.test_pay_endpoint import AUTH, attempts, make_app, new_order, pay, pay_client  # noqa: F401

@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from app import create_app
-from app.services import payments as payments_service
+from domain.payments import service as payments_service
 from models import Order, PaymentIntent, utcnow
 from models.payments import IdempotencyRecord, PaymentAttempt
 from tests import stripe_payloads as p

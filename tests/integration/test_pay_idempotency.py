@@ -10,8 +10,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from app.services import idempotency
-from app.services.idempotency import purge_expired_idempotency_keys
+from domain.payments import idempotency
+from domain.payments.idempotency import purge_expired_idempotency_keys
 from models import utcnow
 from models.payments import IdempotencyRecord
 from tests.integration.test_pay_endpoint import AUTH, make_app, new_order, pay, pay_client  # noqa: F401 (fixtures)

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from app.gateway import StripeGateway
-from app.services.orders import OrderInput, upsert_order
-from app.services.ratelimit import RateLimiter
-from app.services.refunds import RefundService
+from domain.stripe.gateway import StripeGateway
+from domain.orders import OrderInput, upsert_order
+from domain.stripe.ratelimit import RateLimiter
+from domain.cases.refunds import RefundService
 from config import Settings
 from jobs.lease import exclusive_pass
 from jobs.reconcile import RunInProgress, run_reconciliation

@@ -19,9 +19,9 @@ from werkzeug.security import generate_password_hash
 
 from app import create_app
 from app.blueprints.review import parse_major_plan
-from app.gateway import StripeGateway
+from domain.stripe.gateway import StripeGateway
 from app.services.auth import UserDirectory
-from app.services.cases import CaseActionError
+from domain.cases.review import CaseActionError
 from jobs.reconcile import run_reconciliation
 from models import AuditEntry, CaseCharge, Charge, DuplicateCase, Order, RefundAttempt, run_in_transaction, utcnow
 from tests.fake_stripe import API

@@ -28,7 +28,7 @@ from click.testing import CliRunner
 
 from app import create_app
 from app.cli import main as cli
-from app.gateway import StripeGateway
+from domain.stripe.gateway import StripeGateway
 from jobs.reconcile import run_reconciliation
 from models import AuditEntry, DuplicateCase, RefundAttempt
 from tests.conftest import API_TOKEN
@@ -346,7 +346,7 @@ def test_order_and_event_views_have_timestamps_with_offset(web, queue) -> None: 
 
 
 def test_alerts_speak_in_major_units_and_words(session_factory, queue) -> None:  # type: ignore[no-untyped-def]
-    from app.services.case_lifecycle import CaseAction
+    from domain.cases.lifecycle import CaseAction
     from jobs.alerts import pending_alerts
     from models import run_in_transaction
 

@@ -17,8 +17,8 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from app.gateway import StripeGateway
-from app.progress import LogProgress
+from domain.stripe.gateway import StripeGateway
+from jobs.progress import LogProgress
 from jobs.lease import RunInProgress, exclusive_pass, holder_is_dead
 from jobs.reconcile import PassAborted, run_reconciliation
 from jobs.schedule_state import record_heartbeat, remove_heartbeat, schedule_view
@@ -156,7 +156,7 @@ def test_terminal_progress_draws_a_line_per_phase_with_counts_and_rate() -> None
 
     from rich.console import Console
 
-    from app.progress import TerminalProgress
+    from jobs.progress import TerminalProgress
 
     screen = io.StringIO()
     with TerminalProgress(Console(file=screen, force_terminal=True, width=120, color_system=None)) as progress:

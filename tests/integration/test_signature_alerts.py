@@ -4,7 +4,7 @@ other bad input does not count."""
 from __future__ import annotations
 
 from app import create_app
-from app.services.alerts import Alert
+from domain.alerts import Alert
 from app.services.signature_watch import SignatureFailureWatch
 from models import AlertSent
 from tests import stripe_payloads as p

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from app.services.alerts import Alert, Alerter
+from domain.alerts import Alert, Alerter
 from config import Settings, SettingsError
 from models import AlertSent
 

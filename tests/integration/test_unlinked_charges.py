@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from app import create_app
-from app.services.ratelimit import RateLimiter
-from app.services.refunds import RefundRefused, RefundService
+from domain.stripe.ratelimit import RateLimiter
+from domain.cases.refunds import RefundRefused, RefundService
 from models import AlertSent, AuditEntry, Charge, DuplicateCase, Order, Refund, RefundAttempt
 from tests import stripe_payloads as p
 from tests.conftest import API_TOKEN

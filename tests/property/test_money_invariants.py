@@ -18,7 +18,7 @@ client. The steps interleave:
   incremental, with Stripe answering the next refund calls 429 or 500, or the process dying
   between the Stripe refund call and our commit (``RefundService(after_call=...)``);
 * finance approving a case's proposal, dismissing it with a note, reopening it, through
-  ``app.services.cases`` (the code behind the page, the API and the CLI); documented
+  ``domain.cases.review`` (the code behind the page, the API and the CLI); documented
   refusals (``CaseActionError``) are fine; an approval may die after phase 1 (decision
   committed, nothing executed) or after Stripe's answer.
 
@@ -91,12 +91,12 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invar
 from sqlalchemy import select
 
 from app import create_app
-from app.gateway import StripeGateway
-from app.services import cases as case_actions
-from app.services.cases import CaseActionError
-from app.services.orders import OrderInput, upsert_order
-from app.services.ratelimit import RateLimiter
-from app.services.refunds import RefundService
+from domain.stripe.gateway import StripeGateway
+from domain.cases import review as case_actions
+from domain.cases.review import CaseActionError
+from domain.orders import OrderInput, upsert_order
+from domain.stripe.ratelimit import RateLimiter
+from domain.cases.refunds import RefundService
 from config import Settings
 from jobs.reconcile import run_reconciliation
 from models import ACTIVE_CASE_STATUSES, DuplicateCase, make_engine, make_session_factory, run_in_transaction

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from jobs.rules import ChargeFacts, OrderFacts, assess, keeper_order
+from domain.cases.rules import ChargeFacts, OrderFacts, assess, keeper_order
 
 T0 = 1_760_000_000
 HOUR = 3600

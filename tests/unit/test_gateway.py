@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 import responses
 
-from app.gateway import (
+from domain.stripe.gateway import (
     StripeGateway,
     StripeNotConfigured,
     StripeNotFound,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.services.idempotency import IdempotencyKeyError, fingerprint, validate_key
+from domain.payments.idempotency import IdempotencyKeyError, fingerprint, validate_key
 
 
 @pytest.mark.parametrize("key", ["a", "order-42/checkout#1", "k" * 255, "with spaces inside", "~!@#$%^&*()"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from domain.ledger.shapes import (
+from domain.stripe.shapes import (
     ShapeError,
     charge_snapshot,
     dispute_snapshot,

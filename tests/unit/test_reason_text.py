@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from app.services.reasons import REASON_KINDS, ReasonContext, case_reason_text, explain, reason_code, reason_sentence, reason_sentences
-from jobs.rules import ChargeFacts, OrderFacts, assess
+from domain.cases.reasons import REASON_KINDS, ReasonContext, case_reason_text, explain, reason_code, reason_sentence, reason_sentences
+from domain.cases.rules import ChargeFacts, OrderFacts, assess
 
 WINDOW = 600
 # (currency, a charge, another amount, how each is written in major units)

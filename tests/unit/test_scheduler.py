@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from app.gateway import StripeGateway
+from domain.stripe.gateway import StripeGateway
 from config import Settings
 from jobs.scheduler import MISFIRE_GRACE_SECONDS, build_scheduler
 

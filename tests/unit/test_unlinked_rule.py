@@ -1,11 +1,11 @@
-"""The "possible duplicate, no order" rule (jobs.rules.unlinked_groups), as a table."""
+"""The "possible duplicate, no order" rule (domain.cases.rules.unlinked_groups), as a table."""
 
 from __future__ import annotations
 
 import pytest
 
-from jobs.rules import UnlinkedChargeFacts as C
-from jobs.rules import unlinked_groups
+from domain.cases.rules import UnlinkedChargeFacts as C
+from domain.cases.rules import unlinked_groups
 
 W = 600  # UNLINKED_WINDOW_MINUTES = 10
 T = 1_700_000_000

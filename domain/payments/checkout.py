@@ -1,6 +1,6 @@
 """The checkout endpoint's logic: at most one open Stripe Checkout Session per order.
 
-The pay endpoint's phases and lock discipline (:mod:`app.services.payments`), one
+The pay endpoint's phases and lock discipline (:mod:`domain.payments.service`), one
 transaction per phase:
 
 1. **Decide** (short transaction, the order row locked): paid (409), an open session to
@@ -24,7 +24,7 @@ Guarantees:
   is sent again before anything else, never followed by a create.
 * An unknown create (timeout, 5xx, crash) is resent under the same key while Stripe keeps
   it; never a blind new create.
-* A paid order (by any route :func:`app.services.payments.order_paid` knows) never
+* A paid order (by any route :func:`domain.payments.service.order_paid` knows) never
   reaches Stripe.
 """
 
@@ -41,8 +41,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.gateway import GatewayError, StripeGateway, StripeNotConfigured
-from app.services.payments import (
+from domain.stripe.gateway import GatewayError, StripeGateway, StripeNotConfigured
+from domain.payments.service import (
     CREATING_STALE_SECONDS,
     KEY_WINDOW,
     LOOKUP_SLACK_SECONDS,

@@ -73,7 +73,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.gateway import (
+from domain.stripe.gateway import (
     GatewayError,
     StripeGateway,
     StripeNotConfigured,
@@ -83,8 +83,8 @@ from app.gateway import (
     StripeUnavailable,
 )
 from domain.ledger import apply_payment_intent
-from app.services.sealing import Sealer
-from domain.ledger.shapes import payment_intent_snapshot
+from domain.payments.sealing import Sealer
+from domain.stripe.shapes import payment_intent_snapshot
 from config import Settings
 from models import Order, PaymentIntent, run_in_transaction, utcnow
 from models.money import format_money
@@ -178,7 +178,7 @@ class _Attempt:
     customer: str | None
     payment_method: str | None
     payment_intent_id: str | None
-    # Sealed as stored (app/services/sealing.py); ``client_secret`` is only ever the
+    # Sealed as stored (domain/payments/sealing.py); ``client_secret`` is only ever the
     # clear value in memory, once opened or read from Stripe.
     sealed_client_secret: str | None
     created_at: datetime

@@ -34,13 +34,13 @@ from typing import Any, Callable, Iterable
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.gateway import GatewayError, StripeGateway, StripeRejected
-from app.services import case_lifecycle as lifecycle
+from domain.stripe.gateway import GatewayError, StripeGateway, StripeRejected
+from domain.cases import lifecycle
 from domain import ledger
-from app.services.balance import OrderBalance, load_balance
-from app.services.case_lifecycle import TRANSITIONS, CaseAction
-from app.services.ratelimit import RateLimiter
-from domain.ledger.shapes import charge_snapshot, payment_intent_snapshot, refund_snapshot
+from domain.ledger.balance import OrderBalance, load_balance
+from domain.cases.lifecycle import TRANSITIONS, CaseAction
+from domain.stripe.ratelimit import RateLimiter
+from domain.stripe.shapes import charge_snapshot, payment_intent_snapshot, refund_snapshot
 from models import (
     AttemptAction,
     CaseKind,

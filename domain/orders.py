@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from domain import ledger
-from domain.ledger.shapes import ORDER_ID
+from domain.stripe.shapes import ORDER_ID
 from models import Charge, EventFailure, Order, StripeEvent, iso_utc
 from models.db import insert_ignore
 from models.money import MoneyError, check_amount, format_amount, normalise_currency

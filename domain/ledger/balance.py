@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from domain import ledger
-from jobs.rules import Assessment, ChargeFacts, OrderFacts, assess
+from domain.cases.rules import Assessment, ChargeFacts, OrderFacts, assess
 from models import Charge, Order
 
 

@@ -18,11 +18,11 @@ from typing import Any, Callable, Iterator
 from sqlalchemy import and_, func, or_, select, union
 from sqlalchemy.orm import Session, aliased, selectinload, sessionmaker
 
-from app.services import case_lifecycle as lifecycle
+from domain.cases import lifecycle
 from domain import ledger
-from app.services.balance import OrderBalance, load_balances
-from app.services.case_lifecycle import CaseAction, DismissedState, is_active
-from jobs.rules import Assessment, UnlinkedChargeFacts, UnlinkedGroup, unlinked_groups
+from domain.ledger.balance import OrderBalance, load_balances
+from domain.cases.lifecycle import CaseAction, DismissedState, is_active
+from domain.cases.rules import Assessment, UnlinkedChargeFacts, UnlinkedGroup, unlinked_groups
 from models import (
     ACTIVE_CASE_STATUSES,
     CaseCharge,
@@ -501,7 +501,7 @@ def detect_unlinked(
     run_id: int | None,
 ) -> DetectionSummary:
     """Open (or refresh) a review-only case for each group of charges naming no order
-    (:func:`jobs.rules.unlinked_groups`); close as ``external`` an active one whose
+    (:func:`domain.cases.rules.unlinked_groups`); close as ``external`` an active one whose
     repeats no longer hold money. Never automatic, never in ``automatic_open_cases``."""
 
     def work(session: Session) -> DetectionSummary:

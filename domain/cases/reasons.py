@@ -1,7 +1,7 @@
 """Case reasons in words: the one place a reason code becomes a sentence.
 
-The rule (jobs/rules.py), detection (jobs/detection.py) and the refund path
-(app/services/refunds.py) store a case's reasons as ``"code: detail"`` strings, the detail
+The rule (domain/cases/rules.py), detection (domain/cases/detection.py) and the refund path
+(domain/cases/refunds.py) store a case's reasons as ``"code: detail"`` strings, the detail
 carrying the numbers as the rule saw them (minor units, lower-case currency codes). Those
 strings stay as they are (the API's ``review_reasons``, the audit log); this module turns
 them into sentences for people, with every amount in major units and the currency code in

@@ -2,7 +2,7 @@
 
 Every decision goes through here whichever door it came in by (page, JSON API, CLI), so
 all three behave the same: approving runs the one phased refund path
-(:mod:`app.services.refunds`), dismissing needs a note, and each action writes an
+(:mod:`domain.cases.refunds`), dismissing needs a note, and each action writes an
 ``audit_log`` row in the same transaction as its effect.
 """
 
@@ -17,13 +17,13 @@ from typing import Any, Iterable
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.converters import MAX_ID, DateParamError, parse_day
-from app.services import case_lifecycle as lifecycle
+from domain.bounds import MAX_ID, DateParamError, parse_day
+from domain.cases import lifecycle
 from domain import ledger
-from app.services.balance import load_balance
-from app.services.case_lifecycle import CaseAction, CaseTransitionRefused, DismissedState
-from app.services.reasons import REASON_KINDS, ReasonContext, case_reason_text, explain, reason_code, reason_sentences
-from app.services.refunds import CaseRefundResult, PlannedRefund, RefundRefused, RefundService
+from domain.ledger.balance import load_balance
+from domain.cases.lifecycle import CaseAction, CaseTransitionRefused, DismissedState
+from domain.cases.reasons import REASON_KINDS, ReasonContext, case_reason_text, explain, reason_code, reason_sentences
+from domain.cases.refunds import CaseRefundResult, PlannedRefund, RefundRefused, RefundService
 from models import (
     ACTIVE_CASE_STATUSES,
     CASE_STATUSES,
@@ -95,7 +95,7 @@ class CaseFilter:
     opened_until: datetime | None = None
     page: int = 1
     per_page: int = 25
-    # A reason kind (a key of app.services.reasons.REASON_KINDS): "clear" or a reason code.
+    # A reason kind (a key of domain.cases.reasons.REASON_KINDS): "clear" or a reason code.
     reason: str | None = None
     # Excess in major units (as typed: 49.99), inclusive; in the currency filtered on, or
     # in any currency the case holds too much of.

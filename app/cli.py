@@ -9,11 +9,12 @@ a traceback; so is a database that goes away while the command runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 import click
 
@@ -22,6 +23,10 @@ from models import CASE_STATUSES
 from models.base import iso_utc
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from domain.stripe.gateway import StripeGateway
     from jobs.supervisor import Child
 
 log = logging.getLogger("reconciler")
@@ -342,11 +347,8 @@ def db_current() -> None:
     from models.migrate import current_revision, head_revision
 
     settings = _settings()
-    engine = _engine(settings, schema="any")
-    try:
-        current = current_revision(engine)
-    finally:
-        engine.dispose()
+    with _database(settings, schema="any") as db:
+        current = current_revision(db.engine)
     click.echo(f"current: {current or 'none'}  head: {head_revision()}")
 
 
@@ -378,13 +380,11 @@ def orders_import(csv_file: Path) -> None:
         if len(errors) > 50:
             click.echo(f"... and {len(errors) - 50} more", err=True)
         raise click.ClickException(f"{len(errors)} invalid row(s); nothing imported")
-    engine = _engine(settings)
-    try:
-        report = run_in_transaction(make_session_factory(engine), lambda s: import_orders(s, rows))
-    except OrderError as exc:
-        raise click.ClickException(f"{exc.message}; nothing imported") from None
-    finally:
-        engine.dispose()
+    with _database(settings) as db:
+        try:
+            report = run_in_transaction(db.session_factory, lambda s: import_orders(s, rows))
+        except OrderError as exc:
+            raise click.ClickException(f"{exc.message}; nothing imported") from None
     click.echo(f"imported {len(rows)} order(s): {report.created} created, {report.updated} updated, {report.unchanged} unchanged")
 
 
@@ -404,12 +404,26 @@ def _parse_day(value: str | None) -> "datetime | None":
     raise click.BadParameter(f"{value!r} is not a date (YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS], UTC)")
 
 
-def _job_dependencies(settings: Settings):  # type: ignore[no-untyped-def]
+class _Database(NamedTuple):
+    """What a command works with: the engine, its session factory, the Stripe gateway."""
+
+    engine: Engine
+    session_factory: sessionmaker[Session]
+    gateway: StripeGateway
+
+
+@contextlib.contextmanager
+def _database(settings: Settings, *, schema: str = "head") -> Iterator[_Database]:
+    """The configured database once it is usable (:func:`_engine`), for one command; the
+    engine is disposed of when the block ends, whatever happens in it."""
     from domain.stripe.gateway import StripeGateway
     from models import make_session_factory
 
-    engine = _engine(settings)
-    return engine, make_session_factory(engine), StripeGateway.from_settings(settings)
+    engine = _engine(settings, schema=schema)
+    try:
+        yield _Database(engine, make_session_factory(engine), StripeGateway.from_settings(settings))
+    finally:
+        engine.dispose()
 
 
 @main.command()
@@ -423,7 +437,6 @@ def reconcile(mode: str | None, since: str | None, full: bool, as_json: bool) ->
     Progress goes to stderr: bars on a terminal, JSON log lines otherwise. SIGINT, SIGTERM
     or SIGHUP stop the pass where it is: it is recorded as aborted and the command exits
     128 + the signal's number."""
-    import contextlib
     import json
 
     from jobs.progress import LogProgress, TerminalProgress
@@ -431,13 +444,14 @@ def reconcile(mode: str | None, since: str | None, full: bool, as_json: bool) ->
 
     settings = _settings()
     since_at = _parse_day(since)
-    engine, session_factory, gateway = _job_dependencies(settings)
     started: list[int] = []
     reporter: Any = TerminalProgress() if sys.stderr.isatty() else LogProgress()
     try:
-        with abort_on_signals(), (reporter if isinstance(reporter, TerminalProgress) else contextlib.nullcontext()):
+        with _database(settings) as db, abort_on_signals(), (
+            reporter if isinstance(reporter, TerminalProgress) else contextlib.nullcontext()
+        ):
             summary = run_reconciliation(
-                session_factory, gateway, settings, mode=mode, since=since_at, full=full, progress=reporter,
+                db.session_factory, db.gateway, settings, mode=mode, since=since_at, full=full, progress=reporter,
                 on_start=started.append,
             )
     except RunInProgress as exc:
@@ -450,7 +464,6 @@ def reconcile(mode: str | None, since: str | None, full: bool, as_json: bool) ->
     finally:
         if isinstance(reporter, LogProgress):
             reporter.close()
-        engine.dispose()
     if as_json:
         data = {"run_id": summary.run_id, "status": summary.status, "mode": summary.mode, "counts": summary.counts(), "errors": summary.errors, "warnings": summary.warnings}
         if summary.mode == "dry-run":
@@ -590,13 +603,9 @@ def runs(limit: int) -> None:
     from jobs.schedule_state import schedule_view
 
     settings = _settings()
-    engine = _engine(settings)
-    try:
-        with make_session_factory(engine)() as session:
-            rows = list(session.scalars(select(ReconciliationRun).order_by(ReconciliationRun.id.desc()).limit(limit)))
-            schedule = schedule_view(session)
-    finally:
-        engine.dispose()
+    with _database(settings) as db, db.session_factory() as session:
+        rows = list(session.scalars(select(ReconciliationRun).order_by(ReconciliationRun.id.desc()).limit(limit)))
+        schedule = schedule_view(session)
     click.echo(schedule.describe())
     if not rows:
         click.echo("no passes yet")
@@ -621,14 +630,6 @@ def review() -> None:
     """Duplicate cases: list, show, approve, dismiss."""
 
 
-def _review_services(settings: Settings):  # type: ignore[no-untyped-def]
-    from domain.stripe.ratelimit import RateLimiter
-    from domain.cases.refunds import RefundService
-
-    engine, session_factory, gateway = _job_dependencies(settings)
-    return engine, session_factory, RefundService(session_factory, gateway, limiter=RateLimiter(settings.stripe_rate_limit))
-
-
 @review.command("list")
 @click.option("--status", type=click.Choice(list(CASE_STATUSES)))
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 200))
@@ -637,12 +638,8 @@ def review_list(status: str | None, limit: int) -> None:
     from domain.cases.review import CaseFilter, list_cases
 
     settings = _settings()
-    engine, session_factory, _ = _job_dependencies(settings)
-    try:
-        with session_factory() as session:
-            page = list_cases(session, CaseFilter(status=status, per_page=limit))
-    finally:
-        engine.dispose()
+    with _database(settings) as db, db.session_factory() as session:
+        page = list_cases(session, CaseFilter(status=status, per_page=limit))
     if not page["cases"]:
         click.echo("no cases")
         return
@@ -670,12 +667,8 @@ def review_show(case_id: int) -> None:
     from domain.cases.review import case_view
 
     settings = _settings()
-    engine, session_factory, _ = _job_dependencies(settings)
-    try:
-        with session_factory() as session:
-            view = case_view(session, case_id)
-    finally:
-        engine.dispose()
+    with _database(settings) as db, db.session_factory() as session:
+        view = case_view(session, case_id)
     if view is None:
         raise click.ClickException(f"no case {case_id}")
     click.echo(f"case {view['id']}: {view['status']}   order {view['order_id']}  total {view['order_amount_display'] or 'unknown'}")
@@ -705,16 +698,15 @@ def review_show(case_id: int) -> None:
 @click.option("--note")
 def review_approve(case_id: int, actor: str, note: str | None) -> None:
     """Refund what the case proposes, through the phased refund path."""
+    from domain.cases.refunds import RefundService
     from domain.cases.review import CaseActionError, approve
 
     settings = _settings()
-    engine, _, refunds = _review_services(settings)
-    try:
-        result = approve(refunds, case_id, actor=actor, note=note)
-    except CaseActionError as exc:
-        raise click.ClickException(f"{exc.code}: {exc.message}") from None
-    finally:
-        engine.dispose()
+    with _database(settings) as db:
+        try:
+            result = approve(RefundService.from_settings(settings, db.session_factory, db.gateway), case_id, actor=actor, note=note)
+        except CaseActionError as exc:
+            raise click.ClickException(f"{exc.code}: {exc.message}") from None
     from models.money import format_money
 
     for outcome in result.outcomes:
@@ -733,13 +725,11 @@ def review_dismiss(case_id: int, actor: str, note: str) -> None:
     from domain.cases.review import CaseActionError, dismiss
 
     settings = _settings()
-    engine, session_factory, _ = _job_dependencies(settings)
-    try:
-        dismiss(session_factory, case_id, actor=actor, note=note)
-    except CaseActionError as exc:
-        raise click.ClickException(f"{exc.code}: {exc.message}") from None
-    finally:
-        engine.dispose()
+    with _database(settings) as db:
+        try:
+            dismiss(db.session_factory, case_id, actor=actor, note=note)
+        except CaseActionError as exc:
+            raise click.ClickException(f"{exc.code}: {exc.message}") from None
     click.echo(f"case {case_id}: dismissed")
 
 
@@ -756,12 +746,8 @@ def report(since: str, until: str | None, fmt: str) -> None:
 
     settings = _settings()
     since_at, until_at = _parse_day(since), _parse_day(until)
-    engine, session_factory, _ = _job_dependencies(settings)
-    try:
-        with session_factory() as session:
-            rows = report_rows(session, since=since_at, until=until_at)  # type: ignore[arg-type]
-    finally:
-        engine.dispose()
+    with _database(settings) as db, db.session_factory() as session:
+        rows = report_rows(session, since=since_at, until=until_at)  # type: ignore[arg-type]
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -792,14 +778,11 @@ def users_logout(username: str) -> None:
     from sqlalchemy import delete
 
     settings = _settings()
-    engine = _engine(settings)
-    try:
+    with _database(settings) as db:
         ended = run_in_transaction(
-            make_session_factory(engine),
-            lambda db: db.execute(delete(WebSession).where(WebSession.username == username)).rowcount or 0,
+            db.session_factory,
+            lambda session: session.execute(delete(WebSession).where(WebSession.username == username)).rowcount or 0,
         )
-    finally:
-        engine.dispose()
     click.echo(f"{ended} session(s) of {username} ended")
 
 
@@ -838,11 +821,8 @@ def scheduler() -> None:
     from jobs.scheduler import run_scheduler
 
     settings = _settings()
-    engine, session_factory, gateway = _job_dependencies(settings)
-    try:
-        status = run_scheduler(settings, session_factory, gateway)
-    finally:
-        engine.dispose()
+    with _database(settings) as db:
+        status = run_scheduler(settings, db.session_factory, db.gateway)
     sys.exit(status)
 
 

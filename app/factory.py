@@ -13,7 +13,6 @@ from app.errors import register_error_handlers
 from app.extensions import Services, services
 from domain.stripe.gateway import StripeGateway
 from domain.alerts import Alerter
-from domain.stripe.ratelimit import RateLimiter
 from domain.cases.refunds import RefundService
 from app.services.signature_watch import SignatureFailureWatch
 from app.web_security import init_web_security
@@ -22,7 +21,7 @@ from config import Settings
 from domain.ledger.applier import Applier
 from domain.ledger.inbox import Inbox
 from models import make_engine, make_session_factory
-from models.db import make_read_session_factory
+from models.db import engine_of, make_read_session_factory
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ def create_app(
         session_factory = make_session_factory(make_engine(settings.database_url))
     gateway = StripeGateway(stripe) if stripe is not None else StripeGateway.from_settings(settings)
 
-    engine = session_factory.kw["bind"]
+    engine = engine_of(session_factory)
     alerter = Alerter(settings, session_factory)
 
     app = Flask(__name__)
@@ -66,7 +65,7 @@ def create_app(
         # Finance approvals take the same phased refund path as the job.
         # One try per call inside a web request (no backoff sleeps holding a worker): an
         # attempt Stripe did not answer stays recorded and the next pass resumes its key.
-        refunds=RefundService(session_factory, gateway, limiter=RateLimiter(settings.stripe_rate_limit), max_tries=1),
+        refunds=RefundService.from_settings(settings, session_factory, gateway, max_tries=1),
         signature_watch=SignatureFailureWatch(
             alerter.send,
             threshold=settings.signature_alert_threshold,

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import RunLease, run_in_transaction
 from models.base import iso_utc
-from models.db import insert_ignore
+from models.db import engine_of, insert_ignore
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def exclusive_pass(
     now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
 ) -> Iterator[str]:
     """Hold the pass lock for the ``with`` block, or raise :class:`RunInProgress`."""
-    engine: Engine = session_factory.kw["bind"]
+    engine: Engine = engine_of(session_factory)
     holder = holder_name()
     if engine.dialect.name == "postgresql":
         with engine.connect() as connection:

@@ -43,6 +43,7 @@ from jobs.backfill import LISTINGS, BackfillStopped, BackfillSummary, backfill, 
 from domain.cases.detection import DetectionSummary, detect, detect_unlinked
 from jobs.lease import RunInProgress, exclusive_pass, holder_name
 from models import CaseStatus, DuplicateCase, ReconciliationRun, run_in_transaction
+from models.db import engine_of
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,8 @@ def run_reconciliation(
         raise ValueError(f"mode must be review, auto or dry-run, not {mode!r}")
     limiter = RateLimiter(settings.stripe_rate_limit, sleep=sleep)
     alerter = alerter or Alerter(settings, session_factory)
-    refunds = refund_service or RefundService(session_factory, gateway, limiter=limiter, clock=clock, sleep=sleep)
-    inbox = Inbox(settings, session_factory.kw["bind"])
+    refunds = refund_service or RefundService.from_settings(settings, session_factory, gateway, limiter=limiter, clock=clock, sleep=sleep)
+    inbox = Inbox(settings, engine_of(session_factory))
     applier = make_applier(settings, session_factory, alerter=alerter)
 
     with exclusive_pass(session_factory):

@@ -189,3 +189,11 @@ def one_of(session: Session, column, values):  # type: ignore[no-untyped-def]
 
         return column == any_(bindparam(None, values, type_=ARRAY(column.type)))
     return column.in_(values)
+
+
+def engine_of(session_factory: sessionmaker[Session]) -> Engine:
+    """The engine a session factory is bound to (made by :func:`make_session_factory`)."""
+    engine = session_factory.kw.get("bind")
+    if not isinstance(engine, Engine):
+        raise TypeError("the session factory is not bound to an engine")
+    return engine

@@ -29,7 +29,7 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import WebSession, run_in_transaction, utcnow
-from models.db import make_read_session_factory
+from models.db import engine_of, make_read_session_factory
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{43}$")
 TOUCH_EVERY = timedelta(seconds=60)
@@ -59,7 +59,7 @@ class SessionStore:
         self._session_factory = session_factory
         # Looking a session up takes no write lock (SQLite: BEGIN DEFERRED); only ending or
         # touching one writes, in a short transaction of its own.
-        self._read_factory = make_read_session_factory(session_factory.kw["bind"])
+        self._read_factory = make_read_session_factory(engine_of(session_factory))
         self._key = secret_key.encode()
         self.idle = idle
         self.absolute = absolute

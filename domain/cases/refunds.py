@@ -39,6 +39,7 @@ from domain.cases import lifecycle
 from domain import ledger
 from domain.ledger.balance import OrderBalance, load_balance
 from domain.cases.lifecycle import TRANSITIONS, CaseAction
+from config import Settings
 from domain.stripe.ratelimit import RateLimiter
 from domain.stripe.shapes import charge_snapshot, payment_intent_snapshot, refund_snapshot
 from models import (
@@ -116,6 +117,21 @@ class RefundService:
         self._max_tries = max_tries
         # Test hook: runs between the Stripe call and phase 4 (to simulate a crash there).
         self._after_call = after_call
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        gateway: StripeGateway,
+        *,
+        limiter: RateLimiter | None = None,
+        **options: Any,
+    ) -> "RefundService":
+        """The one construction from the settings (web app, CLI, reconcile pass): Stripe
+        calls paced by ``STRIPE_RATE_LIMIT`` unless a shared ``limiter`` is given;
+        ``options`` as for the constructor (``max_tries``, ``clock``, ``sleep``)."""
+        return cls(session_factory, gateway, limiter=limiter or RateLimiter(settings.stripe_rate_limit), **options)
 
     # -- phase 1 ---------------------------------------------------------------------------
 

@@ -176,9 +176,10 @@ def run_reconciliation(
         if on_start:
             on_start(run_id)
         checkpoint = _checkpoint(should_stop, progress)
+        parts = _PassParts(settings, session_factory, gateway, inbox, applier, refunds, alerter, limiter, clock, checkpoint)
         try:
             checkpoint(None, 0, None)
-            _pass(summary, previous, session_factory, gateway, settings, inbox, applier, refunds, alerter, limiter, since, clock, checkpoint)
+            _pass(summary, previous, parts, since)
             summary.status = "partial" if summary.errors else "succeeded"
         except Exception as exc:
             log.exception("reconciliation pass failed", extra={"run_id": run_id})
@@ -238,28 +239,47 @@ def _checkpoint(should_stop: Callable[[], str | None] | None, progress: PassProg
     return checkpoint
 
 
-def _pass(
-    summary: RunSummary,
-    previous: ReconciliationRun | None,
-    session_factory: sessionmaker[Session],
-    gateway: StripeGateway,
-    settings: Settings,
-    inbox: Inbox,
-    applier: Applier,
-    refunds: RefundService,
-    alerter: Alerter,
-    limiter: RateLimiter,
-    since: datetime | None,
-    clock: Callable[[], float],
-    checkpoint: Checkpoint,
-) -> None:
+@dataclass(frozen=True)
+class _PassParts:
+    """What one pass works with, built once by :func:`run_reconciliation`."""
+
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    gateway: StripeGateway
+    inbox: Inbox
+    applier: Applier
+    refunds: RefundService
+    alerter: Alerter
+    limiter: RateLimiter
+    clock: Callable[[], float]
+    checkpoint: Checkpoint
+
+
+def _pass(summary: RunSummary, previous: ReconciliationRun | None, parts: _PassParts, since: datetime | None) -> None:
+    """The phases in order: the inbox, backfill, unfinished refunds, the inbox again,
+    detection, automatic refunds, alerts."""
     dry_run = summary.mode == "dry-run"
     # -- the inbox: what webhooks stored must be in the ledger before it is judged ---------
-    _drain_inbox(summary, applier, settings.inbox_drain_seconds, "before backfill")
-    checkpoint(None, 0, None)
-    # -- backfill --------------------------------------------------------------------------
-    # Every listing starts from the oldest watermark minus the overlap. While only some
-    # listings have one (the others never completed), from where the previous pass started.
+    _drain_inbox(summary, parts.applier, parts.settings.inbox_drain_seconds, "before backfill")
+    parts.checkpoint(None, 0, None)
+    _backfill_phase(summary, previous, parts, since)
+    if not dry_run and parts.gateway.configured:
+        _resume_refunds(summary, parts)
+    _drain_inbox(summary, parts.applier, parts.settings.inbox_drain_seconds, "before detection")
+    parts.checkpoint(None, 0, None)
+    found = _detection_phase(summary, previous, parts)
+    if summary.mode == "auto":
+        _automatic_refunds(summary, parts, found)
+    parts.checkpoint(None, 0, None)
+    if not dry_run:
+        _send_alerts(summary, parts.session_factory, parts.alerter)
+
+
+def _backfill_phase(summary: RunSummary, previous: ReconciliationRun | None, parts: _PassParts, since: datetime | None) -> None:
+    """Read from Stripe what webhooks may have missed. Every listing starts from the
+    oldest watermark minus the overlap; while only some listings have one (the others
+    never completed), from where the previous pass started."""
+    settings, gateway = parts.settings, parts.gateway
     watermarks = _previous_watermarks(previous)
     start = backfill_start(watermarks, OVERLAP_SECONDS)
     if since is not None:
@@ -269,7 +289,7 @@ def _pass(
     elif watermarks and previous is not None and previous.backfill_from is not None:
         backfill_from = min([previous.backfill_from, *(w - OVERLAP_SECONDS for w in watermarks.values())])
     else:
-        backfill_from = int(clock()) - settings.backfill_days * 86400
+        backfill_from = int(parts.clock()) - settings.backfill_days * 86400
     summary.backfill_from = backfill_from
     summary.watermarks = dict(watermarks)
     summary.watermark = oldest_watermark(watermarks)
@@ -277,49 +297,52 @@ def _pass(
         message = "backfill skipped: STRIPE_API_KEY is not set; detection ran on what webhooks delivered"
         log.warning(message)
         summary.warnings.append(message)
-    else:
-        try:
-            result: BackfillSummary = backfill(
-                session_factory, gateway, inbox, since=backfill_from, applier=applier, limiter=limiter, clock=clock,
-                progress=lambda kind, count: checkpoint(f"backfill {kind}", count, None), watermarks=watermarks,
-            )
-        except BackfillStopped as exc:
-            result = exc.summary
-            summary.errors.append(f"backfill stopped: {exc}; the listings it did not complete keep their watermarks")
-        except GatewayError as exc:
-            result = BackfillSummary(watermarks=dict(watermarks), watermark=summary.watermark)
-            summary.errors.append(f"backfill stopped: {exc}; the watermarks stay where they were")
-        summary.backfill = asdict(result)
-        summary.watermarks = dict(result.watermarks)
-        summary.watermark = result.watermark
+        return
+    try:
+        result: BackfillSummary = backfill(
+            parts.session_factory, gateway, parts.inbox, since=backfill_from, applier=parts.applier, limiter=parts.limiter,
+            clock=parts.clock, progress=lambda kind, count: parts.checkpoint(f"backfill {kind}", count, None),
+            watermarks=watermarks,
+        )
+    except BackfillStopped as exc:
+        result = exc.summary
+        summary.errors.append(f"backfill stopped: {exc}; the listings it did not complete keep their watermarks")
+    except GatewayError as exc:
+        result = BackfillSummary(watermarks=dict(watermarks), watermark=summary.watermark)
+        summary.errors.append(f"backfill stopped: {exc}; the watermarks stay where they were")
+    summary.backfill = asdict(result)
+    summary.watermarks = dict(result.watermarks)
+    summary.watermark = result.watermark
 
-    # -- refunds a crash or an outage left unfinished ------------------------------------
-    if not dry_run and gateway.configured:
-        with session_factory() as session:
-            unfinished = pending_refund_cases(session)
-        for case_id in unfinished:
-            checkpoint("resumed refunds", 0, len(unfinished))
-            _collect(summary, refunds.execute_case(case_id).outcomes)
-            checkpoint("resumed refunds", 1, len(unfinished))
 
-    # -- detection -------------------------------------------------------------------------
-    _drain_inbox(summary, applier, settings.inbox_drain_seconds, "before detection")
-    checkpoint(None, 0, None)
+def _resume_refunds(summary: RunSummary, parts: _PassParts) -> None:
+    """Refunds a crash or an outage left unfinished, carried on under their own keys."""
+    with parts.session_factory() as session:
+        unfinished = pending_refund_cases(session)
+    for case_id in unfinished:
+        parts.checkpoint("resumed refunds", 0, len(unfinished))
+        _collect(summary, parts.refunds.execute_case(case_id).outcomes)
+        parts.checkpoint("resumed refunds", 1, len(unfinished))
+
+
+def _detection_phase(summary: RunSummary, previous: ReconciliationRun | None, parts: _PassParts) -> DetectionSummary:
+    """Orders holding more than they should, and charges that name no order."""
+    settings, dry_run = parts.settings, summary.mode == "dry-run"
     touched_since = None if summary.full or previous is None else previous.started_at
-    if touched_since is not None and not (previous.counts or {}).get("inbox_drained", True):  # type: ignore[union-attr]
+    if touched_since is not None and previous is not None and not (previous.counts or {}).get("inbox_drained", True):
         touched_since -= TOUCHED_MARGIN
     found: DetectionSummary = detect(
-        session_factory,
+        parts.session_factory,
         window_seconds=settings.duplicate_window_hours * 3600,
         auto_refund_unknown_total=settings.auto_refund_unknown_total,
         touched_since=touched_since,
         dry_run=dry_run,
         run_id=summary.run_id,
-        progress=lambda count, total: checkpoint("detection", count, total),
+        progress=lambda count, total: parts.checkpoint("detection", count, total),
     )
     # Charges that name no order: a review-only signal, counted apart (never refunded).
     unlinked = detect_unlinked(
-        session_factory,
+        parts.session_factory,
         window_seconds=settings.unlinked_window_minutes * 60,
         touched_since=touched_since,
         dry_run=dry_run,
@@ -332,28 +355,25 @@ def _pass(
             f"detection could not assess {len(found.orders_failed)} order(s), see the log: "
             + ", ".join(found.orders_failed[:20])
         )
+    return found
 
-    # -- automatic refunds -----------------------------------------------------------------
-    if summary.mode == "auto":
-        if not gateway.configured:
-            summary.errors.append("auto mode: no STRIPE_API_KEY, so no refund was issued")
-        else:
-            automatic = found.automatic_open_cases
-            for case_id in automatic:
-                checkpoint("refunds", 0, len(automatic))
-                try:
-                    refunds.approve(case_id, origin="auto", actor="reconciler")
-                except RefundRefused as exc:
-                    summary.errors.append(f"case {case_id}: {exc.message}")
-                    checkpoint("refunds", 1, len(automatic))
-                    continue
-                _collect(summary, refunds.execute_case(case_id).outcomes)
-                checkpoint("refunds", 1, len(automatic))
 
-    # -- alerts ----------------------------------------------------------------------------
-    checkpoint(None, 0, None)
-    if not dry_run:
-        _send_alerts(summary, session_factory, alerter)
+def _automatic_refunds(summary: RunSummary, parts: _PassParts, found: DetectionSummary) -> None:
+    """Auto mode: refund the cases the rule marked automatic, each through the phased path."""
+    if not parts.gateway.configured:
+        summary.errors.append("auto mode: no STRIPE_API_KEY, so no refund was issued")
+        return
+    automatic = found.automatic_open_cases
+    for case_id in automatic:
+        parts.checkpoint("refunds", 0, len(automatic))
+        try:
+            parts.refunds.approve(case_id, origin="auto", actor="reconciler")
+        except RefundRefused as exc:
+            summary.errors.append(f"case {case_id}: {exc.message}")
+            parts.checkpoint("refunds", 1, len(automatic))
+            continue
+        _collect(summary, parts.refunds.execute_case(case_id).outcomes)
+        parts.checkpoint("refunds", 1, len(automatic))
 
 
 def _collect(summary: RunSummary, outcomes: Any) -> None:

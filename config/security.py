@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable, TypedDict
+
+if TYPE_CHECKING:  # config imports this module; the import is for the type checker only
+    from config import Settings
 
 #: What each scope opens (the table per endpoint is app/api_auth.py).
 API_SCOPES = ("pay", "finance", "read", "metrics")
@@ -33,7 +36,15 @@ def _error(message: str) -> Exception:
     return SettingsError(message)
 
 
-def from_env(text: Callable[[str], str | None], settings: Any) -> dict[str, Any]:
+class SecurityFields(TypedDict):
+    """The fields :func:`from_env` sets on :class:`config.Settings`."""
+
+    api_tokens: tuple[tuple[str, str, str], ...]
+    smtp_tls: str
+    smtp_ca_file: str | None
+
+
+def from_env(text: Callable[[str], str | None], settings: Settings) -> SecurityFields:
     """The security fields of :class:`config.Settings`, read with ``text`` (the stripped
     value of an environment variable, or None)."""
     tokens = parse_api_tokens(text("API_TOKENS"))

@@ -111,6 +111,7 @@ def upsert_order(session: Session, order_input: OrderInput, *, source: str) -> t
         order.amount != order_input.amount or order.currency != order_input.currency
     )
     if changes_money and _has_successful_charge(session, order.id):
+        assert order.amount is not None  # changes_money says so
         raise OrderError(
             409,
             "order_amount_frozen",
@@ -325,8 +326,8 @@ def event_view(session: Session, event_id: str) -> dict[str, Any] | None:
             applied_at=_iso(event.applied_at),
             next_attempt_at=_iso(event.next_attempt_at),
         )
-    else:
-        view.update(type=failure.type, status="failed")  # type: ignore[union-attr]
+    elif failure is not None:  # always, when there is no event (both missing returned above)
+        view.update(type=failure.type, status="failed")
     if failure is not None:
         view["failure"] = {
             "attempts": failure.attempts,

@@ -4,7 +4,7 @@ Never imports Flask or reads the environment; the web app, the CLI, the jobs and
 all use it directly.
 """
 
-from models.base import Base, iso_from_unix, iso_utc, utcnow
+from models.base import Base, iso_from_unix, iso_utc, table_of, utcnow
 from models.db import make_engine, make_session_factory, run_in_transaction
 from models.ledger import (
     Charge,
@@ -70,5 +70,6 @@ __all__ = [
     "run_in_transaction",
     "iso_from_unix",
     "iso_utc",
+    "table_of",
     "utcnow",
 ]

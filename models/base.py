@@ -6,8 +6,9 @@ Named constraints make Alembic migrations reproducible on PostgreSQL and SQLite 
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import cast
 
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, Table
 from sqlalchemy.orm import DeclarativeBase
 
 NAMING_CONVENTION = {
@@ -21,6 +22,14 @@ NAMING_CONVENTION = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def table_of(model: type[Base]) -> Table:
+    """The model's ``Table``, for Core statements (``update(table)``, ``table.delete()``).
+
+    SQLAlchemy types ``__table__`` as a ``FromClause`` (a mapping may target a join or a
+    select); every model of this project maps one ``Table``, which is what it returns."""
+    return cast(Table, model.__table__)
 
 
 def utcnow() -> datetime:

@@ -14,16 +14,26 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TypeVar, Union
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import ColumnElement, Connection, Engine, Table, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import QueryableAttribute, Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from models.base import Base, table_of
+
+if TYPE_CHECKING:  # the dialects are imported when a statement needs them
+    import sqlite3
+
+    from sqlalchemy.dialects import postgresql, sqlite
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# The dialect's ``insert`` (see dialect_insert): both have ``on_conflict_do_nothing``.
+DialectInsert = Callable[[Table], Union["postgresql.Insert", "sqlite.Insert"]]
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 PG_LOCK_TIMEOUT_MS = 5_000
@@ -60,7 +70,7 @@ def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
 
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+    def _on_connect(dbapi_connection: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:
         # Take transaction control away from the sqlite3 module so BEGIN is ours (below).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -71,7 +81,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.close()
 
     @event.listens_for(engine, "begin")
-    def _on_begin(connection):  # type: ignore[no-untyped-def]
+    def _on_begin(connection: Connection) -> None:
         # Readers (see make_read_session_factory) take no write lock: in WAL mode they
         # read a snapshot while the writer works.
         if connection.get_execution_options().get(_READ_ONLY):
@@ -133,16 +143,18 @@ def run_in_transaction(
     raise AssertionError("unreachable")
 
 
-def dialect_insert(dialect_name: str):  # type: ignore[no-untyped-def]
+def dialect_insert(dialect_name: str) -> DialectInsert:
     """The ``insert`` construct with ``ON CONFLICT`` for this database (PostgreSQL or SQLite)."""
     if dialect_name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        return postgresql_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert
 
 
-def insert_ignore(session: Session, model: type, values: dict) -> bool:
+def insert_ignore(session: Session, model: type[Base], values: Mapping[str, Any]) -> bool:
     """``INSERT ... ON CONFLICT DO NOTHING`` on the model's primary key.
 
     Returns True when this call inserted the row. On PostgreSQL a concurrent transaction
@@ -153,7 +165,7 @@ def insert_ignore(session: Session, model: type, values: dict) -> bool:
     insert = dialect_insert(session.get_bind().dialect.name)
     # RETURNING, not rowcount: with psycopg 3 SQLAlchemy reports rowcount -1 for this
     # statement, and a wrong answer here would store an event without its effects.
-    table = model.__table__  # type: ignore[attr-defined]
+    table = table_of(model)
     statement = (
         insert(table)
         .values(**values)
@@ -177,7 +189,9 @@ def lock_key(session: Session, namespace: str, key: str) -> None:
         )
 
 
-def one_of(session: Session, column, values):  # type: ignore[no-untyped-def]
+def one_of(
+    session: Session, column: ColumnElement[Any] | QueryableAttribute[Any], values: Iterable[Any]
+) -> ColumnElement[bool]:
     """``column IN (values)``; on PostgreSQL written ``column = ANY(:array)``: one parameter
     whatever the number of values, so the statement's text stays the same and the driver
     parses and prepares it once (an IN list of 200 ids is a new 200-placeholder statement

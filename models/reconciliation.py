@@ -73,7 +73,7 @@ UNLINKED_ORDER_PREFIX = "~unlinked:"
 
 
 def is_unlinked_order(order_id: str | None) -> bool:
-    return bool(order_id) and order_id.startswith(UNLINKED_ORDER_PREFIX)  # type: ignore[union-attr]
+    return order_id is not None and order_id.startswith(UNLINKED_ORDER_PREFIX)
 
 
 class AttemptAction(StrEnum):

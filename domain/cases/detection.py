@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import StrEnum
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 from sqlalchemy import and_, func, or_, select, union
 from sqlalchemy.orm import Session, aliased, selectinload, sessionmaker
@@ -127,7 +127,9 @@ def candidate_orders(session: Session, *, touched_since: datetime | None) -> lis
     ids = set(session.scalars(paid))
     ids.update(session.scalars(authorized))
     ids.update(session.scalars(active))
-    return sorted(ids)
+    # Each query keeps only rows with an order (IS NOT NULL, or a non-null column), though
+    # Charge.order_id is typed nullable.
+    return sorted(cast(set[str], ids))
 
 
 def assess_orders(
@@ -383,7 +385,8 @@ def _amounts(amounts: dict[str, int]) -> str:
 def _fill(case: DuplicateCase, balance: OrderBalance, verdict: Assessment) -> None:
     order, positions = balance.order, balance.positions
     roles = dict(verdict.roles)
-    case.keeper_charge_id = verdict.keeper_charge_id  # type: ignore[assignment]
+    assert verdict.keeper_charge_id is not None  # every verdict that needs a case names its keeper
+    case.keeper_charge_id = verdict.keeper_charge_id
     case.kind = verdict.kind
     case.order_amount = order.amount
     case.currency = order.currency

@@ -24,12 +24,13 @@ without refunding twice:
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
 from datetime import timezone
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -56,6 +57,7 @@ from models import (
 from models.money import format_amounts, format_money
 
 log = logging.getLogger(__name__)
+_R = TypeVar("_R")  # what a Stripe call returns (see RefundService._stripe)
 
 
 class RefundRefused(Exception):
@@ -203,10 +205,11 @@ class RefundService:
             for planned in chosen:
                 self._check(case, members, charges, positions, planned)
             _check_order_stays_whole(case, balance, chosen, charges)
+            assert balance is not None  # _check_order_stays_whole refused an order not in the ledger
             keeper = members.get(case.keeper_charge_id)
             if keeper is not None:
                 # What the keeper holds now: before each call Stripe must still show it.
-                keeper.held = next((p.held for p in balance.positions if p.charge.id == case.keeper_charge_id), 0)  # type: ignore[union-attr]
+                keeper.held = next((p.held for p in balance.positions if p.charge.id == case.keeper_charge_id), 0)
             keys = [
                 _record_attempt(session, case, charges[p.charge_id], p.amount, origin, actor).idempotency_key
                 for p in chosen
@@ -396,9 +399,10 @@ class RefundService:
         cancel = intent_obj is not None and intent_obj.get("status") == "requires_capture"
         try:
             if cancel:
+                assert intent_id is not None  # intent_obj was read by this id
                 result = self._stripe(
                     lambda: self._gateway.cancel_payment_intent(
-                        intent_id,  # type: ignore[arg-type]
+                        intent_id,
                         idempotency_key=attempt.idempotency_key,
                         cancellation_reason="duplicate",
                         account=account,
@@ -485,7 +489,7 @@ class RefundService:
     def _read_charges(self, order_charges: dict[str, str | None]) -> dict[str, dict[str, Any]]:
         """Every charge of the order as Stripe shows it now, each on its own account."""
         return {
-            charge_id: self._stripe(lambda cid=charge_id, acct=acct: self._gateway.retrieve_charge(cid, account=acct))
+            charge_id: self._stripe(functools.partial(self._gateway.retrieve_charge, charge_id, account=acct))
             for charge_id, acct in order_charges.items()
         }
 
@@ -502,7 +506,7 @@ class RefundService:
             )
         )
 
-    def _stripe(self, call: Callable[[], Any]) -> Any:
+    def _stripe(self, call: Callable[[], _R]) -> _R:
         """One Stripe call under the rate limit; 429 and 5xx retried with backoff."""
         for attempt in range(1, self._max_tries + 1):
             self._limiter.acquire()

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -222,8 +222,8 @@ def _action_rank(case: DuplicateCase) -> int:
     return 0 if case.automatic and not case.review_reasons else 1 if case.kind == CaseKind.DUPLICATE.value else 2
 
 
-def _sort_key(name: str):  # type: ignore[no-untyped-def]
-    keys = {
+def _sort_key(name: str) -> Callable[[DuplicateCase], tuple[Any, ...]]:
+    keys: dict[str, Callable[[DuplicateCase], tuple[Any, ...]]] = {
         "id": lambda c: (c.id,),
         "order": lambda c: (c.order_id, c.id),
         "status": lambda c: (_STATUS_RANK.get(c.status, 9), c.id),
@@ -237,7 +237,7 @@ def _sort_key(name: str):  # type: ignore[no-untyped-def]
     return keys[name]
 
 
-def _work_order(case: DuplicateCase):  # type: ignore[no-untyped-def]
+def _work_order(case: DuplicateCase) -> tuple[int, bool, float, int]:
     # open and failed first; possible duplicates with no order after the real cases;
     # newest first within
     return (
@@ -433,7 +433,7 @@ def case_view(session: Session, case_id: int, *, compact: bool = False) -> dict[
     charges = {c.id: c for c in session.scalars(select(Charge).where(Charge.id.in_([m.charge_id for m in members])))}
     positions = {p.charge.id: p for p in ledger.charge_positions(session, list(charges.values()))}
     attempts = list(session.scalars(select(RefundAttempt).where(RefundAttempt.case_id == case.id).order_by(RefundAttempt.id)))
-    charge_views = []
+    charge_views: list[dict[str, Any]] = []
     for member in members:
         charge = charges.get(member.charge_id)
         position = positions.get(member.charge_id)
@@ -482,7 +482,7 @@ def case_view(session: Session, case_id: int, *, compact: bool = False) -> dict[
     for view in charge_views:
         if view["proposed_refund"]:
             proposed[view["currency"]] = proposed.get(view["currency"], 0) + view["proposed_refund"]
-    view: dict[str, Any] = {
+    view = {
         "id": case.id,
         "status": case.status,
         "order_id": case.order_id,

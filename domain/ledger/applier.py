@@ -43,7 +43,7 @@ from domain.ledger.envelope import EnvelopeError, EventEnvelope, parse_envelope
 from domain.ledger.handlers import HANDLERS, PLAIN_CHARGE_HANDLER, PLAIN_CHARGE_TYPES, CheckoutLinking, Handler
 from domain.ledger.inbox import PENDING_SQL, EventStatus
 from domain.stripe.shapes import ShapeError, charge_snapshot
-from models import ApplierHeartbeat, EventFailure, StripeEvent, run_in_transaction, utcnow
+from models import ApplierHeartbeat, EventFailure, StripeEvent, run_in_transaction, table_of, utcnow
 from models.db import insert_ignore, is_retryable, one_of
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ class Applier:
         """The events whose charge is new to the ledger, applied together (see
         domain/ledger/charge_batch.py); the rest, and all of them if that raises, are left
         to the per-event savepoints."""
-        candidates: dict[str, tuple[EventEnvelope, object]] = {}
+        candidates: dict[str, charge_batch.NewCharge] = {}
         repeated: set[str] = set()
         for event in events:
             if event.type not in PLAIN_CHARGE_TYPES or self._handlers.get(event.type) is not PLAIN_CHARGE_HANDLER:
@@ -235,7 +235,7 @@ class Applier:
             return set()
         try:
             with session.begin_nested():
-                return charge_batch.apply_new_charges(session, items)  # type: ignore[arg-type]
+                return charge_batch.apply_new_charges(session, items)
         except Exception as exc:  # noqa: BLE001 - the per-event path isolates the culprit
             log.info("set-based charge apply fell back to one event at a time: %s", type(exc).__name__)
             return set()
@@ -364,9 +364,8 @@ class Applier:
         def work(session: Session) -> None:
             now = utcnow()
             if stopping:
-                session.execute(
-                    ApplierHeartbeat.__table__.delete().where(ApplierHeartbeat.__table__.c.name == self.name)
-                )
+                heartbeats = table_of(ApplierHeartbeat)
+                session.execute(heartbeats.delete().where(heartbeats.c.name == self.name))
                 return
             if not insert_ignore(
                 session,

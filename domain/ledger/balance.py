@@ -98,9 +98,10 @@ def load_balances(session: Session, order_ids: Iterable[str]) -> dict[str, Order
     if not ids:
         return {}
     orders = {o.id: o for o in session.scalars(select(Order).where(Order.id.in_(ids)))}
-    charges: dict[str, list[Charge]] = {oid: [] for oid in ids}
+    # Keyed like Charge.order_id (nullable); the charges selected below all name one of ``ids``.
+    charges: dict[str | None, list[Charge]] = {oid: [] for oid in ids}
     for charge in session.scalars(select(Charge).where(Charge.order_id.in_(ids)).order_by(Charge.created, Charge.id)):
-        charges[charge.order_id].append(charge)  # type: ignore[index]
+        charges[charge.order_id].append(charge)
     positions = {p.charge.id: p for p in ledger.charge_positions(session, [c for cs in charges.values() for c in cs])}
     return {
         oid: OrderBalance(orders[oid], tuple(positions[c.id] for c in charges[oid]))

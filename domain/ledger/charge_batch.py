@@ -13,22 +13,23 @@ tests/integration/test_event_applier.py checks both paths leave the same rows.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable, Sequence
+from datetime import datetime
+from typing import Any, Iterable, Sequence, cast
 
-from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy import Update, bindparam, func, select, text, update
 from sqlalchemy.orm import Session
 
 from domain.ledger.envelope import EventEnvelope
-from domain.ledger.positions import charge_positions, order_status
+from domain.ledger.positions import ChargePosition, charge_positions, order_status
 from domain.stripe.shapes import ChargeSnapshot
 from domain.ledger.upserts import charge_row
-from models import Charge, CheckoutSession, Order, PaymentIntent, utcnow
+from models import Charge, CheckoutSession, Order, PaymentIntent, table_of, utcnow
 from models.db import dialect_insert, one_of
 
 NewCharge = tuple[EventEnvelope, ChargeSnapshot]
 
-_charges = Charge.__table__
-_orders = Order.__table__
+_charges = table_of(Charge)
+_orders = table_of(Order)
 _LINK = update(_charges).where(_charges.c.id == bindparam("b_id")).values(order_id=bindparam("b_order"))
 _STATUS = (
     update(_orders)
@@ -66,7 +67,7 @@ def apply_new_charges(session: Session, items: Sequence[NewCharge]) -> set[str]:
     return {event.id for event, _ in new}
 
 
-def _insert_new(session: Session, items: Sequence[NewCharge], now, postgres: bool) -> set[str]:  # type: ignore[no-untyped-def]
+def _insert_new(session: Session, items: Sequence[NewCharge], now: datetime, postgres: bool) -> set[str]:
     insert = dialect_insert(session.get_bind().dialect.name)
     rows = [
         {**charge_row(s, as_of=e.created, account=e.account), "order_id": None, "first_seen_at": now, "updated_at": now}
@@ -104,20 +105,26 @@ def _orders_named(session: Session, snapshots: Iterable[ChargeSnapshot]) -> dict
         elif s.payment_intent_id:
             by_intent[s.payment_intent_id].append(s.id)
     if by_intent:
-        intent_orders = dict(
-            session.execute(
-                select(PaymentIntent.id, PaymentIntent.order_id).where(
-                    one_of(session, PaymentIntent.id, by_intent), PaymentIntent.order_id.is_not(None)
-                )
-            ).all()
+        # Both queries keep only rows with every column set (IS NOT NULL, or in a list of
+        # ids), but the columns are nullable: the casts say what the rows hold.
+        intent_orders = cast(
+            dict[str, str],
+            dict(
+                session.execute(
+                    select(PaymentIntent.id, PaymentIntent.order_id).where(
+                        one_of(session, PaymentIntent.id, by_intent), PaymentIntent.order_id.is_not(None)
+                    )
+                ).all()
+            ),
         )
         missing = [i for i in by_intent if i not in intent_orders]
         if missing:
-            for intent_id, order_id in session.execute(
+            named = session.execute(
                 select(CheckoutSession.payment_intent_id, CheckoutSession.order_id)
                 .where(one_of(session, CheckoutSession.payment_intent_id, missing), CheckoutSession.order_id.is_not(None))
                 .order_by(CheckoutSession.created.desc(), CheckoutSession.id.desc())
-            ).all():
+            ).all()
+            for intent_id, order_id in cast(list[tuple[str, str]], named):
                 intent_orders[intent_id] = order_id  # the last one written is the first in order
         for intent_id, charge_ids in by_intent.items():
             if intent_id in intent_orders:
@@ -125,7 +132,7 @@ def _orders_named(session: Session, snapshots: Iterable[ChargeSnapshot]) -> dict
     return links
 
 
-def _link(session: Session, links: dict[str, str], now, postgres: bool) -> None:  # type: ignore[no-untyped-def]
+def _link(session: Session, links: dict[str, str], now: datetime, postgres: bool) -> None:
     """Make sure the orders exist, lock them (in id order), link the charges and write
     each order's new status (with its version bumped, as the ORM would)."""
     insert = dialect_insert(session.get_bind().dialect.name)
@@ -148,9 +155,10 @@ def _link(session: Session, links: dict[str, str], now, postgres: bool) -> None:
             .execution_options(populate_existing=True)
         )
     )
-    by_order: dict[str, list] = defaultdict(list)
+    # Keyed like Charge.order_id (nullable); the charges selected above all have one.
+    by_order: dict[str | None, list[ChargePosition]] = defaultdict(list)
     for position in charge_positions(session, charges):
-        by_order[position.charge.order_id].append(position)  # type: ignore[index]
+        by_order[position.charge.order_id].append(position)
     changes = [
         {"b_id": o, "b_status": status, "b_now": now}
         for o in order_ids
@@ -160,7 +168,7 @@ def _link(session: Session, links: dict[str, str], now, postgres: bool) -> None:
         _update_each(session, _STATUS, changes, postgres)
 
 
-def _update_each(session: Session, statement, rows: list[dict], postgres: bool) -> None:  # type: ignore[no-untyped-def]
+def _update_each(session: Session, statement: Update, rows: list[dict[str, Any]], postgres: bool) -> None:
     """Run ``statement`` (_LINK or _STATUS above) for every row. On PostgreSQL as one UPDATE
     joined to the rows unnested from arrays (one statement, one round trip, one parse);
     elsewhere as an executemany."""

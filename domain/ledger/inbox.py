@@ -24,7 +24,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Collection
+from typing import Any, Collection
 
 from sqlalchemy import Engine, bindparam
 from sqlalchemy.exc import DBAPIError
@@ -34,7 +34,7 @@ from config import Settings
 from domain.errors import Rejected, Unavailable
 from domain.ledger.envelope import EventEnvelope, parse_envelope
 from domain.ledger.handlers import HANDLERS, CheckoutLinking
-from models import StripeEvent, utcnow
+from models import StripeEvent, table_of, utcnow
 from models.db import dialect_insert
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def _is_disconnect(engine: Engine, exc: BaseException) -> bool:
     dbapi = engine.dialect.dbapi
     if dbapi is None or not isinstance(exc, dbapi.Error):
         return False
-    return bool(engine.dialect.is_disconnect(exc, None, None))  # type: ignore[arg-type]
+    return bool(engine.dialect.is_disconnect(exc, None, None))
 
 
 class EventStatus(StrEnum):
@@ -80,7 +80,7 @@ class Accepted:
 class _Slot:
     """One request's row in a group insert, and what became of it."""
 
-    row: dict
+    row: dict[str, Any]
     done: bool = False
     inserted: bool = False
     error: BaseException | None = None
@@ -119,7 +119,7 @@ class GroupInsert:
         self._guard = threading.Lock()  # _pending
         self._flush = threading.Lock()  # one statement in flight per process
 
-    def insert(self, row: dict) -> bool:
+    def insert(self, row: dict[str, Any]) -> bool:
         """Store ``row`` once by event id; True when this row was the one inserted."""
         slot = _Slot(row)
         with self._guard:
@@ -139,7 +139,7 @@ class GroupInsert:
         compiled once per size (psycopg prepares each after a few uses)."""
         sql = self._statements.get(rows)
         if sql is None:
-            table = StripeEvent.__table__
+            table = table_of(StripeEvent)
             values = [{key: bindparam(f"{key}_{i}", type_=table.c[key].type) for key in self._keys} for i in range(rows)]
             insert = dialect_insert(self._engine.dialect.name)
             statement = insert(table).values(values).on_conflict_do_nothing().returning(table.c.event_id)
@@ -152,14 +152,15 @@ class GroupInsert:
             connection = self._engine.raw_connection()
             try:
                 driver = connection.driver_connection
-                driver.autocommit = True  # type: ignore[union-attr]
+                assert driver is not None  # None only once the connection is invalidated or closed
+                driver.autocommit = True
                 try:
-                    inserted = {row[0] for row in driver.execute(self._statement(len(batch)), params).fetchall()}  # type: ignore[union-attr]
+                    inserted = {row[0] for row in driver.execute(self._statement(len(batch)), params).fetchall()}
                 finally:
-                    driver.autocommit = False  # type: ignore[union-attr]
+                    driver.autocommit = False
             except BaseException as exc:
                 if _is_disconnect(self._engine, exc):
-                    connection.invalidate(exc)  # type: ignore[arg-type]
+                    connection.invalidate(exc)
                 raise
             finally:
                 if connection.dbapi_connection is not None:
@@ -182,7 +183,7 @@ class Inbox:
         self._settings = settings
         self._handled = frozenset(handled_types)
         self.checkout_linking = CheckoutLinking.from_settings(settings)
-        table = StripeEvent.__table__
+        table = table_of(StripeEvent)
         self._engine = engine
         self._autocommit = engine.dialect.name == "postgresql"
         insert = dialect_insert(engine.dialect.name)
@@ -255,7 +256,7 @@ class Inbox:
             return Accepted("duplicate", event.id, event.type)
         return Accepted("received" if handled else "ignored", event.id, event.type, None if handled else "type_not_applied")
 
-    def _insert_once(self, row: dict) -> bool:
+    def _insert_once(self, row: dict[str, Any]) -> bool:
         # The insert is idempotent, so a connection the server dropped (restart, idle
         # timeout: the pool does not ping) or a lost race is simply sent again once.
         for key, processor in self._processors.items():
@@ -267,7 +268,9 @@ class Inbox:
                     return self._group.insert(row)
                 return self._insert_row(params)
             except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
-                error = self._engine.dialect.dbapi.Error  # type: ignore[union-attr]
+                dbapi = self._engine.dialect.dbapi
+                assert dbapi is not None  # set on every engine made with a driver
+                error = dbapi.Error
                 if not isinstance(exc, (error, DBAPIError, StoreFailed)):
                     raise
                 if attempt == 1:
@@ -276,7 +279,7 @@ class Inbox:
                 raise Unavailable("event_not_stored", "The event could not be stored; Stripe will redeliver it.") from exc
         raise AssertionError("unreachable")
 
-    def _insert_row(self, params: dict | tuple) -> bool:
+    def _insert_row(self, params: dict[str, Any] | tuple[Any, ...]) -> bool:
         """SQLite: one INSERT ... ON CONFLICT DO NOTHING RETURNING in a BEGIN IMMEDIATE
         transaction of its own, committed before it returns."""
         connection = self._engine.raw_connection()
@@ -295,7 +298,7 @@ class Inbox:
             return row is not None
         except BaseException as exc:
             if _is_disconnect(self._engine, exc):
-                connection.invalidate(exc)  # type: ignore[arg-type]
+                connection.invalidate(exc)
             raise
         finally:
             if connection.dbapi_connection is not None:

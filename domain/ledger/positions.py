@@ -90,17 +90,19 @@ class ChargePosition:
 def charge_positions(session: Session, charges: list[Charge]) -> list[ChargePosition]:
     """Each charge with its refunds, dispute and the amounts that follow from them."""
     ids = [c.id for c in charges]
-    refunds: dict[str, list[Refund]] = {i: [] for i in ids}
-    disputes: dict[str, Dispute] = {}
+    # Keyed like Refund.charge_id and Dispute.charge_id (nullable); the rows selected
+    # below all name one of ``ids``.
+    refunds: dict[str | None, list[Refund]] = {i: [] for i in ids}
+    disputes: dict[str | None, Dispute] = {}
     if ids:
         for refund in session.scalars(
             select(Refund).where(one_of(session, Refund.charge_id, ids)).order_by(Refund.created, Refund.id)
         ):
-            refunds[refund.charge_id].append(refund)  # type: ignore[index]
+            refunds[refund.charge_id].append(refund)
         for dispute in session.scalars(
             select(Dispute).where(one_of(session, Dispute.charge_id, ids)).order_by(Dispute.created)
         ):
-            disputes[dispute.charge_id] = dispute  # type: ignore[index]
+            disputes[dispute.charge_id] = dispute
     return [
         ChargePosition(
             charge=c,

@@ -20,8 +20,9 @@ then PaymentIntent/refund/dispute rows, then charges, then orders.
 from __future__ import annotations
 
 import logging
+from typing import Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
 from domain.cases import lifecycle
@@ -107,7 +108,7 @@ def apply_charge(
     return charge
 
 
-def charge_row(snapshot: ChargeSnapshot, *, as_of: int, account: str | None) -> dict:
+def charge_row(snapshot: ChargeSnapshot, *, as_of: int, account: str | None) -> dict[str, Any]:
     """The columns of a charge first seen in ``snapshot`` (both insert paths use it)."""
     return {
         "id": snapshot.id,
@@ -141,7 +142,7 @@ def released_by_snapshot(snapshot: ChargeSnapshot) -> bool:
 def release_charges(session: Session, *, charge_id: str | None = None, payment_intent_id: str | None = None) -> list[str]:
     """Mark uncaptured authorisations released (the charge, or every uncaptured charge of
     the PaymentIntent). Returns the charges newly released. Release never goes back."""
-    where = [Charge.captured.is_(False), Charge.released.is_(False)]
+    where: list[ColumnElement[bool]] = [Charge.captured.is_(False), Charge.released.is_(False)]
     if charge_id is not None:
         where.append(Charge.id == charge_id)
     elif payment_intent_id is not None:
@@ -611,12 +612,16 @@ def _order_of_checkout_session(session: Session, payment_intent_id: str) -> str 
     )
 
 
-def _locked(session: Session, model: type, key: str):  # type: ignore[no-untyped-def]
+# The models _locked takes: each has a string primary key ``id``.
+_Keyed = TypeVar("_Keyed", Charge, CheckoutSession, Dispute, Order, PaymentIntent, Refund)
+
+
+def _locked(session: Session, model: type[_Keyed], key: str) -> _Keyed:
     # populate_existing: the identity map may hold this row from before the lock was
     # taken; what we change must be what the lock protects.
     return session.execute(
         select(model)
-        .where(model.id == key)  # type: ignore[attr-defined]
+        .where(model.id == key)
         .with_for_update()
         .execution_options(populate_existing=True)
     ).scalar_one()

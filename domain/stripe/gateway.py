@@ -16,11 +16,28 @@ may do next (retry later, back off, give up), so no caller needs to import ``str
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, TypedDict, TypeVar, cast
 
 import stripe
 
 from config import Settings
+
+if TYPE_CHECKING:  # the SDK's request shapes, for the type checker only
+    from stripe import RequestOptions
+    from stripe.params import (
+        ChargeListParams,
+        DisputeListParams,
+        EventListParams,
+        PaymentIntentCancelParams,
+        PaymentIntentCreateParams,
+        PaymentIntentListParams,
+        RefundCreateParams,
+        RefundListParams,
+    )
+    from stripe.params.checkout import SessionCreateParams, SessionListParams
+
+# The params of one of the SDK's list calls (a TypedDict of stripe.params).
+_ListParams = TypeVar("_ListParams", bound=Mapping[str, object])
 
 # (connect, read) seconds. Stripe answers in well under a second; a hung socket must not
 # hold a web worker or the nightly job for the SDK's default 80 s.
@@ -105,6 +122,9 @@ class GatewayError(Exception):
     ``http_status`` are Stripe's, when it answered."""
 
     retryable = False
+    #: The PaymentIntent Stripe created anyway, on a refusal of
+    #: :meth:`StripeGateway.create_payment_intent`; None otherwise.
+    payment_intent: dict[str, Any] | None = None
 
     def __init__(self, message: str, *, code: str | None = None, http_status: int | None = None) -> None:
         super().__init__(message)
@@ -146,12 +166,9 @@ def build_stripe_client(settings: Settings) -> stripe.StripeClient | None:
     """
     if settings.stripe_api_key is None:
         return None
-    base_addresses: dict[str, str] = {}
-    if settings.stripe_api_base:
-        base_addresses["api"] = settings.stripe_api_base
     return stripe.StripeClient(
         settings.stripe_api_key,
-        base_addresses=base_addresses,  # type: ignore[arg-type]
+        base_addresses={"api": settings.stripe_api_base} if settings.stripe_api_base else {},
         http_client=stripe.RequestsClient(timeout=HTTP_TIMEOUT),
         max_network_retries=settings.stripe_max_network_retries,
     )
@@ -198,9 +215,9 @@ class StripeGateway:
         client = self._require_client()
         # created[gt] N-1 rather than created[gte] N: the same set for integer seconds, and
         # the one form every emulator implements.
-        params: dict[str, Any] = {"created": {"gt": created_gte - 1}, "limit": page_size}
+        params: ChargeListParams = {"created": {"gt": created_gte - 1}, "limit": page_size}
         while True:
-            page = self._call(lambda: client.v1.charges.list(params=params))  # type: ignore[arg-type]
+            page = self._call(lambda: client.v1.charges.list(params=params))
             charges = page.get("data", [])
             yield from charges
             if not page.get("has_more") or not charges:
@@ -221,25 +238,25 @@ class StripeGateway:
         following pages to the end. ``account``: the connected account the charge lives on
         (its refunds are only visible with the ``Stripe-Account`` header)."""
         client = self._require_client()
-        params: dict[str, Any] = {"limit": page_size}
+        params: RefundListParams = {"limit": page_size}
         if created_gte is not None:
             params["created"] = {"gt": created_gte - 1}
         if charge_id is not None:
             params["charge"] = charge_id
         options = _options(account)
-        return self._paginate(lambda p: client.v1.refunds.list(params=p, options=options), params)  # type: ignore[arg-type]
+        return self._paginate(lambda p: client.v1.refunds.list(params=p, options=options), params)
 
     def list_disputes(self, *, created_gte: int, page_size: int = 100) -> Iterator[dict[str, Any]]:
         client = self._require_client()
-        params: dict[str, Any] = {"limit": page_size, "created": {"gt": created_gte - 1}}
-        return self._paginate(lambda p: client.v1.disputes.list(params=p), params)  # type: ignore[arg-type]
+        params: DisputeListParams = {"limit": page_size, "created": {"gt": created_gte - 1}}
+        return self._paginate(lambda p: client.v1.disputes.list(params=p), params)
 
     def list_checkout_sessions(self, *, created_gte: int, page_size: int = 100) -> Iterator[dict[str, Any]]:
         """Every Checkout Session created at or after ``created_gte``, following pages to
         the end (:class:`StripeNotFound` where an emulator does not serve sessions)."""
         client = self._require_client()
-        params: dict[str, Any] = {"limit": page_size, "created": {"gt": created_gte - 1}}
-        return self._paginate(lambda p: client.v1.checkout.sessions.list(params=p), params)  # type: ignore[arg-type]
+        params: SessionListParams = {"limit": page_size, "created": {"gt": created_gte - 1}}
+        return self._paginate(lambda p: client.v1.checkout.sessions.list(params=p), params)
 
     def list_undelivered_events(
         self, *, created_gte: int, page_size: int = 100
@@ -247,12 +264,12 @@ class StripeGateway:
         """Events Stripe could not deliver to a webhook endpoint (``delivery_success=false``;
         the Events API keeps 30 days)."""
         client = self._require_client()
-        params: dict[str, Any] = {
+        params: EventListParams = {
             "limit": page_size,
             "delivery_success": False,
             "created": {"gt": created_gte - 1},
         }
-        return self._paginate(lambda p: client.v1.events.list(params=p), params)  # type: ignore[arg-type]
+        return self._paginate(lambda p: client.v1.events.list(params=p), params)
 
     def create_refund(
         self,
@@ -269,9 +286,9 @@ class StripeGateway:
         The key comes from our refund attempt row, never from a random value: a retry
         within Stripe's 24 h replays the first result instead of refunding again."""
         client = self._require_client()
-        options: dict[str, Any] = {"idempotency_key": idempotency_key, **_options(account)}
-        params = {"charge": charge_id, "amount": amount, "reason": reason, "metadata": metadata}
-        return self._call(lambda: client.v1.refunds.create(params=params, options=options))  # type: ignore[arg-type]
+        options: RequestOptions = {"idempotency_key": idempotency_key, **_options(account)}
+        params: RefundCreateParams = {"charge": charge_id, "amount": amount, "reason": reason, "metadata": metadata}
+        return self._call(lambda: client.v1.refunds.create(params=params, options=options))
 
     def cancel_payment_intent(
         self,
@@ -283,12 +300,12 @@ class StripeGateway:
     ) -> dict[str, Any]:
         """Cancel a PaymentIntent (releases an uncaptured authorisation) under our own key."""
         client = self._require_client()
-        params: dict[str, Any] = {}
+        params: PaymentIntentCancelParams = {}
         if cancellation_reason is not None:
             params["cancellation_reason"] = cancellation_reason
-        options: dict[str, Any] = {"idempotency_key": idempotency_key, **_options(account)}
+        options: RequestOptions = {"idempotency_key": idempotency_key, **_options(account)}
         return self._call(
-            lambda: client.v1.payment_intents.cancel(payment_intent_id, params=params, options=options)  # type: ignore[arg-type]
+            lambda: client.v1.payment_intents.cancel(payment_intent_id, params=params, options=options)
         )
 
     def update_payment_intent_amount(
@@ -302,19 +319,23 @@ class StripeGateway:
         """Change a not-yet-paid PaymentIntent's amount (Stripe allows it until it is
         processing, captured or canceled)."""
         client = self._require_client()
-        options: dict[str, Any] = {"idempotency_key": idempotency_key, **_options(account)}
+        options: RequestOptions = {"idempotency_key": idempotency_key, **_options(account)}
         return self._call(
-            lambda: client.v1.payment_intents.update(payment_intent_id, params={"amount": amount}, options=options)  # type: ignore[arg-type]
+            lambda: client.v1.payment_intents.update(payment_intent_id, params={"amount": amount}, options=options)
         )
 
-    def _paginate(self, list_page: Any, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _paginate(
+        self, list_page: Callable[[_ListParams], stripe.StripeObject], params: _ListParams
+    ) -> Iterator[dict[str, Any]]:
         while True:
             page = self._call(lambda: list_page(params))
             items = page.get("data", [])
             yield from items
             if not page.get("has_more") or not items:
                 return
-            params = {**params, "starting_after": items[-1]["id"]}
+            # Every list call's params take starting_after; a generic dict display loses
+            # the TypedDict, so the type is restored by a cast.
+            params = cast(_ListParams, {**params, "starting_after": items[-1]["id"]})
 
     def _require_client(self) -> stripe.StripeClient:
         if self._client is None:
@@ -322,7 +343,7 @@ class StripeGateway:
         return self._client
 
     @staticmethod
-    def _call(request: Any) -> dict[str, Any]:
+    def _call(request: Callable[[], stripe.StripeObject]) -> dict[str, Any]:
         try:
             result = request()
         except stripe.StripeError as exc:
@@ -353,18 +374,18 @@ class StripeGateway:
         confirming creates the intent and then fails it); ``None`` otherwise.
         """
         client = self._require_client()
-        params: dict[str, Any] = {"amount": amount, "currency": currency, "metadata": dict(metadata)}
+        params: PaymentIntentCreateParams = {"amount": amount, "currency": currency, "metadata": dict(metadata)}
         if customer is not None:
             params["customer"] = customer
         if payment_method is not None:
             params["payment_method"] = payment_method
-        options: dict[str, Any] = {"idempotency_key": idempotency_key, **_options(account)}
+        options: RequestOptions = {"idempotency_key": idempotency_key, **_options(account)}
         try:
-            return self._call(lambda: client.v1.payment_intents.create(params=params, options=options))  # type: ignore[arg-type]
+            return self._call(lambda: client.v1.payment_intents.create(params=params, options=options))
         except GatewayError as exc:
             error = getattr(exc.__cause__, "error", None)
             intent = getattr(error, "payment_intent", None) if error is not None else None
-            exc.payment_intent = intent.to_dict() if intent is not None else None  # type: ignore[attr-defined]
+            exc.payment_intent = intent.to_dict() if intent is not None else None
             raise
 
     def list_payment_intents(
@@ -379,12 +400,12 @@ class StripeGateway:
         customer), following pages to the end. The list API, unlike search, is not
         eventually consistent: a PaymentIntent that exists is listed."""
         client = self._require_client()
-        params: dict[str, Any] = {"created": {"gt": created_gte - 1}, "limit": page_size}
+        params: PaymentIntentListParams = {"created": {"gt": created_gte - 1}, "limit": page_size}
         if customer is not None:
             params["customer"] = customer
         options = _options(account)
         while True:
-            page = self._call(lambda: client.v1.payment_intents.list(params=params, options=options))  # type: ignore[arg-type]
+            page = self._call(lambda: client.v1.payment_intents.list(params=params, options=options))
             intents = page.get("data", [])
             yield from intents
             if not page.get("has_more") or not intents:
@@ -413,7 +434,7 @@ class StripeGateway:
         metadata and its PaymentIntent's metadata. Every retry of one attempt must send the
         same parameters (Stripe rejects a reused key with others)."""
         client = self._require_client()
-        params: dict[str, Any] = {
+        params: SessionCreateParams = {
             "mode": "payment",
             "line_items": [
                 {
@@ -432,12 +453,12 @@ class StripeGateway:
             "cancel_url": cancel_url,
             "expires_at": expires_at,
         }
-        options: dict[str, Any] = {"idempotency_key": idempotency_key, **_options(account)}
-        return self._call(lambda: client.v1.checkout.sessions.create(params=params, options=options))  # type: ignore[arg-type]
+        options: RequestOptions = {"idempotency_key": idempotency_key, **_options(account)}
+        return self._call(lambda: client.v1.checkout.sessions.create(params=params, options=options))
 
     def retrieve_checkout_session(self, session_id: str, *, account: str | None = None) -> dict[str, Any]:
         client = self._require_client()
-        return self._call(lambda: client.v1.checkout.sessions.retrieve(session_id, options=_options(account)))  # type: ignore[arg-type]
+        return self._call(lambda: client.v1.checkout.sessions.retrieve(session_id, options=_options(account)))
 
     def expire_checkout_session(
         self, session_id: str, *, idempotency_key: str, account: str | None = None
@@ -445,12 +466,17 @@ class StripeGateway:
         """Expire an open Checkout Session (``POST /v1/checkout/sessions/<id>/expire``);
         Stripe refuses (400) a session that is not open any more."""
         client = self._require_client()
-        options: dict[str, Any] = {"idempotency_key": idempotency_key, **_options(account)}
-        return self._call(lambda: client.v1.checkout.sessions.expire(session_id, options=options))  # type: ignore[arg-type]
+        options: RequestOptions = {"idempotency_key": idempotency_key, **_options(account)}
+        return self._call(lambda: client.v1.checkout.sessions.expire(session_id, options=options))
+
+
+class _ErrorDetail(TypedDict):
+    code: str | None
+    http_status: int | None
 
 
 def _translate(exc: stripe.StripeError) -> GatewayError:
-    detail = {"code": getattr(exc, "code", None), "http_status": exc.http_status}
+    detail: _ErrorDetail = {"code": getattr(exc, "code", None), "http_status": exc.http_status}
     if isinstance(exc, stripe.RateLimitError):
         return StripeRateLimited(str(exc), **detail)
     if isinstance(exc, (stripe.APIConnectionError, stripe.APIError)):
@@ -462,5 +488,5 @@ def _translate(exc: stripe.StripeError) -> GatewayError:
     return StripeRejected(str(exc), **detail)
 
 
-def _options(account: str | None) -> dict[str, Any]:
+def _options(account: str | None) -> RequestOptions:
     return {"stripe_account": account} if account else {}

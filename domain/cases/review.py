@@ -424,7 +424,7 @@ def _totals(session: Session, cases: list[DuplicateCase], ids: list[int]) -> dic
 
 def case_view(session: Session, case_id: int, *, compact: bool = False) -> dict[str, Any] | None:
     """The case as plain data: order, charges (with what each holds now), the proposal,
-    refunds and attempts, and the audit trail."""
+    refunds and attempts, and the audit trail (``compact``: without the last two)."""
     case = session.get(DuplicateCase, case_id)
     if case is None:
         return None
@@ -432,57 +432,70 @@ def case_view(session: Session, case_id: int, *, compact: bool = False) -> dict[
     members = list(case.charges)
     charges = {c.id: c for c in session.scalars(select(Charge).where(Charge.id.in_([m.charge_id for m in members])))}
     positions = {p.charge.id: p for p in ledger.charge_positions(session, list(charges.values()))}
-    attempts = list(session.scalars(select(RefundAttempt).where(RefundAttempt.case_id == case.id).order_by(RefundAttempt.id)))
-    charge_views: list[dict[str, Any]] = []
-    for member in members:
-        charge = charges.get(member.charge_id)
-        position = positions.get(member.charge_id)
-        if charge is None or position is None:
-            continue
-        charge_views.append(
-            {
-                "id": charge.id,
-                "role": member.role,
-                "keeper": member.charge_id == case.keeper_charge_id,
-                "amount": charge.amount,
-                "currency": charge.currency,
-                "amount_display": format_money(charge.amount, charge.currency),
-                "created": charge.created,
-                "created_at": iso_from_unix(charge.created),
-                "card_brand": charge.card_brand,
-                "card_last4": charge.card_last4,
-                "card_display": _card(charge.card_brand, charge.card_last4),
-                "customer": charge.customer,
-                "payment_intent_id": charge.payment_intent_id,
-                "account": charge.account,
-                "status": charge.status,
-                "captured": charge.captured,
-                "refunded_amount": position.refunded,
-                "refunded_display": format_money(position.refunded, charge.currency),
-                "held_amount": position.held,
-                "held_display": format_money(position.held, charge.currency),
-                "dispute_status": position.dispute.status if position.dispute else None,
-                "refunds": [
-                    {"id": r.id, "amount": r.amount, "status": r.status, "reason": r.reason, "origin": r.origin}
-                    for r in position.refunds
-                ],
-                "proposed_refund": member.proposed_refund,
-                "proposed_refund_display": format_money(member.proposed_refund, charge.currency) if member.proposed_refund else None,
-                # refund | release (an uncaptured authorisation is released whole, never captured)
-                "proposed_action": "release" if member.role == "authorization" else "refund",
-                # never for a possible duplicate with no order: review only
-                "refundable": case.kind != CaseKind.UNLINKED.value
-                and position.dispute is None
-                and member.charge_id != case.keeper_charge_id
-                and (position.held > 0 or (member.role == "authorization" and not charge.released and not charge.captured)),
-                "dashboard_url": dashboard_url(charge),
-            }
-        )
+    charge_views = [
+        _charge_view(case, member, charges[member.charge_id], positions[member.charge_id])
+        for member in members
+        if member.charge_id in charges and member.charge_id in positions
+    ]
     proposed: dict[str, int] = {}
-    for view in charge_views:
-        if view["proposed_refund"]:
-            proposed[view["currency"]] = proposed.get(view["currency"], 0) + view["proposed_refund"]
-    view = {
+    for charge_view in charge_views:
+        if charge_view["proposed_refund"]:
+            proposed[charge_view["currency"]] = proposed.get(charge_view["currency"], 0) + charge_view["proposed_refund"]
+    view = {**_case_fields(case, order, members, proposed), "charges": charge_views}
+    if not compact:
+        attempts = session.scalars(select(RefundAttempt).where(RefundAttempt.case_id == case.id).order_by(RefundAttempt.id))
+        view["attempts"] = [_attempt_view(a) for a in attempts]
+        view["audit"] = [
+            {"at": iso_utc(e.at), "actor": e.actor, "action": e.action, "note": e.note, "details": e.details}
+            for e in session.scalars(select(AuditEntry).where(AuditEntry.case_id == case.id).order_by(AuditEntry.id))
+        ]
+    return view
+
+
+def _charge_view(case: DuplicateCase, member: CaseCharge, charge: Charge, position: ledger.ChargePosition) -> dict[str, Any]:
+    """One charge of a case: what it is, what it holds now, what the case proposes for it."""
+    return {
+        "id": charge.id,
+        "role": member.role,
+        "keeper": member.charge_id == case.keeper_charge_id,
+        "amount": charge.amount,
+        "currency": charge.currency,
+        "amount_display": format_money(charge.amount, charge.currency),
+        "created": charge.created,
+        "created_at": iso_from_unix(charge.created),
+        "card_brand": charge.card_brand,
+        "card_last4": charge.card_last4,
+        "card_display": _card(charge.card_brand, charge.card_last4),
+        "customer": charge.customer,
+        "payment_intent_id": charge.payment_intent_id,
+        "account": charge.account,
+        "status": charge.status,
+        "captured": charge.captured,
+        "refunded_amount": position.refunded,
+        "refunded_display": format_money(position.refunded, charge.currency),
+        "held_amount": position.held,
+        "held_display": format_money(position.held, charge.currency),
+        "dispute_status": position.dispute.status if position.dispute else None,
+        "refunds": [
+            {"id": r.id, "amount": r.amount, "status": r.status, "reason": r.reason, "origin": r.origin}
+            for r in position.refunds
+        ],
+        "proposed_refund": member.proposed_refund,
+        "proposed_refund_display": format_money(member.proposed_refund, charge.currency) if member.proposed_refund else None,
+        # refund | release (an uncaptured authorisation is released whole, never captured)
+        "proposed_action": "release" if member.role == "authorization" else "refund",
+        # never for a possible duplicate with no order: review only
+        "refundable": case.kind != CaseKind.UNLINKED.value
+        and position.dispute is None
+        and member.charge_id != case.keeper_charge_id
+        and (position.held > 0 or (member.role == "authorization" and not charge.released and not charge.captured)),
+        "dashboard_url": dashboard_url(charge),
+    }
+
+
+def _case_fields(case: DuplicateCase, order: Order | None, members: list[CaseCharge], proposed: dict[str, int]) -> dict[str, Any]:
+    """The case itself: its order, kind, reasons in words, decision and times."""
+    return {
         "id": case.id,
         "status": case.status,
         "order_id": case.order_id,
@@ -523,29 +536,22 @@ def case_view(session: Session, case_id: int, *, compact: bool = False) -> dict[
         "failure": case.failure,
         "opened_at": iso_utc(case.opened_at),
         "updated_at": iso_utc(case.updated_at),
-        "charges": charge_views,
     }
-    if not compact:
-        view["attempts"] = [
-            {
-                "idempotency_key": a.idempotency_key,
-                "charge_id": a.charge_id,
-                "amount": a.amount,
-                "currency": a.currency,
-                "status": a.status,
-                "refund_id": a.refund_id,
-                "origin": a.origin,
-                "requested_by": a.requested_by,
-                "error": a.error,
-                "created_at": iso_utc(a.created_at),
-            }
-            for a in attempts
-        ]
-        view["audit"] = [
-            {"at": iso_utc(e.at), "actor": e.actor, "action": e.action, "note": e.note, "details": e.details}
-            for e in session.scalars(select(AuditEntry).where(AuditEntry.case_id == case.id).order_by(AuditEntry.id))
-        ]
-    return view
+
+
+def _attempt_view(attempt: RefundAttempt) -> dict[str, Any]:
+    return {
+        "idempotency_key": attempt.idempotency_key,
+        "charge_id": attempt.charge_id,
+        "amount": attempt.amount,
+        "currency": attempt.currency,
+        "status": attempt.status,
+        "refund_id": attempt.refund_id,
+        "origin": attempt.origin,
+        "requested_by": attempt.requested_by,
+        "error": attempt.error,
+        "created_at": iso_utc(attempt.created_at),
+    }
 
 
 def _context(case: DuplicateCase) -> ReasonContext:

@@ -216,13 +216,7 @@ class StripeGateway:
         # created[gt] N-1 rather than created[gte] N: the same set for integer seconds, and
         # the one form every emulator implements.
         params: ChargeListParams = {"created": {"gt": created_gte - 1}, "limit": page_size}
-        while True:
-            page = self._call(lambda: client.v1.charges.list(params=params))
-            charges = page.get("data", [])
-            yield from charges
-            if not page.get("has_more") or not charges:
-                return
-            params = {**params, "starting_after": charges[-1]["id"]}
+        yield from self._paginate(lambda p: client.v1.charges.list(params=p), params)
 
     # --- Refunds and backfill (reconciliation) ---
 
@@ -327,6 +321,9 @@ class StripeGateway:
     def _paginate(
         self, list_page: Callable[[_ListParams], stripe.StripeObject], params: _ListParams
     ) -> Iterator[dict[str, Any]]:
+        """Every item of a list call, page after page with ``starting_after`` (each page one
+        call through :meth:`_call`, so its errors are translated), until ``has_more`` is
+        false or a page comes back empty."""
         while True:
             page = self._call(lambda: list_page(params))
             items = page.get("data", [])
@@ -404,13 +401,7 @@ class StripeGateway:
         if customer is not None:
             params["customer"] = customer
         options = _options(account)
-        while True:
-            page = self._call(lambda: client.v1.payment_intents.list(params=params, options=options))
-            intents = page.get("data", [])
-            yield from intents
-            if not page.get("has_more") or not intents:
-                return
-            params = {**params, "starting_after": intents[-1]["id"]}
+        yield from self._paginate(lambda p: client.v1.payment_intents.list(params=p, options=options), params)
 
 
     # --- Checkout Sessions (checkout endpoint) ---

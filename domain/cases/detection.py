@@ -511,21 +511,7 @@ def detect_unlinked(
         part = DetectionSummary()
         charges = unlinked_candidates(session, window_seconds=window_seconds, touched_since=touched_since)
         positions = {p.charge.id: p for p in ledger.charge_positions(session, charges)}
-        facts = [
-            UnlinkedChargeFacts(
-                id=c.id,
-                amount=c.amount,
-                currency=c.currency,
-                created=c.created,
-                fingerprint=c.card_fingerprint,
-                customer=c.customer,
-                description=c.description,
-                order_id=c.order_id,
-                held=positions[c.id].held,
-            )
-            for c in charges
-        ]
-        groups = unlinked_groups(facts, window_seconds=window_seconds)
+        groups = unlinked_groups(_unlinked_facts(charges, positions), window_seconds=window_seconds)
         part.unlinked_groups_found = len(groups)
         by_id = {c.id: c for c in charges}
         member_ids = sorted({cid for g in groups for cid in g.charge_ids})
@@ -559,13 +545,7 @@ def detect_unlinked(
             opened.append(case)
         if not dry_run:
             _resolve_stale_unlinked(session, matched, part)
-        if opened:
-            session.flush()
-            for case in opened:
-                lifecycle.record_opened(
-                    session, case, details={"automatic": False, "reasons": list(case.review_reasons), "kind": case.kind}
-                )
-                part.unlinked_opened.append(case.id)
+        _record_unlinked_opened(session, opened, part)
         return part
 
     if dry_run:
@@ -574,6 +554,36 @@ def detect_unlinked(
             session.rollback()
             return part
     return run_in_transaction(session_factory, work)
+
+
+def _unlinked_facts(charges: list[Charge], positions: dict[str, ledger.ChargePosition]) -> list[UnlinkedChargeFacts]:
+    """What the unlinked rule reads of each candidate charge, with what it holds now."""
+    return [
+        UnlinkedChargeFacts(
+            id=c.id,
+            amount=c.amount,
+            currency=c.currency,
+            created=c.created,
+            fingerprint=c.card_fingerprint,
+            customer=c.customer,
+            description=c.description,
+            order_id=c.order_id,
+            held=positions[c.id].held,
+        )
+        for c in charges
+    ]
+
+
+def _record_unlinked_opened(session: Session, opened: list[DuplicateCase], part: DetectionSummary) -> None:
+    """The opening audit entry of each new unlinked case, once the cases have ids."""
+    if not opened:
+        return
+    session.flush()
+    for case in opened:
+        lifecycle.record_opened(
+            session, case, details={"automatic": False, "reasons": list(case.review_reasons), "kind": case.kind}
+        )
+        part.unlinked_opened.append(case.id)
 
 
 def _unlinked_cases(session: Session, charge_ids: list[str], *, lock: bool) -> dict[str, list[DuplicateCase]]:

@@ -130,6 +130,33 @@ def change(
         raise CaseTransitionRefused(case, action)
     if target is not None:
         case.status = target.value
+    _record_decision(case, action, actor=actor, note=note, reason=reason, dismissed_state=dismissed_state)
+    audit_details = dict(details or {})
+    if action is CaseAction.DISMISS and dismissed_state is not None:
+        audit_details.setdefault("state", dismissed_state.as_json())
+    session.add(
+        AuditEntry(
+            actor=actor,
+            action=action.value,
+            # A new case has no id until flushed: the caller passes it then (see open_case).
+            case_id=case.id,
+            note=note if note is not None else reason,
+            details=audit_details,
+        )
+    )
+
+
+def _record_decision(
+    case: DuplicateCase,
+    action: CaseAction,
+    *,
+    actor: str,
+    note: str | None,
+    reason: str | None,
+    dismissed_state: DismissedState | None,
+) -> None:
+    """What ``action`` writes on the case besides its status: who decided and when, the
+    note, the failure, the escalation, the dismissed state."""
     now = utcnow()
     if action in (CaseAction.APPROVE, CaseAction.AUTO_REFUND):
         case.decision = "finance" if action is CaseAction.APPROVE else "auto"
@@ -159,19 +186,6 @@ def change(
         # The order's active case takes the news: a person decides it from here.
         case.escalation = reason
         case.automatic = False
-    audit_details = dict(details or {})
-    if action is CaseAction.DISMISS and dismissed_state is not None:
-        audit_details.setdefault("state", dismissed_state.as_json())
-    session.add(
-        AuditEntry(
-            actor=actor,
-            action=action.value,
-            # A new case has no id until flushed: the caller passes it then (see open_case).
-            case_id=case.id,
-            note=note if note is not None else reason,
-            details=audit_details,
-        )
-    )
 
 
 def new_case(order_id: str, *, kind: str, run_id: int | None) -> DuplicateCase:

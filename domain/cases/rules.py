@@ -146,6 +146,30 @@ def assess(
         auth_roles = tuple((a.id, "authorization") for a in extras)
         if not extras:
             return captured
+    reasons = _release_reasons(order, charges, held, auths, extras, clear, auto_refund_unknown_total)
+    return Assessment(
+        needs_case=True,
+        keeper_charge_id=keeper.id,
+        roles=((keeper.id, "keeper"),) + tuple((c.id, "extra") for c in held if c.id != keeper.id) + auth_roles,
+        clear_duplicates=tuple(a.id for a in clear),
+        excess=_add({}, extras),
+        automatic=not reasons,
+        review_reasons=tuple(reasons),
+        kind="authorization",
+        releases=releases,
+    )
+
+
+def _release_reasons(
+    order: OrderFacts,
+    charges: Sequence[ChargeFacts],
+    held: Sequence[ChargeFacts],
+    auths: Sequence[ChargeFacts],
+    extras: Sequence[ChargeFacts],
+    clear: Sequence[ChargeFacts],
+    auto_refund_unknown_total: bool,
+) -> list[str]:
+    """Why releasing ``extras`` needs a person (none: the release is automatic)."""
     currencies = sorted({c.currency for c in held} | {a.currency for a in auths})
     foreign = order.amount is not None and order.currency is not None and any(c != order.currency for c in currencies)
     reasons = [
@@ -161,17 +185,7 @@ def assess(
                 f"authorization_not_clear: {a.id} authorises {a.amount} {a.currency}, and no earlier charge of "
                 f"that amount falls within the window"
             )
-    return Assessment(
-        needs_case=True,
-        keeper_charge_id=keeper.id,
-        roles=((keeper.id, "keeper"),) + tuple((c.id, "extra") for c in held if c.id != keeper.id) + auth_roles,
-        clear_duplicates=tuple(a.id for a in clear),
-        excess=_add({}, extras),
-        automatic=not reasons,
-        review_reasons=tuple(reasons),
-        kind="authorization",
-        releases=releases,
-    )
+    return reasons
 
 
 def _authorizations(order: OrderFacts, charges: Sequence[ChargeFacts]) -> list[ChargeFacts]:
@@ -249,19 +263,7 @@ def _assess_captured(
         return Assessment(needs_case=False)
 
     keeper = held[0]
-    clear: list[ChargeFacts] = []
-    roles: list[tuple[str, str]] = [(keeper.id, "keeper")]
-    for index, charge in enumerate(held[1:], start=1):
-        earlier_twin = any(
-            e.currency == charge.currency
-            and e.amount == charge.amount
-            and abs(charge.created - e.created) <= window_seconds
-            for e in held[:index]
-        )
-        if earlier_twin:
-            clear.append(charge)
-        roles.append((charge.id, "duplicate" if earlier_twin else "extra"))
-
+    roles, clear = _captured_roles(held, window_seconds)
     excess = _excess(order, held, keeper)
     reasons = _unusual(order, charges, currencies, bool(foreign))
     if not total_known and not auto_refund_unknown_total:
@@ -291,6 +293,25 @@ def _assess_captured(
         review_reasons=tuple(reasons),
         proposed_refunds=plan,
     )
+
+
+def _captured_roles(held: Sequence[ChargeFacts], window_seconds: int) -> tuple[list[tuple[str, str]], list[ChargeFacts]]:
+    """The role of each charge holding money, the keeper (``held[0]``) first, and the
+    clear duplicates: charges repeating an earlier one's amount and currency within the
+    window."""
+    clear: list[ChargeFacts] = []
+    roles: list[tuple[str, str]] = [(held[0].id, "keeper")]
+    for index, charge in enumerate(held[1:], start=1):
+        earlier_twin = any(
+            e.currency == charge.currency
+            and e.amount == charge.amount
+            and abs(charge.created - e.created) <= window_seconds
+            for e in held[:index]
+        )
+        if earlier_twin:
+            clear.append(charge)
+        roles.append((charge.id, "duplicate" if earlier_twin else "extra"))
+    return roles, clear
 
 
 def _excess(order: OrderFacts, held: list[ChargeFacts], keeper: ChargeFacts) -> dict[str, int]:
@@ -448,22 +469,25 @@ def unlinked_groups(charges: Iterable[UnlinkedChargeFacts], *, window_seconds: i
         if len({c.description for c in group if c.description}) > 1:
             continue
         first = group[0]
-        fingerprints = {c.fingerprint for c in group}
-        customers = {c.customer for c in group}
-        if first.fingerprint and fingerprints == {first.fingerprint}:
-            key = ("fingerprint", first.fingerprint)
-        elif first.customer and customers == {first.customer}:
-            key = ("customer", first.customer)
-        else:  # chained through both: name the first charge's card, else its customer
-            key = ("fingerprint", first.fingerprint) if first.fingerprint else ("customer", first.customer or "")
         groups.append(
             UnlinkedGroup(
                 charge_ids=tuple(c.id for c in group),
                 amount=first.amount,
                 currency=first.currency,
-                key=key,
+                key=_group_key(group),
                 first_created=first.created,
                 last_created=group[-1].created,
             )
         )
     return sorted(groups, key=lambda g: (g.first_created, g.first_charge_id))
+
+
+def _group_key(group: Sequence[UnlinkedChargeFacts]) -> tuple[str, str]:
+    """What ties a group together: the card every charge shares, else the customer, else
+    (chained through both) the first charge's card, else its customer."""
+    first = group[0]
+    if first.fingerprint and {c.fingerprint for c in group} == {first.fingerprint}:
+        return ("fingerprint", first.fingerprint)
+    if first.customer and {c.customer for c in group} == {first.customer}:
+        return ("customer", first.customer)
+    return ("fingerprint", first.fingerprint) if first.fingerprint else ("customer", first.customer or "")

@@ -221,7 +221,7 @@ _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 def cpu_snapshot() -> dict[str, float]:
     """CPU seconds used so far: the whole machine (busy time from /proc/stat), and by
-    process group: the server (``app.cli serve`` and its workers), PostgreSQL backends,
+    process group: the server (``cli serve`` and its workers), PostgreSQL backends,
     this client. Linux only; empty elsewhere. Per-event CPU is a steadier figure than
     throughput on a shared machine."""
     out: dict[str, float] = {}
@@ -249,7 +249,7 @@ def cpu_snapshot() -> dict[str, float]:
             group = "client"
         elif comm == "postgres" or cmdline.startswith(b"postgres"):
             group = "postgres"
-        elif (b"app.cli\x00serve" in cmdline or b"reconciler-web" in cmdline or comm.startswith("reconciler")
+        elif (b"cli\x00serve" in cmdline or b"reconciler-web" in cmdline or comm.startswith("reconciler")
               or cmdline.endswith(b"\x00applier\x00")):
             group = "server"
         else:

@@ -245,7 +245,7 @@ class Proc:
 
 class Host(Proc):
     def __init__(self, name: str, address: str, port: int, env: dict[str, str], log_path: Path, workers: int) -> None:
-        argv = [sys.executable, "-c", "from app.cli import main; main()", "serve", "--host", address, "--port", str(port),
+        argv = [sys.executable, "-c", "from cli import main; main()", "serve", "--host", address, "--port", str(port),
                 "--no-migrate", "--workers", str(workers)]
         super().__init__(name, argv, env, log_path)
         self.address = address
@@ -876,7 +876,7 @@ def run(args: argparse.Namespace, seed: int, workdir: Path, cluster: Cluster, st
         "STRIPE_API_BASE": "http://127.0.0.1:9",
     }
     env.pop("STRIPE_API_KEY", None)
-    cli = [sys.executable, "-c", "from app.cli import main; main()"]
+    cli = [sys.executable, "-c", "from cli import main; main()"]
     upgrade = subprocess.run([*cli, "db", "upgrade"], cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=300)
     if upgrade.returncode != 0:
         raise RuntimeError(f"reconciler db upgrade failed:\n{upgrade.stdout[-2000:]}\n{upgrade.stderr[-2000:]}")

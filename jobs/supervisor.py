@@ -1,7 +1,7 @@
 """A small supervisor for the service's child processes: start them, restart the ones that
 die (with a backoff), and stop them all together. ``reconciler serve`` runs the web server
 and the scheduler under it; another long-running process of the service is one more
-:class:`Child` in the list (see :func:`app.cli.service_children`).
+:class:`Child` in the list (see :func:`cli.service_children`).
 
 Guarantees:
 

@@ -336,7 +336,7 @@ def serve_process(
         port = sock.getsockname()[1]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--port", str(port),
              *([] if scheduler else ["--no-scheduler"]), *args],
             cwd=str(cwd), env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=log, stderr=subprocess.STDOUT,
         )

@@ -28,7 +28,7 @@ def test_demo_summary_matches_the_database(tmp_path: Path, stripe_choice: str) -
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STRIPE_", "ALERT_", "SMTP_", "DATABASE_URL", "REVIEW_", "REFUND_"))}
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "app.cli", "demo", "--json", "--stripe", stripe_choice, "--database", str(database)],
+        [sys.executable, "-m", "cli", "demo", "--json", "--stripe", stripe_choice, "--database", str(database)],
         cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
     )
     elapsed = time.monotonic() - started
@@ -69,7 +69,7 @@ def test_demo_stops_cleanly_on_a_signal_and_says_so(tmp_path: Path, signum: int)
     database = tmp_path / "kept.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STRIPE_", "ALERT_", "SMTP_", "DATABASE_URL", "REVIEW_", "REFUND_"))}
     demo = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "demo", "--serve", "--stripe", "simulated", "--database", str(database)],
+        [sys.executable, "-m", "cli", "demo", "--serve", "--stripe", "simulated", "--database", str(database)],
         cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     lines: list[str] = []

@@ -88,7 +88,7 @@ def checkout(emulator: StatefulMock, env: dict[str, str]) -> stripe.StripeClient
 
 def reconcile(env: dict[str, str], mode: str = "auto") -> dict[str, Any]:
     result = subprocess.run(
-        [sys.executable, "-m", "app.cli", "reconcile", "--mode", mode, "--json"],
+        [sys.executable, "-m", "cli", "reconcile", "--mode", mode, "--json"],
         cwd=ROOT,
         env=_clean_environ(env),
         capture_output=True,

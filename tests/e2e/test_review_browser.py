@@ -112,7 +112,7 @@ def deliver(service: str, charge_json: dict[str, Any]) -> None:
 
 def reconcile_for_review(env: dict[str, str]) -> dict[str, Any]:
     result = subprocess.run(
-        [sys.executable, "-m", "app.cli", "reconcile", "--mode", "review", "--json"],
+        [sys.executable, "-m", "cli", "reconcile", "--mode", "review", "--json"],
         cwd=ROOT,
         env=_environ(env),
         capture_output=True,

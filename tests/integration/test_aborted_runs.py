@@ -45,7 +45,7 @@ def start_pass(database_url: str, stripe_base: str, tmp_path: Path) -> subproces
         "LOG_LEVEL": "WARNING",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "reconcile", "--mode", "review"],
+        [sys.executable, "-m", "cli", "reconcile", "--mode", "review"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 

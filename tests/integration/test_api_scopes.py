@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from app import create_app
-from app.cli import main as cli
+from cli import main as cli
 from config import Settings, SettingsError
 from models import AuditEntry
 from tests.conftest import API_TOKEN

@@ -33,7 +33,7 @@ def cli(args: list[str], database_url: str | None, tmp_path: Path, **extra: str)
     if database_url is not None:
         env["DATABASE_URL"] = database_url
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
     )
 
 

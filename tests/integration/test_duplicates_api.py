@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from app import create_app
-from app.cli import main as cli
+from cli import main as cli
 from jobs.reconcile import run_reconciliation
 from domain.stripe.gateway import StripeGateway
 from domain.cases.review import REPORT_COLUMNS

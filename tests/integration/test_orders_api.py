@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.cli import main as cli
+from cli import main as cli
 from models import Order
 from tests import stripe_payloads as p
 

@@ -27,7 +27,7 @@ import pytest
 from click.testing import CliRunner
 
 from app import create_app
-from app.cli import main as cli
+from cli import main as cli
 from domain.stripe.gateway import StripeGateway
 from jobs.reconcile import run_reconciliation
 from models import AuditEntry, DuplicateCase, RefundAttempt

@@ -176,7 +176,7 @@ def test_terminal_progress_draws_a_line_per_phase_with_counts_and_rate() -> None
 
 
 def test_reconcile_off_a_terminal_writes_progress_as_json_lines(run_cli_env, session_factory) -> None:  # type: ignore[no-untyped-def]
-    from app.cli import main as cli
+    from cli import main as cli
 
     result = CliRunner().invoke(cli, ["reconcile", "--mode", "review"], env={**run_cli_env, "LOG_LEVEL": "INFO", "LOG_FORMAT": "json"})
     assert result.exit_code == 0, result.output
@@ -211,7 +211,7 @@ def run_cli_env(settings) -> dict[str, str]:  # type: ignore[no-untyped-def]
 
 
 def test_the_printed_summary_lists_the_first_20_new_cases_and_points_to_the_rest(capsys) -> None:  # type: ignore[no-untyped-def]
-    from app.cli import _print_summary
+    from cli import _print_summary
 
     summary = SimpleNamespace(
         run_id=7, mode="review", status="succeeded", watermark=None, warnings=[], errors=[],
@@ -229,7 +229,7 @@ def test_the_printed_summary_lists_the_first_20_new_cases_and_points_to_the_rest
 
 
 def test_dry_run_plan_text_is_capped() -> None:
-    from app.cli import plan_lines
+    from cli import plan_lines
 
     plan = [
         {"order_id": f"ord_{i:03}", "order_total": 100, "order_currency": "usd", "case_id": None, "step": "open",
@@ -248,7 +248,7 @@ def test_dry_run_plan_text_is_capped() -> None:
 
 
 def test_healthz_and_runs_show_the_next_pass(client, session_factory, settings) -> None:  # type: ignore[no-untyped-def]
-    from app.cli import main as cli
+    from cli import main as cli
 
     due = datetime(2031, 1, 2, 2, 0, tzinfo=timezone.utc)
     record_heartbeat(session_factory, "web-1:100", next_pass_at=due, cron="0 2 * * *")

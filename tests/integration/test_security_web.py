@@ -277,7 +277,7 @@ def test_hsts_and_security_headers_over_https(review_app, review_settings, sessi
 def test_an_operator_ends_every_session_of_a_user_from_the_command_line(review_app, database_url, monkeypatch, case_id) -> None:  # type: ignore[no-untyped-def]
     from click.testing import CliRunner
 
-    from app.cli import main
+    from cli import main
 
     client = review_app.test_client()
     login(client)

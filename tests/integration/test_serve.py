@@ -8,7 +8,7 @@ import requests
 from sqlalchemy.orm import sessionmaker
 
 from app import create_app
-from app.cli import main as cli
+from cli import main as cli
 from config import Settings
 from models import make_engine
 from tests import stripe_payloads as p

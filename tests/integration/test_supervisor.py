@@ -136,7 +136,7 @@ def test_serve_runs_the_scheduler_restarts_it_and_leaves_nothing_on_sigterm(tmp_
     env = env_for(f"sqlite:///{tmp_path / 'serve.db'}")
     with open(log_path, "w") as log:
         serve = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+            [sys.executable, "-m", "cli", "serve", "--port", str(port)],
             cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
     base = f"http://127.0.0.1:{port}"
@@ -157,7 +157,7 @@ def test_serve_runs_the_scheduler_restarts_it_and_leaves_nothing_on_sigterm(tmp_
         (scheduler,) = [pid for pid, line in kids.items() if line.rstrip().endswith(" scheduler")]
         (applier,) = [pid for pid, line in kids.items() if line.rstrip().endswith(" applier")]  # one on SQLite
 
-        runs = subprocess.run([sys.executable, "-m", "app.cli", "runs"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        runs = subprocess.run([sys.executable, "-m", "cli", "runs"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         assert runs.returncode == 0, runs.stderr
         assert "next pass: " in runs.stdout and "T02:00:00+00:00 (scheduler running on" in runs.stdout
 
@@ -190,7 +190,7 @@ def test_serve_without_the_scheduler_runs_the_web_server_and_the_applier(tmp_pat
     env = env_for(f"sqlite:///{tmp_path / 'web.db'}")
     with open(tmp_path / "serve.log", "w") as log:
         serve = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--no-scheduler", "--port", str(port)],
+            [sys.executable, "-m", "cli", "serve", "--no-scheduler", "--port", str(port)],
             cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
     try:
@@ -204,7 +204,7 @@ def test_serve_without_the_scheduler_runs_the_web_server_and_the_applier(tmp_pat
 
         body = wait_for(health, 60, "/healthz with a live applier")
         assert (body["scheduler"], body["next_pass_at"]) == ("not running", None)  # type: ignore[index]
-        lines = sorted(cmdline(pid).split(" app.cli ", 1)[1].split()[0] for pid in children(serve.pid))
+        lines = sorted(cmdline(pid).split(" cli ", 1)[1].split()[0] for pid in children(serve.pid))
         assert lines == ["applier", "serve"]
         everything = descendants(serve.pid)
         serve.send_signal(signal.SIGINT)

@@ -59,13 +59,13 @@ def test_weak_or_malformed_review_user_hashes_are_refused_at_start(password_hash
 
 
 def test_the_service_refuses_to_start_naming_the_variable(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import app.cli
-    from app.cli import main
+    import cli
+    from cli import main
 
     def would_start(*args: object, **kwargs: object) -> None:
         raise AssertionError("the service went on to start")
 
-    monkeypatch.setattr(app.cli, "_ensure_schema", would_start)  # never serve from a test
+    monkeypatch.setattr(cli, "_ensure_schema", would_start)  # never serve from a test
     for key in ("SECRET_KEY", "REVIEW_USERS", "STRIPE_LIVEMODE", "API_TOKEN"):
         monkeypatch.delenv(key, raising=False)
     base = {"DATABASE_URL": f"sqlite:///{tmp_path}/x.db"}

@@ -1,8 +1,8 @@
-"""The dry run's per-order plan as text and as data (app.cli.plan_lines / plan_data)."""
+"""The dry run's per-order plan as text and as data (cli.plan_lines / plan_data)."""
 
 from __future__ import annotations
 
-from app.cli import plan_data, plan_lines
+from cli import plan_data, plan_lines
 
 
 def _entry(**fields):  # type: ignore[no-untyped-def]

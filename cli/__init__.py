@@ -183,7 +183,7 @@ def service_children(settings: Settings, web_args: list[str], *, scheduler: bool
     process of the service joins by adding one :class:`jobs.supervisor.Child` here."""
     from jobs.supervisor import Child
 
-    command = [sys.executable, "-m", "app.cli"]
+    command = [sys.executable, "-m", "cli"]
     appliers = 0 if settings.applier_processes == 0 else (1 if settings.is_sqlite else settings.applier_processes)
     children = [Child("web", [*command, "serve", "--supervised", "--no-migrate", *web_args], restart=False)]
     children += [

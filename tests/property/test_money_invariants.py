@@ -82,6 +82,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
 import hypothesis.strategies as st
@@ -137,6 +138,7 @@ ORDERS: dict[str, tuple[int | None, str]] = {
     "ord_unknown": (None, "usd"),
 }
 ORDER_IDS = sorted(ORDERS)
+HISTORY_START = datetime(2020, 1, 1, tzinfo=timezone.utc)  # before any charge the machine makes
 AMOUNTS = (500, 1000)
 OTHER_CURRENCY = {"usd": "jpy", "jpy": "usd"}
 DELIVERY = st.sampled_from(["now", "now", "twice", "late", "never"])
@@ -549,13 +551,14 @@ class MoneyMachine(RuleBasedStateMachine):
             return RefundService(self.session_factory, self.gateway, after_call=_crash_after_call, **kwargs)
         return RefundService(self.session_factory, self.gateway, **kwargs)
 
-    def _pass(self, mode: str, full: bool, refund_service: RefundService | None = None):  # type: ignore[no-untyped-def]
+    def _pass(self, mode: str, full: bool, refund_service: RefundService | None = None, since: datetime | None = None):  # type: ignore[no-untyped-def]
         return run_reconciliation(
             self.session_factory,
             self.gateway,
             self.settings,
             mode=mode,
             full=full,
+            since=since,
             clock=lambda: self.now,
             sleep=_no_sleep,
             refund_service=refund_service,
@@ -686,13 +689,17 @@ class MoneyMachine(RuleBasedStateMachine):
         full=st.booleans(),
         stripe_refund_errors=st.sampled_from([0, 0, 1, 3]),
         error_status=st.sampled_from([429, 500]),
+        whole_history=st.booleans(),
     )
-    def reconciliation_pass(self, mode, full, stripe_refund_errors, error_status):  # type: ignore[no-untyped-def]
+    def reconciliation_pass(self, mode, full, stripe_refund_errors, error_status, whole_history=False):  # type: ignore[no-untyped-def]
+        """A pass; with ``whole_history`` its backfill reads Stripe from before the first
+        charge (``reconciler reconcile --since``), so every order is visible to inv5 and inv7
+        after it, not only those whose objects all fall after the incremental watermark."""
         self._tick()
         self.fake.fail_refunds_with = []
         if stripe_refund_errors:
             self.fake.fail_next_refunds(stripe_refund_errors, error_status)
-        summary = self._pass(mode, full)
+        summary = self._pass(mode, full, since=HISTORY_START if whole_history else None)
         self.fake.fail_refunds_with = []
         assert summary.status in ("succeeded", "partial"), (summary.status, summary.errors)
         self.pass_seen = {

@@ -24,10 +24,11 @@ import logging
 import threading
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Collection
+from typing import Any, Collection, Iterator
 
 from sqlalchemy import Engine, bindparam
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import PoolProxiedConnection
 
 from domain.stripe.gateway import WebhookSignatureError, verify_webhook
 from config import Settings
@@ -52,6 +53,22 @@ def _is_disconnect(engine: Engine, exc: BaseException) -> bool:
     if dbapi is None or not isinstance(exc, dbapi.Error):
         return False
     return bool(engine.dialect.is_disconnect(exc, None, None))
+
+
+@contextlib.contextmanager
+def _pooled(engine: Engine) -> Iterator[PoolProxiedConnection]:
+    """A pooled connection for work on the driver itself: invalidated when the driver says
+    it is gone (so the pool does not hand it out again), returned to the pool afterwards."""
+    connection = engine.raw_connection()
+    try:
+        yield connection
+    except BaseException as exc:
+        if _is_disconnect(engine, exc):
+            connection.invalidate(exc)
+        raise
+    finally:
+        if connection.dbapi_connection is not None:
+            connection.close()
 
 
 class EventStatus(StrEnum):
@@ -149,8 +166,7 @@ class GroupInsert:
     def _run(self, batch: list[_Slot]) -> None:
         params = {f"{key}_{i}": slot.row[key] for i, slot in enumerate(batch) for key in self._keys}
         try:
-            connection = self._engine.raw_connection()
-            try:
+            with _pooled(self._engine) as connection:
                 driver = connection.driver_connection
                 assert driver is not None  # None only once the connection is invalidated or closed
                 driver.autocommit = True
@@ -158,13 +174,6 @@ class GroupInsert:
                     inserted = {row[0] for row in driver.execute(self._statement(len(batch)), params).fetchall()}
                 finally:
                     driver.autocommit = False
-            except BaseException as exc:
-                if _is_disconnect(self._engine, exc):
-                    connection.invalidate(exc)
-                raise
-            finally:
-                if connection.dbapi_connection is not None:
-                    connection.close()
         except Exception as exc:  # noqa: BLE001 - handed to every request the statement carried
             for slot in batch:
                 slot.error, slot.done = exc, True
@@ -282,8 +291,7 @@ class Inbox:
     def _insert_row(self, params: dict[str, Any] | tuple[Any, ...]) -> bool:
         """SQLite: one INSERT ... ON CONFLICT DO NOTHING RETURNING in a BEGIN IMMEDIATE
         transaction of its own, committed before it returns."""
-        connection = self._engine.raw_connection()
-        try:
+        with _pooled(self._engine) as connection:
             cursor = connection.cursor()
             try:
                 cursor.execute("BEGIN IMMEDIATE")
@@ -296,10 +304,3 @@ class Inbox:
             finally:
                 cursor.close()
             return row is not None
-        except BaseException as exc:
-            if _is_disconnect(self._engine, exc):
-                connection.invalidate(exc)
-            raise
-        finally:
-            if connection.dbapi_connection is not None:
-                connection.close()

@@ -9,7 +9,7 @@ from flask import Flask, Response, jsonify
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from domain.errors import DomainError
+from domain.errors import DomainError, Kind
 
 log = logging.getLogger(__name__)
 
@@ -24,19 +24,34 @@ _HTTP_CODES = {
 }
 
 
-# Domain error codes (domain/errors.py) -> HTTP status, the one place where the business's
-# refusals become answers. A Rejected code not listed here is a 400; Unavailable a 503.
-DOMAIN_STATUS = {
+# The one place where the business's refusals become answers: a domain error's kind
+# decides its status, except for the few codes listed in CODE_STATUS.
+KIND_STATUS: dict[Kind, int] = {
+    Kind.INVALID: 400,
+    Kind.REFUSED: 422,
+    Kind.NOT_FOUND: 404,
+    Kind.CONFLICT: 409,
+    Kind.DECLINED: 402,
+    Kind.UNAVAILABLE: 503,
+}
+CODE_STATUS: dict[str, int] = {
     "payload_too_large": 413,
-    "webhook_secret_not_configured": 503,
-    "event_not_stored": 503,
 }
 
 
-def domain_status(exc: DomainError) -> int:
-    from domain.errors import Unavailable
+def status_of(exc: DomainError) -> int:
+    """The HTTP status answering ``exc``."""
+    return CODE_STATUS.get(exc.code, KIND_STATUS[exc.kind])
 
-    return DOMAIN_STATUS.get(exc.code, 503 if isinstance(exc, Unavailable) else 400)
+
+def domain_error_response(exc: DomainError) -> tuple[Response, int]:
+    """``{"error": code, "message": ..., **details}`` with :func:`status_of`; a
+    ``retry_after`` detail becomes the ``Retry-After`` header instead."""
+    details = {k: v for k, v in exc.details.items() if k != "retry_after"}
+    response, status = error_response(status_of(exc), exc.code, exc.message, **details)
+    if "retry_after" in exc.details:
+        response.headers["Retry-After"] = str(exc.details["retry_after"])
+    return response, status
 
 
 def error_response(http_status: int, code: str, message: str, **extra: Any) -> tuple[Response, int]:
@@ -54,7 +69,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(DomainError)
     def _domain_error(exc: DomainError):  # type: ignore[no-untyped-def]
-        return error_response(domain_status(exc), exc.code, exc.message)
+        return domain_error_response(exc)
 
     @app.errorhandler(OperationalError)
     def _database_unavailable(exc: OperationalError):  # type: ignore[no-untyped-def]

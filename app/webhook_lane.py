@@ -20,7 +20,7 @@ import logging
 from typing import Any, Callable, Iterable
 
 from app import metrics
-from app.errors import domain_status
+from app.errors import status_of
 from app.services.signature_watch import SignatureFailureWatch
 from domain.errors import DomainError, Rejected
 from domain.ledger.inbox import Inbox
@@ -66,7 +66,7 @@ class WebhookLane:
         except DomainError as exc:
             if isinstance(exc, Rejected):
                 self._signature_watch.record(exc.code)
-            return domain_status(exc), {"error": exc.code, "message": exc.message}, "unknown"
+            return status_of(exc), {"error": exc.code, "message": exc.message}, "unknown"
         except Exception:  # noqa: BLE001 - a bug answers 500 (Stripe retries), never a traceback
             log.exception("webhook accept failed")
             return 500, {"error": "internal_error", "message": "Something went wrong on our side."}, "unknown"

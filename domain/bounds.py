@@ -13,17 +13,19 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 
+from domain.errors import DomainError
+
 MAX_ID = 2**31 - 1
 MIN_DAY = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MAX_DAY = datetime(9998, 12, 31, tzinfo=timezone.utc)
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
-class DateParamError(ValueError):
-    """A date parameter the service cannot use; ``code`` is the JSON error code."""
+class DateParamError(DomainError, ValueError):
+    """A date parameter the service cannot use (code ``invalid_date``)."""
 
-    http_status = 400
-    code = "invalid_date"
+    def __init__(self, message: str) -> None:
+        super().__init__("invalid_date", message)
 
 
 def parse_day(raw: str | None, name: str, *, required: bool = False) -> datetime | None:

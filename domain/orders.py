@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from domain import ledger
+from domain.errors import DomainError, Kind
 from domain.stripe.shapes import ORDER_ID
 from models import Charge, EventFailure, Order, StripeEvent, iso_utc
 from models.db import insert_ignore
@@ -26,14 +27,11 @@ from models.money import MoneyError, check_amount, format_amount, normalise_curr
 MAX_CUSTOMER = 255
 
 
-class OrderError(Exception):
+class OrderError(DomainError):
     """A request about orders that cannot be honoured; ``code`` is the JSON error code."""
 
-    def __init__(self, http_status: int, code: str, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.http_status = http_status
-        self.code = code
-        self.message = message
+    def __init__(self, code: str, message: str, *, kind: Kind | None = None, field: str | None = None) -> None:
+        super().__init__(code, message, kind=kind, **({"field": field} if field else {}))
         self.field = field
 
 
@@ -61,7 +59,6 @@ class OrderInput:
         order_id = data.get("id", data.get("order_id"))
         if not isinstance(order_id, str) or not ORDER_ID.match(order_id.strip()):
             raise OrderError(
-                400,
                 "invalid_order_id",
                 "id must be 1-255 characters: letters, digits and _ . : # / -",
                 field="id",
@@ -69,17 +66,17 @@ class OrderInput:
         try:
             currency = normalise_currency(data.get("currency"))
         except MoneyError as exc:
-            raise OrderError(400, "invalid_currency", str(exc), field="currency") from None
+            raise OrderError("invalid_currency", str(exc), field="currency") from None
         try:
             amount = check_amount(data.get("amount"), currency)
         except MoneyError as exc:
-            raise OrderError(400, "invalid_amount", str(exc), field="amount") from None
+            raise OrderError("invalid_amount", str(exc), field="amount") from None
         customer = data.get("customer")
         if customer is not None and (not isinstance(customer, str) or len(customer) > MAX_CUSTOMER or not _storable(customer)):
-            raise OrderError(400, "invalid_customer", "customer must be a string of at most 255 characters", field="customer")
+            raise OrderError("invalid_customer", "customer must be a string of at most 255 characters", field="customer")
         unknown = set(data) - {"id", "order_id", "amount", "currency", "customer"}
         if unknown:
-            raise OrderError(400, "unknown_field", f"unknown field(s): {', '.join(sorted(unknown))}")
+            raise OrderError("unknown_field", f"unknown field(s): {', '.join(sorted(unknown))}")
         return cls(order_id.strip(), amount, currency, (customer or "").strip() or None)
 
 
@@ -113,10 +110,9 @@ def upsert_order(session: Session, order_input: OrderInput, *, source: str) -> t
     if changes_money and _has_successful_charge(session, order.id):
         assert order.amount is not None  # changes_money says so
         raise OrderError(
-            409,
             "order_amount_frozen",
             f"Order {order.id} has a successful charge; its amount and currency "
-            f"({format_amount(order.amount, order.currency or '')}) can no longer change.",
+            f"({format_amount(order.amount, order.currency or '')}) can no longer change.", kind=Kind.CONFLICT,
         )
     if order.amount != order_input.amount or order.currency != order_input.currency:
         order.amount = order_input.amount

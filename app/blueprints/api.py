@@ -8,7 +8,7 @@ from flask import Blueprint, jsonify, request
 
 from app.api_auth import actor as _actor
 from app.api_auth import require_token
-from app.errors import error_response
+from app.errors import domain_error_response, error_response
 from app.openapi import openapi_document
 from app.extensions import services
 from domain.cases.review import (
@@ -62,8 +62,7 @@ def create_or_update_order():  # type: ignore[no-untyped-def]
 
         created, view = run_in_transaction(services().session_factory, work)
     except OrderError as exc:
-        extra = {"field": exc.field} if exc.field else {}
-        return error_response(exc.http_status, exc.code, exc.message, **extra)
+        return domain_error_response(exc)
     return jsonify(view), 201 if created else 200
 
 
@@ -98,7 +97,7 @@ def list_events():  # type: ignore[no-untyped-def]
 
 
 def _case_error(exc: CaseActionError):  # type: ignore[no-untyped-def]
-    return error_response(exc.http_status, exc.code, exc.message)
+    return domain_error_response(exc)
 
 
 @bp.get("/duplicates")

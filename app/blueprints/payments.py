@@ -14,7 +14,7 @@ from typing import Any
 from flask import Blueprint, Response, request
 
 from app.api_auth import require_token, sealer
-from app.errors import error_response
+from app.errors import domain_error_response, error_response, status_of
 from app.extensions import services
 from domain.payments import idempotency
 from domain.payments.checkout import CheckoutRequest, CheckoutService
@@ -39,7 +39,7 @@ def pay(order_id: str):  # type: ignore[no-untyped-def]
     try:
         key = idempotency.validate_key(request.headers.get("Idempotency-Key"))
     except idempotency.IdempotencyKeyError as exc:
-        return error_response(exc.http_status, exc.code, exc.message)
+        return domain_error_response(exc)
     body, error = _parse_body()
     if error is not None:
         return error
@@ -60,13 +60,13 @@ def pay(order_id: str):  # type: ignore[no-untyped-def]
                 ttl_hours=svc.settings.idempotency_key_ttl_hours,
             )
         except idempotency.IdempotencyKeyError as exc:
-            return error_response(exc.http_status, exc.code, exc.message)
+            return domain_error_response(exc)
         if isinstance(claimed, idempotency.Replay):
             try:
                 replayed = json.dumps(restore_reply(json.loads(claimed.body), sealer(), svc.gateway))
             except PayError as exc:
-                response, status = error_response(exc.http_status, exc.code, exc.message)
-                response.headers["Retry-After"] = str(exc.extra.get("retry_after", 1))
+                response, status = error_response(status_of(exc), exc.code, exc.message)
+                response.headers["Retry-After"] = str(exc.details.get("retry_after", 1))
                 return response, status
             response = Response(replayed, status=claimed.status, mimetype="application/json")
             response.headers["Idempotent-Replayed"] = "true"
@@ -99,9 +99,9 @@ def _pay(svc: Any, order_id: str, body: dict[str, Any]) -> tuple[int, dict[str, 
             PayRequest(order_id=order_id, customer=body.get("customer"), payment_method=body.get("payment_method"))
         )
     except PayError as exc:
-        extra = {k: v for k, v in exc.extra.items() if k != "retry_after"}
-        return exc.http_status, {"error": exc.code, "message": exc.message, **extra}, exc.extra.get("retry_after")
-    return result.http_status, result.body, None
+        extra = {k: v for k, v in exc.details.items() if k != "retry_after"}
+        return status_of(exc), {"error": exc.code, "message": exc.message, **extra}, exc.details.get("retry_after")
+    return (201 if result.created else 200), result.body, None
 
 
 def _json_object(allowed: Any) -> tuple[dict[str, Any] | None, Any]:
@@ -165,12 +165,8 @@ def checkout(order_id: str):  # type: ignore[no-untyped-def]
             )
         )
     except PayError as exc:
-        extra = {k: v for k, v in exc.extra.items() if k != "retry_after"}
-        response, status = error_response(exc.http_status, exc.code, exc.message, **extra)
-        if "retry_after" in exc.extra:
-            response.headers["Retry-After"] = str(exc.extra["retry_after"])
-        return response, status
-    return Response(json.dumps(result.body), status=result.http_status, mimetype="application/json")
+        return domain_error_response(exc)
+    return Response(json.dumps(result.body), status=201 if result.created else 200, mimetype="application/json")
 
 
 def _parse_checkout_body() -> tuple[dict[str, Any] | None, Any]:

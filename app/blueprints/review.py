@@ -45,6 +45,7 @@ from flask_login import current_user as login_current_user
 from flask_login import login_user, logout_user
 from werkzeug.exceptions import HTTPException
 
+from app.errors import status_of
 from app.extensions import services
 from app.services.auth import ReviewUser, UserDirectory
 from app.services.login_guard import LoginGuard, Locked
@@ -65,6 +66,7 @@ from domain.cases.review import (
     report_rows,
 )
 from domain.cases.reasons import REASON_KINDS
+from domain.errors import Kind
 from domain.cases.refunds import PlannedRefund
 from models import CASE_STATUSES
 from models.money import MoneyError, check_amount, decimals, format_money
@@ -282,7 +284,7 @@ def cases():  # type: ignore[no-untyped-def]
     try:
         case_filter = parse_filter(request.args, default_per_page=DEFAULT_PAGE_SIZE)
     except CaseActionError as exc:
-        return _page("error.html", exc.http_status, title="Check the filters", message=exc.message, back=url_for("review.cases"))
+        return _page("error.html", status_of(exc), title="Check the filters", message=exc.message, back=url_for("review.cases"))
     with services().read_session_factory() as db:
         listing = list_cases(db, case_filter, rows=True)
     pages = max(1, -(-listing["total"] // listing["per_page"]))
@@ -367,12 +369,12 @@ def _day(raw: str | None, name: str, *, required: bool) -> datetime | None:
     text = (raw or "").strip()
     if not text:
         if required:
-            raise CaseActionError(400, "invalid_date", f"{name} is required: a date YYYY-MM-DD")
+            raise CaseActionError("invalid_date", f"{name} is required: a date YYYY-MM-DD")
         return None
     try:
         return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=timezone.utc)
     except ValueError:
-        raise CaseActionError(400, "invalid_date", f"{name} must be a date YYYY-MM-DD") from None
+        raise CaseActionError("invalid_date", f"{name} must be a date YYYY-MM-DD") from None
 
 
 # -- deciding ------------------------------------------------------------------------------
@@ -390,7 +392,7 @@ def _done(case_id: int, message: str):  # type: ignore[no-untyped-def]
 
 
 def _failed(case_id: int, exc: CaseActionError, form: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
-    return _render_case(case_id, exc.http_status, error=exc.message, form=form)
+    return _render_case(case_id, status_of(exc), error=exc.message, form=form)
 
 
 @bp.post("/cases/<int:case_id>/approve")
@@ -497,31 +499,30 @@ def parse_major_plan(charges: list[dict[str, Any]], form: Any) -> list[PlannedRe
         currency = charge["currency"]
         label = f"The amount for charge {charge['id']}"
         if raw.startswith("-"):
-            raise CaseActionError(422, "invalid_amount", f"{label} cannot be negative.")
+            raise CaseActionError("invalid_amount", f"{label} cannot be negative.", kind=Kind.REFUSED)
         if not _MAJOR_AMOUNT.match(raw):
-            raise CaseActionError(422, "invalid_amount", f"{label} must be a number such as {_example(currency)}.")
+            raise CaseActionError("invalid_amount", f"{label} must be a number such as {_example(currency)}.", kind=Kind.REFUSED)
         places = decimals(currency)
         try:
             value = Decimal(raw)
         except InvalidOperation:  # pragma: no cover - the pattern already rules this out
-            raise CaseActionError(422, "invalid_amount", f"{label} must be a number.") from None
+            raise CaseActionError("invalid_amount", f"{label} must be a number.", kind=Kind.REFUSED) from None
         fraction = raw.partition(".")[2]
         if len(fraction) > places:
             raise CaseActionError(
-                422,
                 "invalid_amount",
-                f"{label} has more decimals than {currency.upper()} allows ({places}).",
+                f"{label} has more decimals than {currency.upper()} allows ({places}).", kind=Kind.REFUSED,
             )
         minor = int(value.scaleb(places))
         if minor <= 0:
-            raise CaseActionError(422, "invalid_amount", f"{label} must be more than zero; leave it blank to refund nothing.")
+            raise CaseActionError("invalid_amount", f"{label} must be more than zero; leave it blank to refund nothing.", kind=Kind.REFUSED)
         try:
             check_amount(minor, currency)
         except MoneyError as exc:
-            raise CaseActionError(422, "invalid_amount", f"{label}: {exc}.") from None
+            raise CaseActionError("invalid_amount", f"{label}: {exc}.", kind=Kind.REFUSED) from None
         plan.append(PlannedRefund(charge["id"], minor))
     if not plan:
-        raise CaseActionError(422, "invalid_refunds", "Enter an amount for at least one charge.")
+        raise CaseActionError("invalid_refunds", "Enter an amount for at least one charge.", kind=Kind.REFUSED)
     return plan
 
 

@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain.bounds import MAX_ID, DateParamError, parse_day
+from domain.errors import DomainError, Kind
 from domain.cases import lifecycle
 from domain import ledger
 from domain.ledger.balance import load_balance
@@ -62,14 +63,8 @@ _KIND_LABELS = {
 }
 
 
-class CaseActionError(Exception):
-    """A decision that cannot be taken; ``code`` is the JSON error code."""
-
-    def __init__(self, http_status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.http_status = http_status
-        self.code = code
-        self.message = message
+class CaseActionError(DomainError):
+    """A decision or a review query that cannot be taken; ``code`` is the JSON error code."""
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -151,10 +146,10 @@ def _major_param(args: dict[str, Any], name: str) -> Decimal | None:
     if not text:
         return None
     if not _MAJOR_FILTER.match(text):
-        raise CaseActionError(400, "invalid_amount", f"{name} is an amount such as 49.99 (major units, no sign or grouping)")
+        raise CaseActionError("invalid_amount", f"{name} is an amount such as 49.99 (major units, no sign or grouping)")
     value = Decimal(text)
     if value > MAX_AMOUNT_FILTER:
-        raise CaseActionError(400, "invalid_amount", f"{name} is too large")
+        raise CaseActionError("invalid_amount", f"{name} is too large")
     return value
 
 
@@ -162,42 +157,42 @@ def parse_filter(args: dict[str, Any], *, default_per_page: int = 25) -> CaseFil
     """Validate filter parameters from a query string; :class:`CaseActionError` 400 if bad."""
     status = (args.get("status") or "").strip() or None
     if status is not None and status not in CASE_STATUSES:
-        raise CaseActionError(400, "invalid_status", f"status must be one of {', '.join(CASE_STATUSES)}")
+        raise CaseActionError("invalid_status", f"status must be one of {', '.join(CASE_STATUSES)}")
     currency = (args.get("currency") or "").strip().lower() or None
     if currency is not None and (len(currency) != 3 or not currency.isascii() or not currency.isalpha()):
-        raise CaseActionError(400, "invalid_currency", "currency is a three-letter ISO code")
+        raise CaseActionError("invalid_currency", "currency is a three-letter ISO code")
     dates = {}
     for name in ("from", "until"):
         try:
             day = parse_day(args.get(name), name)
         except DateParamError as exc:
-            raise CaseActionError(exc.http_status, exc.code, str(exc)) from None
+            raise CaseActionError(exc.code, exc.message) from None
         if day is not None:
             dates[name] = day
     try:
         page = int(args.get("page") or 1)
         per_page = int(args.get("per_page") or default_per_page)
     except ValueError:
-        raise CaseActionError(400, "invalid_page", "page and per_page are whole numbers") from None
+        raise CaseActionError("invalid_page", "page and per_page are whole numbers") from None
     if not (1 <= page <= 100_000 and 1 <= per_page <= 200):
-        raise CaseActionError(400, "invalid_page", "page >= 1 and 1 <= per_page <= 200")
+        raise CaseActionError("invalid_page", "page >= 1 and 1 <= per_page <= 200")
     until = dates.get("until")
     if until is not None:
         until = until + timedelta(days=1)  # "until" is inclusive: the whole day
     if "from" in dates and until is not None and dates["from"] >= until:
-        raise CaseActionError(400, "invalid_date", "from must be on or before until")
+        raise CaseActionError("invalid_date", "from must be on or before until")
     reason = (args.get("reason") or "").strip() or None
     if reason is not None and reason not in REASON_KINDS:
-        raise CaseActionError(400, "invalid_reason", f"reason must be one of {', '.join(REASON_KINDS)}")
+        raise CaseActionError("invalid_reason", f"reason must be one of {', '.join(REASON_KINDS)}")
     amount_min, amount_max = _major_param(args, "amount_min"), _major_param(args, "amount_max")
     if amount_min is not None and amount_max is not None and amount_min > amount_max:
-        raise CaseActionError(400, "invalid_amount", "amount_min must not be above amount_max")
+        raise CaseActionError("invalid_amount", "amount_min must not be above amount_max")
     sort = (args.get("sort") or "").strip() or None
     if sort is not None and sort not in SORT_KEYS:
-        raise CaseActionError(400, "invalid_sort", f"sort must be one of {', '.join(SORT_KEYS)}")
+        raise CaseActionError("invalid_sort", f"sort must be one of {', '.join(SORT_KEYS)}")
     direction = (args.get("dir") or "asc").strip()
     if direction not in ("asc", "desc"):
-        raise CaseActionError(400, "invalid_sort", "dir is asc or desc")
+        raise CaseActionError("invalid_sort", "dir is asc or desc")
     return CaseFilter(
         status, currency, dates.get("from"), until, page, per_page,
         reason=reason, amount_min=amount_min, amount_max=amount_max, sort=sort, descending=direction == "desc",
@@ -593,27 +588,33 @@ def parse_refund_plan(body: Any) -> list[PlannedRefund] | None:
     if body is None:
         return None
     if not isinstance(body, dict):
-        raise CaseActionError(400, "invalid_json", "The body must be a JSON object.")
+        raise CaseActionError("invalid_json", "The body must be a JSON object.")
     if "refunds" not in body:
         return None
     items = body["refunds"]
     if not isinstance(items, list) or not items or len(items) > 100:
-        raise CaseActionError(422, "invalid_refunds", "refunds is a non-empty list of {charge_id, amount}")
+        raise CaseActionError("invalid_refunds", "refunds is a non-empty list of {charge_id, amount}", kind=Kind.REFUSED)
     plan = []
     for item in items:
         if not isinstance(item, dict):
-            raise CaseActionError(422, "invalid_refunds", "each refund is an object {charge_id, amount}")
+            raise CaseActionError("invalid_refunds", "each refund is an object {charge_id, amount}", kind=Kind.REFUSED)
         charge_id, amount = item.get("charge_id"), item.get("amount")
         if not isinstance(charge_id, str) or not charge_id.startswith(("ch_", "py_")) or len(charge_id) > 255:
-            raise CaseActionError(422, "invalid_charge_id", "charge_id must be a Stripe charge id")
+            raise CaseActionError("invalid_charge_id", "charge_id must be a Stripe charge id", kind=Kind.REFUSED)
         if isinstance(amount, bool) or not isinstance(amount, int) or not 0 < amount <= 10**12:
-            raise CaseActionError(422, "invalid_amount", "amount is a positive integer in minor units")
+            raise CaseActionError("invalid_amount", "amount is a positive integer in minor units", kind=Kind.REFUSED)
         plan.append(PlannedRefund(charge_id, amount))
     return plan
 
 
 # Refusals that are about the state of things rather than the request: 404/409.
-_REFUSAL_STATUS = {"case_not_found": 404, "case_not_open": 409, "stripe_not_configured": 409, "refund_in_flight": 409}
+# What sort of refusal each of the refund service's codes is (any other: REFUSED).
+_REFUSAL_KIND = {
+    "case_not_found": Kind.NOT_FOUND,
+    "case_not_open": Kind.CONFLICT,
+    "stripe_not_configured": Kind.CONFLICT,
+    "refund_in_flight": Kind.CONFLICT,
+}
 
 
 def approve(
@@ -631,7 +632,7 @@ def approve(
     try:
         refunds.approve(case_id, plan, origin="finance", actor=actor, note=note)
     except RefundRefused as exc:
-        raise CaseActionError(_REFUSAL_STATUS.get(exc.code, 422), exc.code, exc.message) from None
+        raise CaseActionError(exc.code, exc.message, kind=_REFUSAL_KIND.get(exc.code, Kind.REFUSED)) from None
     return refunds.execute_case(case_id)
 
 
@@ -674,17 +675,17 @@ def parse_case_ids(raw: Any) -> list[int]:
     """Case ids as sent (form values or a JSON list): whole numbers, each once, in the
     order given, at most :data:`MAX_BULK`. :class:`CaseActionError` 422 otherwise."""
     if not isinstance(raw, (list, tuple)) or not raw:
-        raise CaseActionError(422, "invalid_ids", "Select at least one case (ids: a list of case ids).")
+        raise CaseActionError("invalid_ids", "Select at least one case (ids: a list of case ids).", kind=Kind.REFUSED)
     if len(raw) > MAX_BULK:
-        raise CaseActionError(422, "too_many_ids", f"At most {MAX_BULK} cases at once.")
+        raise CaseActionError("too_many_ids", f"At most {MAX_BULK} cases at once.", kind=Kind.REFUSED)
     ids: list[int] = []
     for item in raw:
         if isinstance(item, bool):
-            raise CaseActionError(422, "invalid_ids", "Case ids are whole numbers.")
+            raise CaseActionError("invalid_ids", "Case ids are whole numbers.", kind=Kind.REFUSED)
         if isinstance(item, str) and re.fullmatch(r"\s*\d{1,12}\s*", item):
             item = int(item)
         if not isinstance(item, int) or not 1 <= item <= MAX_ID:
-            raise CaseActionError(422, "invalid_ids", f"Case ids are whole numbers from 1 to {MAX_ID}.")
+            raise CaseActionError("invalid_ids", f"Case ids are whole numbers from 1 to {MAX_ID}.", kind=Kind.REFUSED)
         if item not in ids:
             ids.append(item)
     return ids
@@ -775,7 +776,7 @@ def reopen(session_factory: sessionmaker[Session], case_id: int, *, actor: str, 
     def work(session: Session) -> None:
         case = _locked(session, case_id)
         if case.status != CaseStatus.DISMISSED:
-            raise CaseActionError(409, "case_not_dismissed", f"case {case_id} is {case.status}; only dismissed cases reopen")
+            raise CaseActionError("case_not_dismissed", f"case {case_id} is {case.status}; only dismissed cases reopen", kind=Kind.CONFLICT)
         other = session.scalar(
             select(DuplicateCase.id).where(
                 DuplicateCase.order_id == case.order_id,
@@ -784,7 +785,7 @@ def reopen(session_factory: sessionmaker[Session], case_id: int, *, actor: str, 
             )
         )
         if other is not None:
-            raise CaseActionError(409, "order_has_active_case", f"order {case.order_id} already has case {other} open")
+            raise CaseActionError("order_has_active_case", f"order {case.order_id} already has case {other} open", kind=Kind.CONFLICT)
         _change(session, case, CaseAction.REOPEN, actor=actor, note=text)
 
     run_in_transaction(session_factory, work)
@@ -794,19 +795,19 @@ def _change(session: Session, case: DuplicateCase, action: CaseAction, **options
     try:
         lifecycle.change(session, case, action, **options)
     except CaseTransitionRefused as exc:
-        raise CaseActionError(409, "case_not_open", str(exc)) from None
+        raise CaseActionError("case_not_open", str(exc), kind=Kind.CONFLICT) from None
 
 
 def _clean_note(note: Any, *, required: bool) -> str | None:
     if note is not None and not isinstance(note, str):
-        raise CaseActionError(422, "invalid_note", "note is text")
+        raise CaseActionError("invalid_note", "note is text", kind=Kind.REFUSED)
     text = (note or "").strip()
     if "\x00" in text:
-        raise CaseActionError(422, "invalid_note", "note contains a NUL character")
+        raise CaseActionError("invalid_note", "note contains a NUL character", kind=Kind.REFUSED)
     if required and not text:
-        raise CaseActionError(422, "note_required", "A note saying why is required.")
+        raise CaseActionError("note_required", "A note saying why is required.", kind=Kind.REFUSED)
     if len(text) > MAX_NOTE:
-        raise CaseActionError(422, "note_too_long", f"A note is at most {MAX_NOTE} characters.")
+        raise CaseActionError("note_too_long", f"A note is at most {MAX_NOTE} characters.", kind=Kind.REFUSED)
     return text or None
 
 
@@ -815,7 +816,7 @@ def _locked(session: Session, case_id: int) -> DuplicateCase:
         select(DuplicateCase).where(DuplicateCase.id == case_id).with_for_update().execution_options(populate_existing=True)
     ).scalar_one_or_none()
     if case is None:
-        raise CaseActionError(404, "case_not_found", f"No case {case_id}.")
+        raise CaseActionError("case_not_found", f"No case {case_id}.", kind=Kind.NOT_FOUND)
     return case
 
 

@@ -41,6 +41,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from domain.errors import Kind
 from domain.stripe.gateway import GatewayError, StripeGateway, StripeNotConfigured
 from domain.payments.service import (
     CREATING_STALE_SECONDS,
@@ -88,7 +89,10 @@ class CheckoutRequest:
 
 @dataclass(frozen=True, slots=True)
 class CheckoutResult:
-    http_status: int
+    """``created`` when this request opened the session, not when it was already open;
+    ``body`` is the JSON answer."""
+
+    created: bool
     body: dict[str, Any]
 
 
@@ -193,7 +197,7 @@ class CheckoutService:
                     raise _in_progress(request.order_id) from None
                 continue
             if isinstance(decision, _Paid):
-                raise PayError(409, "order_already_paid", f"Order {request.order_id} is already paid.")
+                raise PayError("order_already_paid", f"Order {request.order_id} is already paid.", kind=Kind.CONFLICT)
             if isinstance(decision, _Wait):
                 if self._monotonic() >= deadline:
                     raise _in_progress(request.order_id)
@@ -225,7 +229,7 @@ class CheckoutService:
             select(Order).where(Order.id == request.order_id).with_for_update().execution_options(populate_existing=True)
         ).scalar_one_or_none()
         if order is None:
-            raise PayError(404, "order_not_found", f"No order {request.order_id}.")
+            raise PayError("order_not_found", f"No order {request.order_id}.", kind=Kind.NOT_FOUND)
         if order_paid(session, order):
             return _Paid()
         attempts = list(
@@ -253,8 +257,8 @@ class CheckoutService:
 
         if live is not None and live.status == CHECKOUT_COMPLETE:
             raise PayError(
-                409, "payment_in_progress",
-                f"The Checkout Session of order {order.id} is complete and its payment is pending.", retry_after=5,
+                "payment_in_progress",
+                f"The Checkout Session of order {order.id} is complete and its payment is pending.", retry_after=5, kind=Kind.CONFLICT,
             )
 
         if live is not None and live.status == CHECKOUT_OPEN:
@@ -291,13 +295,13 @@ class CheckoutService:
                 return _Call(_Attempt.of(live), resolving=True)
 
         if order.amount is None or order.currency is None:
-            raise PayError(422, "order_amount_unknown", f"Order {order.id} has no amount yet; set it with POST /api/orders.")
+            raise PayError("order_amount_unknown", f"Order {order.id} has no amount yet; set it with POST /api/orders.", kind=Kind.REFUSED)
         success_url = request.success_url or self._settings.checkout_success_url
         cancel_url = request.cancel_url or self._settings.checkout_cancel_url or success_url
         if success_url is None or cancel_url is None:
             raise PayError(
-                422, "checkout_urls_missing",
-                "No success_url: send one in the body or set CHECKOUT_SUCCESS_URL (and CHECKOUT_CANCEL_URL).",
+                "checkout_urls_missing",
+                "No success_url: send one in the body or set CHECKOUT_SUCCESS_URL (and CHECKOUT_CANCEL_URL).", kind=Kind.REFUSED,
             )
         # Never a session beside a payable PaymentIntent of the pay endpoint's.
         if session.scalar(
@@ -306,9 +310,9 @@ class CheckoutService:
             .limit(1)
         ):
             raise PayError(
-                409, "payment_intent_open",
+                "payment_intent_open",
                 f"Order {order.id} has a PaymentIntent from the pay endpoint that can still be paid; "
-                "pay it, or cancel it first.",
+                "pay it, or cancel it first.", kind=Kind.CONFLICT,
             )
         number = attempts[0].attempt + 1 if attempts else 1
         row = CheckoutAttempt(
@@ -337,7 +341,7 @@ class CheckoutService:
             # Stripe may have forgotten the key: a resend could create a second session.
             # Wait for the attempt's expires_at instead (then it is given up).
             self._mark(attempt, UNKNOWN, "idempotency key too old to resend; waiting for expires_at")
-            raise _unavailable()
+            raise PayError.stripe_unavailable()
         try:
             created = self._gateway.create_checkout_session(
                 amount=attempt.amount,
@@ -352,20 +356,20 @@ class CheckoutService:
             )
         except StripeNotConfigured:
             self._mark(attempt, FAILED, "STRIPE_API_KEY is not set")
-            raise PayError(503, "stripe_not_configured", "Payments are not configured on this server.") from None
+            raise PayError.stripe_not_configured() from None
         except GatewayError as exc:
             if _definitive(exc):
                 # Stripe refused the create (no session exists for the key).
                 self._mark(attempt, FAILED, _describe(exc))
                 if resolving:
                     return _Again("earlier checkout attempt was refused by Stripe")
-                raise PayError(422, "stripe_rejected", str(exc), stripe_code=exc.code) from None
+                raise PayError("stripe_rejected", str(exc), stripe_code=exc.code, kind=Kind.REFUSED) from None
             self._mark(attempt, UNKNOWN, _describe(exc))
             log.warning("checkout: create outcome unknown (%s)", type(exc).__name__,
                         extra={"order_id": attempt.order_id, "attempt": attempt.attempt})
             if exc.http_status == 409:
                 raise _in_progress(attempt.order_id) from None
-            raise _unavailable() from None
+            raise PayError.stripe_unavailable() from None
         return self._record(attempt, created, created=True)
 
     def _existing(self, decision: _Existing) -> CheckoutResult | _Again:
@@ -391,20 +395,20 @@ class CheckoutService:
                 # created; the next request sends the expire again first.
                 self._release_expire(attempt, decision.key)
                 log.warning("checkout: expire outcome unknown (%s)", type(exc).__name__, extra=extra)
-                raise _unavailable() from None
+                raise PayError.stripe_unavailable() from None
             # Refused: the session is not open any more (completed or expired meanwhile).
             log.warning("checkout: Stripe refused the expire (%s); re-reading the session", exc, extra=extra)
             try:
                 expired = self._gateway.retrieve_checkout_session(attempt.session_id or "")
             except GatewayError:
                 self._release_expire(attempt, decision.key)
-                raise _unavailable() from None
+                raise PayError.stripe_unavailable() from None
         outcome = self._record(attempt, expired, created=False, expire_key=decision.key)
         if isinstance(outcome, CheckoutResult):
             # Still open after a refused expire (should not happen): never hand out a
             # session we meant to replace, never create beside it.
             log.error("checkout: session still open after an expire", extra=extra)
-            raise _unavailable()
+            raise PayError.stripe_unavailable()
         return outcome
 
     # -- phase 3 ---------------------------------------------------------------------------
@@ -447,10 +451,10 @@ class CheckoutService:
                                                      "session_id": stripe_session.get("id"), "status": row_status})
         if row_status == CHECKOUT_COMPLETE:
             if payment_status in CHECKOUT_PAID_STATUSES:
-                raise PayError(409, "order_already_paid", f"Order {attempt.order_id} is already paid.")
-            raise PayError(409, "payment_in_progress",
+                raise PayError("order_already_paid", f"Order {attempt.order_id} is already paid.", kind=Kind.CONFLICT)
+            raise PayError("payment_in_progress",
                            f"The Checkout Session of order {attempt.order_id} is complete and its payment is pending.",
-                           retry_after=5)
+                           retry_after=5, kind=Kind.CONFLICT)
         if row_status != CHECKOUT_OPEN:
             return _Again(f"session {stripe_session.get('id')} is {row_status}")
         return _answer(recorded, created=created)
@@ -481,7 +485,7 @@ class CheckoutService:
 
 def _answer(attempt: _Attempt, *, created: bool) -> CheckoutResult:
     return CheckoutResult(
-        201 if created else 200,
+        created,
         {
             "id": attempt.session_id,
             "url": attempt.url,
@@ -496,13 +500,9 @@ def _answer(attempt: _Attempt, *, created: bool) -> CheckoutResult:
     )
 
 
-def _unavailable() -> PayError:
-    return PayError(503, "stripe_unavailable", "Stripe did not answer; retry shortly (retrying is safe).", retry_after=1)
-
-
 def _in_progress(order_id: str) -> PayError:
     return PayError(
-        409, "payment_in_progress",
+        "payment_in_progress",
         f"Another request is creating or replacing the Checkout Session of order {order_id}; retry shortly.",
-        retry_after=1,
+        retry_after=1, kind=Kind.CONFLICT,
     )

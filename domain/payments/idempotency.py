@@ -33,6 +33,7 @@ from typing import Any, Callable
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from domain.errors import DomainError, Kind
 from models import run_in_transaction, utcnow
 from models.db import insert_ignore
 from models.payments import DONE, IN_FLIGHT, IdempotencyRecord
@@ -48,14 +49,8 @@ IN_FLIGHT_TAKEOVER_SECONDS = 120
 OPPORTUNISTIC_PURGE_BATCH = 50
 
 
-class IdempotencyKeyError(Exception):
-    """The key cannot be honoured: ``http_status`` and ``code`` are the JSON answer."""
-
-    def __init__(self, http_status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.http_status = http_status
-        self.code = code
-        self.message = message
+class IdempotencyKeyError(DomainError):
+    """The key cannot be honoured (malformed, reused with other parameters, in use)."""
 
 
 def validate_key(raw: str | None) -> str | None:
@@ -66,7 +61,7 @@ def validate_key(raw: str | None) -> str | None:
         return None
     if not KEY_PATTERN.match(raw) or not raw.strip():
         raise IdempotencyKeyError(
-            400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 printable ASCII characters."
+            "invalid_idempotency_key", "Idempotency-Key must be 1-255 printable ASCII characters."
         )
     return raw
 
@@ -139,9 +134,8 @@ def claim(
             return Claim(record.id)
         if record.fingerprint != request_fingerprint:
             raise IdempotencyKeyError(
-                422,
                 "idempotency_key_reused",
-                "This Idempotency-Key was used with a different request (method, path or body).",
+                "This Idempotency-Key was used with a different request (method, path or body).", kind=Kind.REFUSED,
             )
         if record.status == DONE:
             assert record.response_status is not None and record.response_body is not None
@@ -151,9 +145,8 @@ def claim(
             record.locked_at = now
             return Claim(record.id)
         raise IdempotencyKeyError(
-            409,
             "idempotency_key_in_flight",
-            "A request with this Idempotency-Key is still being processed; retry shortly.",
+            "A request with this Idempotency-Key is still being processed; retry shortly.", kind=Kind.CONFLICT,
         )
 
     return run_in_transaction(session_factory, work)

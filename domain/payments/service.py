@@ -82,6 +82,7 @@ from domain.stripe.gateway import (
     StripeRejected,
     StripeUnavailable,
 )
+from domain.errors import DomainError, Kind
 from domain.ledger import apply_payment_intent
 from domain.payments.sealing import Sealer
 from domain.stripe.shapes import payment_intent_snapshot
@@ -138,15 +139,19 @@ AMOUNT_UPDATABLE = frozenset({"requires_payment_method", "requires_confirmation"
 CANCELLATION_REASON = "abandoned"
 
 
-class PayError(Exception):
-    """The pay request ends with an error answer: ``http_status``, ``code``, ``message``."""
+class PayError(DomainError):
+    """The pay or checkout request ends with an error answer: ``code``, ``message``, its
+    ``kind``, and ``details`` (``retry_after`` seconds when retrying later is the remedy,
+    ``stripe_code`` when Stripe refused)."""
 
-    def __init__(self, http_status: int, code: str, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.http_status = http_status
-        self.code = code
-        self.message = message
-        self.extra = extra
+    @classmethod
+    def stripe_unavailable(cls) -> PayError:
+        return cls("stripe_unavailable", "Stripe did not answer; retry shortly (retrying is safe).",
+                   retry_after=1, kind=Kind.UNAVAILABLE)
+
+    @classmethod
+    def stripe_not_configured(cls) -> PayError:
+        return cls("stripe_not_configured", "Payments are not configured on this server.", kind=Kind.UNAVAILABLE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,10 +163,10 @@ class PayRequest:
 
 @dataclass(frozen=True, slots=True)
 class PayResult:
-    """``http_status`` 201 when this request recorded the PaymentIntent, 200 when it was
-    already known; ``body`` is the JSON answer."""
+    """``created`` when this request recorded the PaymentIntent, not when it was already
+    known; ``body`` is the JSON answer."""
 
-    http_status: int
+    created: bool
     body: dict[str, Any]
 
 
@@ -293,7 +298,7 @@ class PaymentService:
                     raise _in_progress(request.order_id) from None
                 continue
             if isinstance(decision, _Paid):
-                raise PayError(409, "order_already_paid", f"Order {request.order_id} is already paid.")
+                raise PayError("order_already_paid", f"Order {request.order_id} is already paid.", kind=Kind.CONFLICT)
             if isinstance(decision, _Wait):
                 if self._monotonic() >= deadline:
                     raise _in_progress(request.order_id)
@@ -323,7 +328,7 @@ class PaymentService:
             .execution_options(populate_existing=True)
         ).scalar_one_or_none()
         if order is None:
-            raise PayError(404, "order_not_found", f"No order {request.order_id}.")
+            raise PayError("order_not_found", f"No order {request.order_id}.", kind=Kind.NOT_FOUND)
         attempts = list(
             session.scalars(
                 select(PaymentAttempt)
@@ -373,7 +378,7 @@ class PaymentService:
 
         if order.amount is None or order.currency is None:
             raise PayError(
-                422, "order_amount_unknown", f"Order {order.id} has no amount yet; set it with POST /api/orders."
+                "order_amount_unknown", f"Order {order.id} has no amount yet; set it with POST /api/orders.", kind=Kind.REFUSED
             )
         # Never a PaymentIntent beside a Checkout Session of ours that could still be paid
         # (read under the same order lock the checkout endpoint takes).
@@ -383,8 +388,8 @@ class PaymentService:
             .limit(1)
         ):
             raise PayError(
-                409, "checkout_session_open",
-                f"Order {order.id} has a Checkout Session that can still be paid; pay there, or let it expire.",
+                "checkout_session_open",
+                f"Order {order.id} has a Checkout Session that can still be paid; pay there, or let it expire.", kind=Kind.CONFLICT,
             )
         number = attempts[0].attempt + 1 if attempts else 1
         row = PaymentAttempt(
@@ -447,7 +452,7 @@ class PaymentService:
                 return self._record(attempt, intent, created=True)
             except StripeNotConfigured:
                 self._mark(attempt, FAILED, "STRIPE_API_KEY is not set")
-                raise PayError(503, "stripe_not_configured", "Payments are not configured on this server.") from None
+                raise PayError.stripe_not_configured() from None
             except GatewayError as exc:
                 carried = getattr(exc, "payment_intent", None)
                 if carried:
@@ -496,10 +501,9 @@ class PaymentService:
             return _Again("unknown attempt given up")
         self._mark(attempt, UNKNOWN, _describe(last_error) if last_error else "not found at Stripe yet")
         raise PayError(
-            503,
             "stripe_unavailable",
             "The outcome of an earlier payment attempt is not known yet; retry shortly.",
-            retry_after=2,
+            retry_after=2, kind=Kind.UNAVAILABLE,
         )
 
     def _refused(self, attempt: _Attempt, exc: GatewayError, *, resolving: bool) -> PayResult | _Again:
@@ -510,8 +514,8 @@ class PaymentService:
             # goes on with a fresh attempt and its own parameters.
             return _Again("earlier attempt was refused by Stripe")
         if exc.http_status == 402:
-            raise PayError(402, "payment_method_declined", str(exc), stripe_code=exc.code) from None
-        raise PayError(422, "stripe_rejected", str(exc), stripe_code=exc.code) from None
+            raise PayError("payment_method_declined", str(exc), stripe_code=exc.code, kind=Kind.DECLINED) from None
+        raise PayError("stripe_rejected", str(exc), stripe_code=exc.code, kind=Kind.REFUSED) from None
 
     def _change(self, decision: _Change) -> PayResult | _Again:
         """Update the amount of, or cancel, the attempt's PaymentIntent (no lock held)."""
@@ -530,7 +534,7 @@ class PaymentService:
                 )
         except StripeNotConfigured:
             self._release_change(attempt, decision.key)
-            raise PayError(503, "stripe_not_configured", "Payments are not configured on this server.") from None
+            raise PayError.stripe_not_configured() from None
         except GatewayError as exc:
             if not _definitive(exc):
                 # Outcome unknown: the change stays on the attempt and the next request
@@ -652,7 +656,7 @@ class PaymentService:
         log.info("pay: PaymentIntent recorded", extra={"order_id": attempt.order_id, "attempt": attempt.attempt,
                                                       "payment_intent_id": snapshot.id, "status": intent_status})
         if attempt_status == SUCCEEDED:
-            raise PayError(409, "order_already_paid", f"Order {attempt.order_id} is already paid.")
+            raise PayError("order_already_paid", f"Order {attempt.order_id} is already paid.", kind=Kind.CONFLICT)
         if attempt_status != CREATED:  # canceled, or given up: decide again
             return _Again(f"PaymentIntent {snapshot.id} is {intent_status}; attempt {attempt_status}")
         return _answer(recorded, intent_status, created=created)
@@ -716,12 +720,11 @@ def _decide_change(order: Order, live: PaymentAttempt, status: str, now: datetim
         return None
     if status == "processing":
         raise PayError(
-            409,
             "payment_in_progress",
             f"The PaymentIntent of order {order.id} is processing a payment of {format_money(live.amount, live.currency)}; "
             "it cannot be changed to the order's new amount until that payment succeeds or fails.",
             retry_after=5,
-            payment_intent_id=live.payment_intent_id,
+            payment_intent_id=live.payment_intent_id, kind=Kind.CONFLICT,
         )
     sequence = live.change_count + 1
     if status in AMOUNT_UPDATABLE and live.currency == order.currency:
@@ -744,7 +747,7 @@ def _clear_change(row: PaymentAttempt) -> None:
 
 def _answer(attempt: _Attempt, status: str, *, created: bool) -> PayResult:
     return PayResult(
-        201 if created else 200,
+        created,
         {
             "id": attempt.payment_intent_id,
             "client_secret": attempt.client_secret,
@@ -776,15 +779,14 @@ def _transient(exc: GatewayError, attempt: _Attempt) -> PayError:
     log.warning("pay: outcome unknown (%s)", type(exc).__name__, extra={"order_id": attempt.order_id, "attempt": attempt.attempt})
     if exc.http_status == 409:
         return _in_progress(attempt.order_id)
-    return PayError(503, "stripe_unavailable", "Stripe did not answer; retry shortly (retrying is safe).", retry_after=1)
+    return PayError.stripe_unavailable()
 
 
 def _in_progress(order_id: str) -> PayError:
     return PayError(
-        409,
         "payment_in_progress",
         f"Another request is creating the PaymentIntent of order {order_id}; retry shortly.",
-        retry_after=1,
+        retry_after=1, kind=Kind.CONFLICT,
     )
 
 
@@ -823,6 +825,5 @@ def restore_reply(body: dict[str, Any], sealer: Sealer, gateway: StripeGateway) 
         except GatewayError as exc:
             log.warning("pay: could not read a replayed PaymentIntent's client_secret (%s)", type(exc).__name__,
                         extra={"payment_intent_id": body["id"]})
-            raise PayError(503, "stripe_unavailable", "Stripe did not answer; retry shortly (retrying is safe).",
-                           retry_after=1) from None
+            raise PayError.stripe_unavailable() from None
     return {**body, "client_secret": secret}

@@ -21,6 +21,7 @@ from app import create_app
 from app.blueprints.review import parse_major_plan
 from domain.stripe.gateway import StripeGateway
 from app.services.auth import UserDirectory
+from app.errors import status_of
 from domain.cases.review import CaseActionError
 from jobs.reconcile import run_reconciliation
 from models import AuditEntry, CaseCharge, Charge, DuplicateCase, Order, RefundAttempt, run_in_transaction, utcnow
@@ -421,7 +422,7 @@ def test_major_units_follow_the_currency_decimals() -> None:
     for bad in ({"amount-ch_jpy": "49.5"}, {"amount-ch_usd": "0.001"}, {"amount-ch_kwd": "1.235"}, {}, {"amount-ch_other": "1"}):
         with pytest.raises(CaseActionError) as caught:
             parse_major_plan(charges, bad)
-        assert caught.value.http_status == 422
+        assert status_of(caught.value) == 422
 
 
 # -- the list, filters, report -------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from app.errors import status_of
 from domain.payments.idempotency import IdempotencyKeyError, fingerprint, validate_key
 
 
@@ -20,7 +21,7 @@ def test_no_header_means_no_key() -> None:
 def test_other_keys_are_400(key: str) -> None:
     with pytest.raises(IdempotencyKeyError) as raised:
         validate_key(key)
-    assert (raised.value.http_status, raised.value.code) == (400, "invalid_idempotency_key")
+    assert (status_of(raised.value), raised.value.code) == (400, "invalid_idempotency_key")
 
 
 def test_fingerprint_ignores_spelling_but_not_meaning() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from domain.cases.review import SORT_KEYS
+from domain.cases.views import SORT_KEYS
 from domain.cases.reasons import REASON_KINDS
 
 _ERROR = {"$ref": "#/components/schemas/Error"}

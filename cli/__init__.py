@@ -635,7 +635,7 @@ def review() -> None:
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 200))
 def review_list(status: str | None, limit: int) -> None:
     """Cases, open and failed first."""
-    from domain.cases.review import CaseFilter, list_cases
+    from domain.cases.views import CaseFilter, list_cases
 
     settings = _settings()
     with _database(settings) as db, db.session_factory() as session:
@@ -664,7 +664,7 @@ def review_list(status: str | None, limit: int) -> None:
 @click.argument("case_id", type=int)
 def review_show(case_id: int) -> None:
     """One case in full: charges, proposal, refunds, audit."""
-    from domain.cases.review import case_view
+    from domain.cases.views import case_view
 
     settings = _settings()
     with _database(settings) as db, db.session_factory() as session:
@@ -742,7 +742,7 @@ def report(since: str, until: str | None, fmt: str) -> None:
     decided, as CSV (opens cleanly in a spreadsheet) or JSON."""
     import json
 
-    from domain.cases.review import report_csv, report_rows
+    from domain.cases.report import report_csv, report_rows
 
     settings = _settings()
     since_at, until_at = _parse_day(since), _parse_day(until)

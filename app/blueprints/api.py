@@ -11,18 +11,9 @@ from app.api_auth import require_token
 from app.errors import domain_error_response, error_response
 from app.openapi import openapi_document
 from app.extensions import services
-from domain.cases.review import (
-    CaseActionError,
-    approve,
-    approve_many,
-    parse_case_ids,
-    case_view,
-    dismiss,
-    list_cases,
-    parse_filter,
-    parse_refund_plan,
-    run_views,
-)
+from app.case_query import parse_filter
+from domain.cases.review import CaseActionError, approve, approve_many, dismiss, parse_case_ids, parse_refund_plan
+from domain.cases.views import case_view, list_cases, run_views
 from domain.orders import (
     OrderError,
     OrderInput,

@@ -50,21 +50,10 @@ from app.extensions import services
 from app.services.auth import ReviewUser, UserDirectory
 from app.services.login_guard import LoginGuard, Locked
 from app.services.web_sessions import SessionStore
-from domain.cases.review import (
-    MAX_BULK,
-    SORT_KEYS,
-    CaseActionError,
-    approve,
-    approve_many,
-    case_view,
-    dismiss,
-    list_cases,
-    parse_case_ids,
-    parse_filter,
-    reopen,
-    report_csv,
-    report_rows,
-)
+from app.case_query import parse_filter
+from domain.cases.report import report_csv, report_rows
+from domain.cases.review import MAX_BULK, CaseActionError, approve, approve_many, dismiss, parse_case_ids, reopen
+from domain.cases.views import SORT_KEYS, case_view, list_cases
 from domain.cases.reasons import REASON_KINDS
 from domain.errors import Kind
 from domain.cases.refunds import PlannedRefund

@@ -16,7 +16,7 @@ from app import create_app
 from cli import main as cli
 from jobs.reconcile import run_reconciliation
 from domain.stripe.gateway import StripeGateway
-from domain.cases.review import REPORT_COLUMNS
+from domain.cases.report import REPORT_COLUMNS
 from models import AuditEntry, DuplicateCase
 from tests.conftest import API_TOKEN
 from tests.fake_stripe import API

@@ -9,7 +9,7 @@ import io
 
 import pytest
 
-from domain.cases.review import REPORT_COLUMNS, report_csv
+from domain.cases.report import REPORT_COLUMNS, report_csv
 from tests.conftest import API_TOKEN
 from tests import stripe_payloads as p
 from tests.integration.test_review_page import login, review_app, review_settings, token, web  # noqa: F401 (fixtures)

@@ -54,7 +54,9 @@ from domain.payments.service import (
     _aware,
     _definitive,
     _describe,
+    locked_order,
     order_paid,
+    payable_amount,
 )
 from config import Settings
 from models import Order, run_in_transaction, utcnow
@@ -224,12 +226,10 @@ class CheckoutService:
     # -- phase 1 ---------------------------------------------------------------------------
 
     def _decide(self, session: Session, request: CheckoutRequest, replace: bool) -> _Paid | _Wait | _Existing | _Call | _Expire:
+        """What to do for this request, under the order's row lock: at most one live
+        attempt per order, so at most one payable session per order."""
         now = utcnow()
-        order = session.execute(
-            select(Order).where(Order.id == request.order_id).with_for_update().execution_options(populate_existing=True)
-        ).scalar_one_or_none()
-        if order is None:
-            raise PayError("order_not_found", f"No order {request.order_id}.", kind=Kind.NOT_FOUND)
+        order = locked_order(session, request.order_id)
         if order_paid(session, order):
             return _Paid()
         attempts = list(
@@ -241,61 +241,17 @@ class CheckoutService:
             )
         )
         live = next((a for a in attempts if a.status in LIVE_CHECKOUT_STATUSES), None)
+        if live is not None:
+            decided = _decide_live(order, live, replace, now)
+            if decided is not None:
+                return decided
+        return self._new_attempt(session, order, attempts, request, now)
 
-        if live is not None and live.expire_key is not None:
-            # An expire is in flight, or its outcome is unknown: it goes first, before
-            # anything else. Under a new key: expiring is idempotent in effect (an expired
-            # session is refused and then read), and a 5xx Stripe stored for the old key
-            # would otherwise be replayed for 24 h.
-            claimed = live.expire_claimed_at
-            if claimed is not None and (now - _aware(claimed)).total_seconds() < CREATING_STALE_SECONDS:
-                return _Wait()
-            live.expire_count += 1
-            live.expire_key = checkout_expire_key(order.id, live.attempt, live.expire_count)
-            live.expire_claimed_at = now
-            return _Expire(_Attempt.of(live), live.expire_key)
-
-        if live is not None and live.status == CHECKOUT_COMPLETE:
-            raise PayError(
-                "payment_in_progress",
-                f"The Checkout Session of order {order.id} is complete and its payment is pending.", retry_after=5, kind=Kind.CONFLICT,
-            )
-
-        if live is not None and live.status == CHECKOUT_OPEN:
-            if live.expires_at <= int(now.timestamp()):
-                live.status = CHECKOUT_EXPIRED  # Stripe has expired it by itself by now
-                live = None
-            elif replace or (order.amount, order.currency) != (live.amount, live.currency):
-                live.expire_count += 1
-                live.expire_key = checkout_expire_key(order.id, live.attempt, live.expire_count)
-                live.expire_claimed_at = now
-                log.info("checkout: expiring the open session to replace it",
-                         extra={"order_id": order.id, "attempt": live.attempt, "session_id": live.session_id})
-                return _Expire(_Attempt.of(live), live.expire_key)
-            else:
-                stale = (now - _aware(live.updated_at)).total_seconds() > STATUS_FRESH_SECONDS
-                return _Existing(_Attempt.of(live), stale)
-
-        if live is not None:  # creating or unknown
-            claimed_at = _aware(live.updated_at)
-            if live.status == CREATING and (now - claimed_at).total_seconds() < CREATING_STALE_SECONDS:
-                return _Wait()
-            if live.expires_at + LOOKUP_SLACK_SECONDS <= int(now.timestamp()):
-                # Any session this attempt created has expired at Stripe (we chose its
-                # expires_at): it cannot be paid, so the order is free for n + 1.
-                live.status = FAILED
-                live.error = (live.error or "") + " | given up after its expires_at passed"
-                live = None
-            else:
-                log.warning("checkout: resolving an attempt whose outcome is unknown",
-                            extra={"order_id": order.id, "attempt": live.attempt, "status": live.status})
-                live.status = CREATING
-                live.calls += 1
-                live.updated_at = now
-                return _Call(_Attempt.of(live), resolving=True)
-
-        if order.amount is None or order.currency is None:
-            raise PayError("order_amount_unknown", f"Order {order.id} has no amount yet; set it with POST /api/orders.", kind=Kind.REFUSED)
+    def _new_attempt(
+        self, session: Session, order: Order, attempts: list[CheckoutAttempt], request: CheckoutRequest, now: datetime
+    ) -> _Call:
+        """Attempt n + 1 (status creating, its own key), when the order may be paid."""
+        amount, currency = payable_amount(order)
         success_url = request.success_url or self._settings.checkout_success_url
         cancel_url = request.cancel_url or self._settings.checkout_cancel_url or success_url
         if success_url is None or cancel_url is None:
@@ -320,8 +276,8 @@ class CheckoutService:
             attempt=number,
             idempotency_key=checkout_key(order.id, number),
             status=CREATING,
-            amount=order.amount,
-            currency=order.currency,
+            amount=amount,
+            currency=currency,
             success_url=success_url,
             cancel_url=cancel_url,
             expires_at=int((now + timedelta(minutes=self._settings.checkout_expires_minutes)).timestamp()),
@@ -481,6 +437,61 @@ class CheckoutService:
                 row.error = error[:2000]
 
         run_in_transaction(self._session_factory, work)
+
+
+def _decide_live(
+    order: Order, live: CheckoutAttempt, replace: bool, now: datetime
+) -> _Wait | _Existing | _Call | _Expire | None:
+    """What the order's live attempt asks for; None when it turned out to be over (expired
+    at Stripe, or given up), which frees the order's slot for attempt n + 1."""
+    if live.expire_key is not None:
+        # An expire is in flight, or its outcome is unknown: it goes first, before
+        # anything else. Under a new key: expiring is idempotent in effect (an expired
+        # session is refused and then read), and a 5xx Stripe stored for the old key
+        # would otherwise be replayed for 24 h.
+        claimed = live.expire_claimed_at
+        if claimed is not None and (now - _aware(claimed)).total_seconds() < CREATING_STALE_SECONDS:
+            return _Wait()
+        return _expire(live, now)
+    if live.status == CHECKOUT_COMPLETE:
+        raise PayError(
+            "payment_in_progress",
+            f"The Checkout Session of order {order.id} is complete and its payment is pending.", retry_after=5, kind=Kind.CONFLICT,
+        )
+    if live.status == CHECKOUT_OPEN:
+        if live.expires_at <= int(now.timestamp()):
+            live.status = CHECKOUT_EXPIRED  # Stripe has expired it by itself by now
+            return None
+        if replace or (order.amount, order.currency) != (live.amount, live.currency):
+            log.info("checkout: expiring the open session to replace it",
+                     extra={"order_id": order.id, "attempt": live.attempt, "session_id": live.session_id})
+            return _expire(live, now)
+        stale = (now - _aware(live.updated_at)).total_seconds() > STATUS_FRESH_SECONDS
+        return _Existing(_Attempt.of(live), stale)
+    # creating or unknown
+    claimed_at = _aware(live.updated_at)
+    if live.status == CREATING and (now - claimed_at).total_seconds() < CREATING_STALE_SECONDS:
+        return _Wait()
+    if live.expires_at + LOOKUP_SLACK_SECONDS <= int(now.timestamp()):
+        # Any session this attempt created has expired at Stripe (we chose its
+        # expires_at): it cannot be paid, so the order is free for n + 1.
+        live.status = FAILED
+        live.error = (live.error or "") + " | given up after its expires_at passed"
+        return None
+    log.warning("checkout: resolving an attempt whose outcome is unknown",
+                extra={"order_id": order.id, "attempt": live.attempt, "status": live.status})
+    live.status = CREATING
+    live.calls += 1
+    live.updated_at = now
+    return _Call(_Attempt.of(live), resolving=True)
+
+
+def _expire(live: CheckoutAttempt, now: datetime) -> _Expire:
+    """Claim an expire of the live session under a new key of its own."""
+    live.expire_count += 1
+    live.expire_key = checkout_expire_key(live.order_id, live.attempt, live.expire_count)
+    live.expire_claimed_at = now
+    return _Expire(_Attempt.of(live), live.expire_key)
 
 
 def _answer(attempt: _Attempt, *, created: bool) -> CheckoutResult:

@@ -320,15 +320,10 @@ class PaymentService:
     # -- phase 1 ---------------------------------------------------------------------------
 
     def _decide(self, session: Session, request: PayRequest) -> _Paid | _Wait | _Existing | _Change | _Call:
+        """What to do for this request, under the order's row lock: at most one live
+        attempt per order, so at most one PaymentIntent per order."""
         now = utcnow()
-        order = session.execute(
-            select(Order)
-            .where(Order.id == request.order_id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        ).scalar_one_or_none()
-        if order is None:
-            raise PayError("order_not_found", f"No order {request.order_id}.", kind=Kind.NOT_FOUND)
+        order = locked_order(session, request.order_id)
         attempts = list(
             session.scalars(
                 select(PaymentAttempt)
@@ -342,44 +337,19 @@ class PaymentService:
             return _Paid()
 
         if live is not None and live.status == CREATED:
-            intent = session.get(PaymentIntent, live.payment_intent_id) if live.payment_intent_id else None
-            status = intent.status if intent is not None else "requires_payment_method"
-            attempt_status = attempt_status_for(status)
-            if attempt_status == SUCCEEDED:
-                live.status = SUCCEEDED
-                return _Paid()
-            if attempt_status == CANCELED:
-                live.status = CANCELED  # frees the order's slot: attempt n + 1 below
-                _clear_change(live)
-                live = None
-            else:
-                change = _decide_change(order, live, status, now)
-                if change is not None:
-                    return change
-                known_at = _aware(live.updated_at)
-                if intent is not None:
-                    known_at = max(known_at, _aware(intent.updated_at))
-                stale = (now - known_at).total_seconds() > STATUS_FRESH_SECONDS
-                return _Existing(_Attempt.of(live, None), status, stale)
-
+            decided = _decide_created(session, order, live, now)
+            if decided is not None:
+                return decided
+            live = None  # canceled: the order's slot is free for attempt n + 1 below
         if live is not None:  # creating or unknown
-            claimed_at = _aware(live.updated_at)
-            if live.status == CREATING and (now - claimed_at).total_seconds() < CREATING_STALE_SECONDS:
-                return _Wait()
-            previous_call_at = claimed_at if live.calls else None
-            log.warning(
-                "pay: resolving an attempt whose outcome is unknown",
-                extra={"order_id": order.id, "attempt": live.attempt, "status": live.status},
-            )
-            live.status = CREATING
-            live.calls += 1
-            live.updated_at = now
-            return _Call(_Attempt.of(live, previous_call_at), resolving=True)
+            return _decide_unresolved(order, live, now)
+        return self._new_attempt(session, order, attempts, request, now)
 
-        if order.amount is None or order.currency is None:
-            raise PayError(
-                "order_amount_unknown", f"Order {order.id} has no amount yet; set it with POST /api/orders.", kind=Kind.REFUSED
-            )
+    def _new_attempt(
+        self, session: Session, order: Order, attempts: list[PaymentAttempt], request: PayRequest, now: datetime
+    ) -> _Call:
+        """Attempt n + 1 (status creating, its own key), when the order may be paid."""
+        amount, currency = payable_amount(order)
         # Never a PaymentIntent beside a Checkout Session of ours that could still be paid
         # (read under the same order lock the checkout endpoint takes).
         if session.scalar(
@@ -397,8 +367,8 @@ class PaymentService:
             attempt=number,
             idempotency_key=attempt_key(order.id, number),
             status=CREATING,
-            amount=order.amount,
-            currency=order.currency,
+            amount=amount,
+            currency=currency,
             customer=request.customer,
             payment_method=request.payment_method,
             calls=1,
@@ -704,6 +674,69 @@ def order_paid(session: Session, order: Order) -> bool:
             .limit(1)
         )
     )
+
+
+def locked_order(session: Session, order_id: str) -> Order:
+    """The order, its row locked for this transaction (the lock that serialises every
+    decision about paying it); :class:`PayError` ``order_not_found`` when unknown."""
+    order = session.execute(
+        select(Order).where(Order.id == order_id).with_for_update().execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if order is None:
+        raise PayError("order_not_found", f"No order {order_id}.", kind=Kind.NOT_FOUND)
+    return order
+
+
+def payable_amount(order: Order) -> tuple[int, str]:
+    """The order's total and currency; :class:`PayError` ``order_amount_unknown`` when it
+    has none yet (nothing is ever asked of Stripe for an unknown amount)."""
+    if order.amount is None or order.currency is None:
+        raise PayError(
+            "order_amount_unknown", f"Order {order.id} has no amount yet; set it with POST /api/orders.", kind=Kind.REFUSED
+        )
+    return order.amount, order.currency
+
+
+def _decide_created(
+    session: Session, order: Order, live: PaymentAttempt, now: datetime
+) -> _Paid | _Existing | _Change | _Wait | None:
+    """The live attempt has its PaymentIntent: paid, to be changed (amount or cancel), or
+    the one to answer with; None when it was canceled (the order's slot is free)."""
+    intent = session.get(PaymentIntent, live.payment_intent_id) if live.payment_intent_id else None
+    status = intent.status if intent is not None else "requires_payment_method"
+    attempt_status = attempt_status_for(status)
+    if attempt_status == SUCCEEDED:
+        live.status = SUCCEEDED
+        return _Paid()
+    if attempt_status == CANCELED:
+        live.status = CANCELED
+        _clear_change(live)
+        return None
+    change = _decide_change(order, live, status, now)
+    if change is not None:
+        return change
+    known_at = _aware(live.updated_at)
+    if intent is not None:
+        known_at = max(known_at, _aware(intent.updated_at))
+    stale = (now - known_at).total_seconds() > STATUS_FRESH_SECONDS
+    return _Existing(_Attempt.of(live, None), status, stale)
+
+
+def _decide_unresolved(order: Order, live: PaymentAttempt, now: datetime) -> _Wait | _Call:
+    """The live attempt is creating or unknown: wait while another request is creating it,
+    else ask Stripe again under the same key (the create replays, never a second one)."""
+    claimed_at = _aware(live.updated_at)
+    if live.status == CREATING and (now - claimed_at).total_seconds() < CREATING_STALE_SECONDS:
+        return _Wait()
+    previous_call_at = claimed_at if live.calls else None
+    log.warning(
+        "pay: resolving an attempt whose outcome is unknown",
+        extra={"order_id": order.id, "attempt": live.attempt, "status": live.status},
+    )
+    live.status = CREATING
+    live.calls += 1
+    live.updated_at = now
+    return _Call(_Attempt.of(live, previous_call_at), resolving=True)
 
 
 def _decide_change(order: Order, live: PaymentAttempt, status: str, now: datetime) -> _Wait | _Change | None:

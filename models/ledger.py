@@ -19,6 +19,7 @@ Invariants the schema carries (the services rely on them):
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 
 from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -27,6 +28,15 @@ from models.base import Base, utcnow
 
 STRIPE_ID = String(255)
 CURRENCY = String(3)
+
+
+class EventStatus(StrEnum):
+    """Where a stored event stands (``stripe_events.status``)."""
+
+    RECEIVED = "received"  # stored, waiting for the applier
+    APPLIED = "applied"  # its effects are in the ledger (same transaction as this status)
+    FAILED = "failed"  # its last apply raised; retried after next_attempt_at
+    IGNORED = "ignored"  # a type we keep but never apply
 
 
 class StripeEvent(Base):
@@ -48,7 +58,7 @@ class StripeEvent(Base):
     account: Mapped[str | None] = mapped_column(STRIPE_ID)  # Connect account, if any
     created: Mapped[int] = mapped_column(BigInteger)  # Stripe's unix seconds
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    # received | applied | failed | ignored (see EventStatus in domain/ledger/inbox.py).
+    # an EventStatus
     status: Mapped[str] = mapped_column(String(16))
     object_id: Mapped[str | None] = mapped_column(STRIPE_ID)
     payload: Mapped[str] = mapped_column(Text)  # the body exactly as signed

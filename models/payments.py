@@ -26,6 +26,7 @@ Invariants the schema carries (the pay service and the ledger rely on them):
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 
 from sqlalchemy import (
     BigInteger,
@@ -45,17 +46,29 @@ from models.ledger import CURRENCY, STRIPE_ID
 
 # -- attempts ----------------------------------------------------------------------------
 
-#: The Stripe call is in flight (phase 2); ``updated_at`` is when it was claimed.
-CREATING = "creating"
-#: The call's outcome is unknown (timeout, connection error, Stripe 5xx or 409, crash):
-#: resolved with the same key or a look-up at Stripe before anything new is created.
-UNKNOWN = "unknown"
-#: Stripe returned the PaymentIntent; it is payable (any status but canceled/succeeded).
-CREATED = "created"
-SUCCEEDED = "succeeded"
-CANCELED = "canceled"
-#: Stripe refused the create definitively and no PaymentIntent exists for the key.
-FAILED = "failed"
+class AttemptStatus(StrEnum):
+    """Where a pay attempt (``payment_attempts.status``) stands; a Checkout attempt uses
+    CREATING, UNKNOWN and FAILED too (see :class:`CheckoutStatus`)."""
+
+    #: The Stripe call is in flight (phase 2); ``updated_at`` is when it was claimed.
+    CREATING = "creating"
+    #: The call's outcome is unknown (timeout, connection error, Stripe 5xx or 409, crash):
+    #: resolved with the same key or a look-up at Stripe before anything new is created.
+    UNKNOWN = "unknown"
+    #: Stripe returned the PaymentIntent; it is payable (any status but canceled/succeeded).
+    CREATED = "created"
+    SUCCEEDED = "succeeded"
+    CANCELED = "canceled"
+    #: Stripe refused the create definitively and no PaymentIntent exists for the key.
+    FAILED = "failed"
+
+
+CREATING = AttemptStatus.CREATING
+UNKNOWN = AttemptStatus.UNKNOWN
+CREATED = AttemptStatus.CREATED
+SUCCEEDED = AttemptStatus.SUCCEEDED
+CANCELED = AttemptStatus.CANCELED
+FAILED = AttemptStatus.FAILED
 
 #: Statuses that hold the order's one slot (see the partial unique index below).
 LIVE_ATTEMPT_STATUSES = (CREATING, UNKNOWN, CREATED, SUCCEEDED)
@@ -149,8 +162,15 @@ Index(
 
 # -- Idempotency-Key replay store ----------------------------------------------------------
 
-IN_FLIGHT = "in_flight"
-DONE = "done"
+class KeyStatus(StrEnum):
+    """A client Idempotency-Key (``idempotency_keys.status``)."""
+
+    IN_FLIGHT = "in_flight"  # the first request that used it is still being answered
+    DONE = "done"  # answered; the answer is replayed
+
+
+IN_FLIGHT = KeyStatus.IN_FLIGHT
+DONE = KeyStatus.DONE
 
 
 class IdempotencyRecord(Base):
@@ -180,12 +200,23 @@ class IdempotencyRecord(Base):
 
 # -- Checkout Sessions (checkout endpoint) -------------------------------------------------
 
-#: The session is open at Stripe: its URL is handed out.
-CHECKOUT_OPEN = "open"
-#: Stripe says the session is complete (the customer paid, or an async payment is pending).
-CHECKOUT_COMPLETE = "complete"
-#: Expired at Stripe (by us, to replace it, or by its ``expires_at``): frees the order.
-CHECKOUT_EXPIRED = "expired"
+class CheckoutStatus(StrEnum):
+    """Where a Checkout attempt (``checkout_attempts.status``) stands."""
+
+    CREATING = "creating"  # as AttemptStatus.CREATING
+    UNKNOWN = "unknown"  # as AttemptStatus.UNKNOWN
+    #: The session is open at Stripe: its URL is handed out.
+    OPEN = "open"
+    #: Stripe says the session is complete (the customer paid, or an async payment is pending).
+    COMPLETE = "complete"
+    #: Expired at Stripe (by us, to replace it, or by its ``expires_at``): frees the order.
+    EXPIRED = "expired"
+    FAILED = "failed"  # as AttemptStatus.FAILED
+
+
+CHECKOUT_OPEN = CheckoutStatus.OPEN
+CHECKOUT_COMPLETE = CheckoutStatus.COMPLETE
+CHECKOUT_EXPIRED = CheckoutStatus.EXPIRED
 
 #: A complete session's ``payment_status`` values that mean the order is paid (``unpaid``:
 #: an async payment method, e.g. a bank debit, is still pending).

@@ -41,7 +41,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from domain.ledger import charge_batch
 from domain.ledger.envelope import EnvelopeError, EventEnvelope, parse_envelope
 from domain.ledger.handlers import HANDLERS, PLAIN_CHARGE_HANDLER, PLAIN_CHARGE_TYPES, CheckoutLinking, Handler
-from domain.ledger.inbox import PENDING_SQL, EventStatus
+from domain.ledger.inbox import PENDING_SQL
+from models.ledger import EventStatus
 from domain.stripe.shapes import ShapeError, charge_snapshot
 from models import ApplierHeartbeat, EventFailure, StripeEvent, run_in_transaction, table_of, utcnow
 from models.db import insert_ignore, is_retryable, one_of

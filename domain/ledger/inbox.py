@@ -23,7 +23,6 @@ import contextlib
 import logging
 import threading
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Collection, Iterator
 
 from sqlalchemy import Engine, bindparam
@@ -36,6 +35,7 @@ from domain.errors import Rejected, Unavailable
 from domain.ledger.envelope import EventEnvelope, parse_envelope
 from domain.ledger.handlers import HANDLERS, CheckoutLinking
 from models import StripeEvent, table_of, utcnow
+from models.ledger import EventStatus
 from models.db import dialect_insert
 
 log = logging.getLogger(__name__)
@@ -69,15 +69,6 @@ def _pooled(engine: Engine) -> Iterator[PoolProxiedConnection]:
     finally:
         if connection.dbapi_connection is not None:
             connection.close()
-
-
-class EventStatus(StrEnum):
-    """Where a stored event stands (``stripe_events.status``)."""
-
-    RECEIVED = "received"  # stored, waiting for the applier
-    APPLIED = "applied"  # its effects are in the ledger (same transaction as this status)
-    FAILED = "failed"  # its last apply raised; retried after next_attempt_at
-    IGNORED = "ignored"  # a type we keep but never apply
 
 
 PENDING_SQL = "status IN ('received', 'failed')"  # the predicate of ix_stripe_events_inbox

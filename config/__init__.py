@@ -170,151 +170,28 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
         """Read and validate every setting from ``environ`` (default: ``os.environ``)."""
-        env = os.environ if environ is None else environ
-
-        def text(name: str) -> str | None:
-            value = env.get(name)
-            if value is None:
-                return None
-            value = value.strip()
-            return value or None
-
-        database_url = text("DATABASE_URL") or f"sqlite:///{DEFAULT_SQLITE_PATH.resolve()}"
-        database_url = _normalise_database_url(database_url)
-
-        api_key = text("STRIPE_API_KEY")
-        livemode = _parse_bool("STRIPE_LIVEMODE", text("STRIPE_LIVEMODE") or "false")
-        if api_key is not None:
-            match = _API_KEY.match(api_key)
-            if match is None:
-                raise SettingsError(
-                    "STRIPE_API_KEY must be a secret or restricted key (sk_test_..., sk_live_..., rk_...)"
-                )
-            if (match.group(2) == "live") != livemode:
-                raise SettingsError(
-                    f"STRIPE_API_KEY is a {match.group(2)} key but STRIPE_LIVEMODE is {str(livemode).lower()}"
-                )
-
-        api_base = text("STRIPE_API_BASE")
-        if api_base is not None and not re.match(r"^https?://[^\s/]+(:\d+)?/?$", api_base):
-            raise SettingsError("STRIPE_API_BASE must be a URL such as http://127.0.0.1:8420")
-
-        secrets: tuple[str, ...] = ()
-        raw_secrets = text("STRIPE_WEBHOOK_SECRET")
-        if raw_secrets is not None:
-            secrets = tuple(s.strip() for s in raw_secrets.split(",") if s.strip())
-            for secret in secrets:
-                if not _WEBHOOK_SECRET.match(secret):
-                    raise SettingsError(
-                        "STRIPE_WEBHOOK_SECRET must be one or more comma-separated whsec_... secrets"
-                    )
-
+        env = _Env(os.environ if environ is None else environ)
+        database_url = env.text("DATABASE_URL") or f"sqlite:///{DEFAULT_SQLITE_PATH.resolve()}"
         settings = cls(
-            database_url=database_url,
-            stripe_api_key=api_key,
-            stripe_api_base=api_base.rstrip("/") if api_base else None,
-            stripe_webhook_secrets=secrets,
-            stripe_webhook_tolerance=_parse_int(
-                "STRIPE_WEBHOOK_TOLERANCE", text("STRIPE_WEBHOOK_TOLERANCE"), 300, minimum=1
-            ),
-            stripe_livemode=livemode,
-            stripe_max_network_retries=_parse_int(
-                "STRIPE_MAX_NETWORK_RETRIES", text("STRIPE_MAX_NETWORK_RETRIES"), 2, minimum=0
-            ),
-            webhook_max_bytes=_parse_int(
-                "WEBHOOK_MAX_BYTES", text("WEBHOOK_MAX_BYTES"), 1024 * 1024, minimum=1024
-            ),
-            secret_key=text("SECRET_KEY"),
-            api_token=text("API_TOKEN"),
-            log_level=(text("LOG_LEVEL") or "INFO").upper(),
-            log_format=_parse_choice("LOG_FORMAT", text("LOG_FORMAT") or "auto", ("auto", "json", "text")),
-            idempotency_key_ttl_hours=_parse_int(
-                "IDEMPOTENCY_KEY_TTL_HOURS", text("IDEMPOTENCY_KEY_TTL_HOURS"), 24, minimum=1
-            ),
-            pay_wait_seconds=_parse_float(
-                "PAY_WAIT_SECONDS", text("PAY_WAIT_SECONDS"), 2.0, minimum=0.0
-            ),
-            checkout_success_url=_parse_http_url("CHECKOUT_SUCCESS_URL", text("CHECKOUT_SUCCESS_URL")),
-            checkout_cancel_url=_parse_http_url("CHECKOUT_CANCEL_URL", text("CHECKOUT_CANCEL_URL")),
-            checkout_expires_minutes=min(1440, _parse_int(
-                "CHECKOUT_EXPIRES_MINUTES", text("CHECKOUT_EXPIRES_MINUTES"), 1440, minimum=30
-            )),
-            reconcile_cron=_parse_cron(text("RECONCILE_CRON") or "0 2 * * *"),
-            backfill_days=_parse_int("BACKFILL_DAYS", text("BACKFILL_DAYS"), 7, minimum=1),
-            refund_mode=_parse_choice(
-                "REFUND_MODE", text("REFUND_MODE") or "review", ("review", "auto", "dry-run")
-            ),
-            duplicate_window_hours=_parse_int(
-                "DUPLICATE_WINDOW_HOURS", text("DUPLICATE_WINDOW_HOURS"), 24, minimum=1
-            ),
-            unlinked_window_minutes=_parse_int(
-                "UNLINKED_WINDOW_MINUTES", text("UNLINKED_WINDOW_MINUTES"), 10, minimum=1
-            ),
-            auto_refund_unknown_total=_parse_bool(
-                "AUTO_REFUND_UNKNOWN_TOTAL", text("AUTO_REFUND_UNKNOWN_TOTAL") or "false"
-            ),
-            stripe_rate_limit=_parse_float(
-                "STRIPE_RATE_LIMIT", text("STRIPE_RATE_LIMIT"), 20.0, minimum=0.1
-            ),
-            alert_slack_webhook_url=_parse_http_url(
-                "ALERT_SLACK_WEBHOOK_URL", text("ALERT_SLACK_WEBHOOK_URL")
-            ),
-            smtp_host=text("SMTP_HOST"),
-            smtp_port=_parse_int("SMTP_PORT", text("SMTP_PORT"), 587, minimum=1),
-            smtp_user=text("SMTP_USER"),
-            smtp_password=text("SMTP_PASSWORD"),
-            alert_email_from=text("ALERT_EMAIL_FROM"),
-            alert_email_to=tuple(
-                a.strip() for a in (text("ALERT_EMAIL_TO") or "").split(",") if a.strip()
-            ),
-            review_users=_parse_review_users(text("REVIEW_USERS")),
-            applier_batch_size=_parse_int("APPLIER_BATCH_SIZE", text("APPLIER_BATCH_SIZE"), 500, minimum=1),
-            applier_linger_ms=_parse_int("APPLIER_LINGER_MS", text("APPLIER_LINGER_MS"), 250, minimum=0, maximum=5000),
-            event_alert_attempts=_parse_int("EVENT_ALERT_ATTEMPTS", text("EVENT_ALERT_ATTEMPTS"), 5, minimum=1),
-            inbox_drain_seconds=_parse_int("INBOX_DRAIN_SECONDS", text("INBOX_DRAIN_SECONDS"), 60, minimum=0),
-            applier_processes=_parse_int("APPLIER_PROCESSES", text("APPLIER_PROCESSES"), 1, minimum=0),
-            applier_nice=_parse_int("APPLIER_NICE", text("APPLIER_NICE"), 10, minimum=0, maximum=19),
-            access_log=_parse_bool("WEB_ACCESS_LOG", text("WEB_ACCESS_LOG") or "false"),
-            signature_alert_threshold=_parse_int(
-                "SIGNATURE_ALERT_THRESHOLD", text("SIGNATURE_ALERT_THRESHOLD"), 20, minimum=1
-            ),
-            signature_alert_window_seconds=_parse_int(
-                "SIGNATURE_ALERT_WINDOW_SECONDS", text("SIGNATURE_ALERT_WINDOW_SECONDS"), 300, minimum=10
-            ),
-            # web security (review sessions, login throttling, cookies, proxies)
-            session_idle_minutes=_parse_int("SESSION_IDLE_MINUTES", text("SESSION_IDLE_MINUTES"), 30, minimum=1),
-            session_max_hours=_parse_int("SESSION_MAX_HOURS", text("SESSION_MAX_HOURS"), 12, minimum=1),
-            login_max_failures=_parse_int("LOGIN_MAX_FAILURES", text("LOGIN_MAX_FAILURES"), 5, minimum=1),
-            login_address_max_failures=_parse_int(
-                "LOGIN_ADDRESS_MAX_FAILURES", text("LOGIN_ADDRESS_MAX_FAILURES"), 20, minimum=1
-            ),
-            login_lock_seconds=_parse_int("LOGIN_LOCK_SECONDS", text("LOGIN_LOCK_SECONDS"), 60, minimum=1),
-            login_alert_threshold=_parse_int("LOGIN_ALERT_THRESHOLD", text("LOGIN_ALERT_THRESHOLD"), 20, minimum=1),
-            dev_allow_http_loopback=_parse_bool(
-                "DEV_ALLOW_HTTP_LOOPBACK", text("DEV_ALLOW_HTTP_LOOPBACK") or "false"
-            ),
-            trusted_proxies=_parse_int("TRUSTED_PROXIES", text("TRUSTED_PROXIES"), 0, minimum=0),
-            # Checkout Sessions and Payment Links
-            checkout_order_metadata_key=_parse_metadata_key(
-                "CHECKOUT_ORDER_METADATA_KEY", text("CHECKOUT_ORDER_METADATA_KEY") or "order_id"
-            ),
-            payment_link_orders=_parse_payment_link_orders(text("PAYMENT_LINK_ORDERS")),
+            database_url=_normalise_database_url(database_url),
+            secret_key=env.text("SECRET_KEY"),
+            api_token=env.text("API_TOKEN"),
+            log_level=(env.text("LOG_LEVEL") or "INFO").upper(),
+            log_format=_parse_choice("LOG_FORMAT", env.text("LOG_FORMAT") or "auto", ("auto", "json", "text")),
+            review_users=_parse_review_users(env.text("REVIEW_USERS")),
+            **_stripe_fields(env),
+            **_payment_fields(env),
+            **_reconcile_fields(env),
+            **_ingest_fields(env),
+            **_alert_fields(env),
+            **_web_fields(env),
         )
         if settings.smtp_host and not (settings.alert_email_from and settings.alert_email_to):
             raise SettingsError("SMTP_HOST needs ALERT_EMAIL_FROM and ALERT_EMAIL_TO")
         if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError("LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR")
-        settings = replace(settings, **_security.from_env(text, settings))  # API tokens, SMTP TLS
-        if livemode:
-            # A live deployment without these would accept forged webhooks or expose the API.
-            for name, value in (
-                ("STRIPE_API_KEY", settings.stripe_api_key),
-                ("STRIPE_WEBHOOK_SECRET", settings.stripe_webhook_secrets),
-                ("SECRET_KEY", settings.secret_key),
-                ("API_TOKEN or API_TOKENS", settings.api_token or settings.api_tokens),
-            ):
-                if not value:
-                    raise SettingsError(f"{name} is required when STRIPE_LIVEMODE is true")
+        settings = replace(settings, **_security.from_env(env.text, settings))  # API tokens, SMTP TLS
+        _check_live(settings)
         if settings.api_token is not None and len(settings.api_token) < 16:
             raise SettingsError("API_TOKEN must be at least 16 characters")
         return settings
@@ -405,6 +282,142 @@ def _normalise_database_url(url: str) -> str:
     if url.startswith("postgresql+psycopg://") or url.startswith("sqlite"):
         return url
     raise SettingsError("DATABASE_URL must be a postgresql:// or sqlite:/// URL")
+
+
+
+class _Env:
+    """The environment as settings read it: values stripped, empty meaning unset."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def text(self, name: str) -> str | None:
+        value = self._environ.get(name)
+        if value is None:
+            return None
+        value = value.strip()
+        return value or None
+
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        return _parse_int(name, self.text(name), default, minimum=minimum, maximum=maximum)
+
+    def number(self, name: str, default: float, *, minimum: float) -> float:
+        return _parse_float(name, self.text(name), default, minimum=minimum)
+
+    def flag(self, name: str) -> bool:
+        """A boolean that is false unless set."""
+        return _parse_bool(name, self.text(name) or "false")
+
+
+def _stripe_fields(env: _Env) -> dict[str, Any]:
+    """The Stripe account: API key (matching STRIPE_LIVEMODE), API base, webhook secrets."""
+    api_key = env.text("STRIPE_API_KEY")
+    livemode = env.flag("STRIPE_LIVEMODE")
+    if api_key is not None:
+        match = _API_KEY.match(api_key)
+        if match is None:
+            raise SettingsError("STRIPE_API_KEY must be a secret or restricted key (sk_test_..., sk_live_..., rk_...)")
+        if (match.group(2) == "live") != livemode:
+            raise SettingsError(f"STRIPE_API_KEY is a {match.group(2)} key but STRIPE_LIVEMODE is {str(livemode).lower()}")
+    api_base = env.text("STRIPE_API_BASE")
+    if api_base is not None and not re.match(r"^https?://[^\s/]+(:\d+)?/?$", api_base):
+        raise SettingsError("STRIPE_API_BASE must be a URL such as http://127.0.0.1:8420")
+    secrets = tuple(s.strip() for s in (env.text("STRIPE_WEBHOOK_SECRET") or "").split(",") if s.strip())
+    if any(not _WEBHOOK_SECRET.match(secret) for secret in secrets):
+        raise SettingsError("STRIPE_WEBHOOK_SECRET must be one or more comma-separated whsec_... secrets")
+    return {
+        "stripe_api_key": api_key,
+        "stripe_api_base": api_base.rstrip("/") if api_base else None,
+        "stripe_webhook_secrets": secrets,
+        "stripe_webhook_tolerance": env.integer("STRIPE_WEBHOOK_TOLERANCE", 300, minimum=1),
+        "stripe_livemode": livemode,
+        "stripe_max_network_retries": env.integer("STRIPE_MAX_NETWORK_RETRIES", 2, minimum=0),
+        "stripe_rate_limit": env.number("STRIPE_RATE_LIMIT", 20.0, minimum=0.1),
+    }
+
+
+def _payment_fields(env: _Env) -> dict[str, Any]:
+    """The pay and checkout endpoints, Checkout Sessions and Payment Links."""
+    return {
+        "idempotency_key_ttl_hours": env.integer("IDEMPOTENCY_KEY_TTL_HOURS", 24, minimum=1),
+        "pay_wait_seconds": env.number("PAY_WAIT_SECONDS", 2.0, minimum=0.0),
+        "checkout_success_url": _parse_http_url("CHECKOUT_SUCCESS_URL", env.text("CHECKOUT_SUCCESS_URL")),
+        "checkout_cancel_url": _parse_http_url("CHECKOUT_CANCEL_URL", env.text("CHECKOUT_CANCEL_URL")),
+        "checkout_expires_minutes": min(1440, env.integer("CHECKOUT_EXPIRES_MINUTES", 1440, minimum=30)),
+        "checkout_order_metadata_key": _parse_metadata_key(
+            "CHECKOUT_ORDER_METADATA_KEY", env.text("CHECKOUT_ORDER_METADATA_KEY") or "order_id"
+        ),
+        "payment_link_orders": _parse_payment_link_orders(env.text("PAYMENT_LINK_ORDERS")),
+    }
+
+
+def _reconcile_fields(env: _Env) -> dict[str, Any]:
+    """The reconciliation pass: schedule, backfill, the rule's windows, refund mode."""
+    return {
+        "reconcile_cron": _parse_cron(env.text("RECONCILE_CRON") or "0 2 * * *"),
+        "backfill_days": env.integer("BACKFILL_DAYS", 7, minimum=1),
+        "refund_mode": _parse_choice("REFUND_MODE", env.text("REFUND_MODE") or "review", ("review", "auto", "dry-run")),
+        "duplicate_window_hours": env.integer("DUPLICATE_WINDOW_HOURS", 24, minimum=1),
+        "unlinked_window_minutes": env.integer("UNLINKED_WINDOW_MINUTES", 10, minimum=1),
+        "auto_refund_unknown_total": env.flag("AUTO_REFUND_UNKNOWN_TOTAL"),
+        "inbox_drain_seconds": env.integer("INBOX_DRAIN_SECONDS", 60, minimum=0),
+    }
+
+
+def _ingest_fields(env: _Env) -> dict[str, Any]:
+    """The webhook endpoint and the appliers."""
+    return {
+        "webhook_max_bytes": env.integer("WEBHOOK_MAX_BYTES", 1024 * 1024, minimum=1024),
+        "applier_batch_size": env.integer("APPLIER_BATCH_SIZE", 500, minimum=1),
+        "applier_linger_ms": env.integer("APPLIER_LINGER_MS", 250, minimum=0, maximum=5000),
+        "event_alert_attempts": env.integer("EVENT_ALERT_ATTEMPTS", 5, minimum=1),
+        "applier_processes": env.integer("APPLIER_PROCESSES", 1, minimum=0),
+        "applier_nice": env.integer("APPLIER_NICE", 10, minimum=0, maximum=19),
+        "signature_alert_threshold": env.integer("SIGNATURE_ALERT_THRESHOLD", 20, minimum=1),
+        "signature_alert_window_seconds": env.integer("SIGNATURE_ALERT_WINDOW_SECONDS", 300, minimum=10),
+    }
+
+
+def _alert_fields(env: _Env) -> dict[str, Any]:
+    """Where alerts go: Slack and SMTP."""
+    return {
+        "alert_slack_webhook_url": _parse_http_url("ALERT_SLACK_WEBHOOK_URL", env.text("ALERT_SLACK_WEBHOOK_URL")),
+        "smtp_host": env.text("SMTP_HOST"),
+        "smtp_port": env.integer("SMTP_PORT", 587, minimum=1),
+        "smtp_user": env.text("SMTP_USER"),
+        "smtp_password": env.text("SMTP_PASSWORD"),
+        "alert_email_from": env.text("ALERT_EMAIL_FROM"),
+        "alert_email_to": tuple(a.strip() for a in (env.text("ALERT_EMAIL_TO") or "").split(",") if a.strip()),
+    }
+
+
+def _web_fields(env: _Env) -> dict[str, Any]:
+    """Web security (review sessions, login throttling, cookies, proxies) and the access log."""
+    return {
+        "access_log": env.flag("WEB_ACCESS_LOG"),
+        "session_idle_minutes": env.integer("SESSION_IDLE_MINUTES", 30, minimum=1),
+        "session_max_hours": env.integer("SESSION_MAX_HOURS", 12, minimum=1),
+        "login_max_failures": env.integer("LOGIN_MAX_FAILURES", 5, minimum=1),
+        "login_address_max_failures": env.integer("LOGIN_ADDRESS_MAX_FAILURES", 20, minimum=1),
+        "login_lock_seconds": env.integer("LOGIN_LOCK_SECONDS", 60, minimum=1),
+        "login_alert_threshold": env.integer("LOGIN_ALERT_THRESHOLD", 20, minimum=1),
+        "dev_allow_http_loopback": env.flag("DEV_ALLOW_HTTP_LOOPBACK"),
+        "trusted_proxies": env.integer("TRUSTED_PROXIES", 0, minimum=0),
+    }
+
+
+def _check_live(settings: Settings) -> None:
+    """A live deployment without these would accept forged webhooks or expose the API."""
+    if not settings.stripe_livemode:
+        return
+    for name, value in (
+        ("STRIPE_API_KEY", settings.stripe_api_key),
+        ("STRIPE_WEBHOOK_SECRET", settings.stripe_webhook_secrets),
+        ("SECRET_KEY", settings.secret_key),
+        ("API_TOKEN or API_TOKENS", settings.api_token or settings.api_tokens),
+    ):
+        if not value:
+            raise SettingsError(f"{name} is required when STRIPE_LIVEMODE is true")
 
 
 def _parse_bool(name: str, raw: str) -> bool:

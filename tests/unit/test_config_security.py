@@ -59,7 +59,7 @@ def test_weak_or_malformed_review_user_hashes_are_refused_at_start(password_hash
 
 
 def test_the_service_refuses_to_start_naming_the_variable(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import cli
+    import cli.serve as cli  # the module whose serve command calls _ensure_schema
     from cli import main
 
     def would_start(*args: object, **kwargs: object) -> None:

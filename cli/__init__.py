@@ -704,7 +704,8 @@ def review_approve(case_id: int, actor: str, note: str | None) -> None:
     settings = _settings()
     with _database(settings) as db:
         try:
-            result = approve(RefundService.from_settings(settings, db.session_factory, db.gateway), case_id, actor=actor, note=note)
+            # A command may wait: the patient policy, as for a pass's refunds.
+            result = approve(RefundService(db.session_factory, db.gateway.patient()), case_id, actor=actor, note=note)
         except CaseActionError as exc:
             raise click.ClickException(f"{exc.code}: {exc.message}") from None
     from models.money import format_money

@@ -14,9 +14,11 @@ without refunding twice:
    already carrying this attempt's key in its metadata (the call went through before a
    crash) is adopted: no call. If the charge no longer holds the amount (refunded
    elsewhere, disputed), nothing is sent and the case goes back to ``open``.
-3. **Call** Stripe with the attempt's key, ``reason=duplicate`` and stable metadata, under
-   the client-side rate limit; 429 and 5xx are retried with backoff, then left for the
-   next run (the attempt stays ``recorded``, the same key is used again).
+3. **Call** Stripe with the attempt's key, ``reason=duplicate`` and stable metadata,
+   through the gateway, which paces and retries every call under one policy (a job's
+   refunds go through :meth:`StripeGateway.patient`: 429 and 5xx retried with backoff,
+   the same key on every try); what still fails is left for the next run (the attempt
+   stays ``recorded``, the same key is used again).
 4. **Record the result**: the refund upserted by its id through the ledger, which ties it
    to the attempt. A refund event that arrived first was tied already; the money is
    counted from the refund row only, so nothing is counted twice.
@@ -24,13 +26,11 @@ without refunding twice:
 
 from __future__ import annotations
 
-import functools
 import logging
-import random
 import time
 from datetime import timezone
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,8 +40,6 @@ from domain.cases import lifecycle
 from domain import ledger
 from domain.ledger.balance import OrderBalance, load_balance
 from domain.cases.lifecycle import TRANSITIONS, CaseAction
-from config import Settings
-from domain.stripe.ratelimit import RateLimiter
 from domain.stripe.shapes import charge_snapshot, payment_intent_snapshot, refund_snapshot
 from models import (
     AttemptAction,
@@ -57,7 +55,6 @@ from models import (
 from models.money import format_amounts, format_money
 
 log = logging.getLogger(__name__)
-_R = TypeVar("_R")  # what a Stripe call returns (see RefundService._stripe)
 
 
 class RefundRefused(Exception):
@@ -98,42 +95,23 @@ class CaseRefundResult:
 
 class RefundService:
     """Runs the phased refund path. Dependencies are injected; nothing here reads settings
-    or the environment."""
+    or the environment. Every Stripe call goes straight to ``gateway``, whose policy paces
+    and retries it: the app passes its own gateway (a web request does not wait out a
+    429), a job passes ``gateway.patient()``."""
 
     def __init__(
         self,
         session_factory: sessionmaker[Session],
         gateway: StripeGateway,
         *,
-        limiter: RateLimiter,
         clock: Callable[[], float] = time.time,
-        sleep: Callable[[float], None] = time.sleep,
-        max_tries: int = 3,
         after_call: Callable[[RefundAttempt, dict[str, Any]], None] | None = None,
     ) -> None:
         self._session_factory = session_factory
         self._gateway = gateway
-        self._limiter = limiter
         self._clock = clock
-        self._sleep = sleep
-        self._max_tries = max_tries
         # Test hook: runs between the Stripe call and phase 4 (to simulate a crash there).
         self._after_call = after_call
-
-    @classmethod
-    def from_settings(
-        cls,
-        settings: Settings,
-        session_factory: sessionmaker[Session],
-        gateway: StripeGateway,
-        *,
-        limiter: RateLimiter | None = None,
-        **options: Any,
-    ) -> "RefundService":
-        """The one construction from the settings (web app, CLI, reconcile pass): Stripe
-        calls paced by ``STRIPE_RATE_LIMIT`` unless a shared ``limiter`` is given;
-        ``options`` as for the constructor (``max_tries``, ``clock``, ``sleep``)."""
-        return cls(session_factory, gateway, limiter=limiter or RateLimiter(settings.stripe_rate_limit), **options)
 
     # -- phase 1 ---------------------------------------------------------------------------
 
@@ -297,9 +275,7 @@ class RefundService:
         order_charges = _order_charges(self._session_factory, attempt)
         try:
             charge_objs = self._read_charges(order_charges)
-            refunds = self._stripe(
-                lambda: list(self._gateway.list_refunds(charge_id=attempt.charge_id, account=account))
-            )
+            refunds = list(self._gateway.list_refunds(charge_id=attempt.charge_id, account=account))
         except GatewayError as exc:
             return self._defer(attempt, f"re-read failed: {exc}")
 
@@ -366,9 +342,7 @@ class RefundService:
         try:
             charge_objs = self._read_charges(order_charges)
             intent_id = _id_of(charge_objs[attempt.charge_id].get("payment_intent"))
-            intent_obj = (
-                self._stripe(lambda: self._gateway.retrieve_payment_intent(intent_id, account=account)) if intent_id else None
-            )
+            intent_obj = self._gateway.retrieve_payment_intent(intent_id, account=account) if intent_id else None
         except GatewayError as exc:
             return self._defer(attempt, f"re-read failed: {exc}")
 
@@ -400,13 +374,11 @@ class RefundService:
         try:
             if cancel:
                 assert intent_id is not None  # intent_obj was read by this id
-                result = self._stripe(
-                    lambda: self._gateway.cancel_payment_intent(
-                        intent_id,
-                        idempotency_key=attempt.idempotency_key,
-                        cancellation_reason="duplicate",
-                        account=account,
-                    )
+                result = self._gateway.cancel_payment_intent(
+                    intent_id,
+                    idempotency_key=attempt.idempotency_key,
+                    cancellation_reason="duplicate",
+                    account=account,
                 )
             else:
                 result = self._send_refund(attempt, account)
@@ -489,36 +461,19 @@ class RefundService:
     def _read_charges(self, order_charges: dict[str, str | None]) -> dict[str, dict[str, Any]]:
         """Every charge of the order as Stripe shows it now, each on its own account."""
         return {
-            charge_id: self._stripe(functools.partial(self._gateway.retrieve_charge, charge_id, account=acct))
-            for charge_id, acct in order_charges.items()
+            charge_id: self._gateway.retrieve_charge(charge_id, account=acct) for charge_id, acct in order_charges.items()
         }
 
     def _send_refund(self, attempt: RefundAttempt, account: str | None) -> dict[str, Any]:
         """The refund call itself: the attempt's key, ``reason=duplicate``, our metadata."""
-        return self._stripe(
-            lambda: self._gateway.create_refund(
-                charge_id=attempt.charge_id,
-                amount=attempt.amount,
-                idempotency_key=attempt.idempotency_key,
-                metadata=_metadata(attempt),
-                reason="duplicate",
-                account=account,
-            )
+        return self._gateway.create_refund(
+            charge_id=attempt.charge_id,
+            amount=attempt.amount,
+            idempotency_key=attempt.idempotency_key,
+            metadata=_metadata(attempt),
+            reason="duplicate",
+            account=account,
         )
-
-    def _stripe(self, call: Callable[[], _R]) -> _R:
-        """One Stripe call under the rate limit; 429 and 5xx retried with backoff."""
-        for attempt in range(1, self._max_tries + 1):
-            self._limiter.acquire()
-            try:
-                return call()
-            except GatewayError as exc:
-                if not exc.retryable or attempt == self._max_tries:
-                    raise
-                delay = min(8.0, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
-                log.warning("Stripe call failed (%s); retry %d in %.1fs", type(exc).__name__, attempt, delay)
-                self._sleep(delay)
-        raise AssertionError("unreachable")
 
     def _defer(self, attempt: RefundAttempt, message: str) -> RefundOutcome:
         _update_attempt(self._session_factory, attempt.id, error=message)

@@ -453,7 +453,7 @@ class MoneyMachine(RuleBasedStateMachine):
             stripe_api_base=API,
             stripe_webhook_secrets=(WEBHOOK_SECRET,),
             stripe_max_network_retries=0,
-            stripe_rate_limit=1_000_000.0,  # with a no-op sleep the limiter would spin
+            stripe_rate_limit=1_000_000.0,  # the gateway's limiter never makes thousands of passes wait
             secret_key="property-secret",
             api_token="property-api-token-0123456789",
             refund_mode="review",

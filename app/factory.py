@@ -38,7 +38,9 @@ def create_app(
     settings = settings or Settings.from_env()
     if session_factory is None:
         session_factory = make_session_factory(make_engine(settings.database_url))
-    gateway = StripeGateway(stripe) if stripe is not None else StripeGateway.from_settings(settings)
+    # A given client is used instead of the one the settings describe; the settings still
+    # decide the call policy (tries per call, the rate limit shared by every caller).
+    gateway = StripeGateway.from_settings(settings, client=stripe)
 
     engine = engine_of(session_factory)
     alerter = Alerter(settings, session_factory)
@@ -62,10 +64,11 @@ def create_app(
         # Not run by the web app: `reconciler serve` runs appliers in processes of their
         # own (jobs/applier.py); this one is for draining on demand (tests, operators).
         applier=make_applier(settings, session_factory, alerter=alerter),
-        # Finance approvals take the same phased refund path as the job.
-        # One try per call inside a web request (no backoff sleeps holding a worker): an
-        # attempt Stripe did not answer stays recorded and the next pass resumes its key.
-        refunds=RefundService.from_settings(settings, session_factory, gateway, max_tries=1),
+        # Finance approvals take the same phased refund path as the job, through the app's
+        # gateway: inside a web request a 429 is not waited out (no long backoff holding a
+        # worker); an attempt Stripe did not answer stays recorded and the next pass
+        # resumes its key.
+        refunds=RefundService(session_factory, gateway),
         signature_watch=SignatureFailureWatch(
             alerter.send,
             threshold=settings.signature_alert_threshold,

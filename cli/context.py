@@ -170,7 +170,8 @@ class CliContext:
         if self._refund_service is None:
             from domain.cases.refunds import RefundService
 
-            self._refund_service = RefundService.from_settings(self.settings, self.session_factory, self.gateway)
+            # A command may wait: the gateway's patient policy, as for a pass's refunds.
+            self._refund_service = RefundService(self.session_factory, self.gateway.patient())
         return self._refund_service
 
     def __enter__(self) -> CliContext:

@@ -30,18 +30,16 @@ watermark minus an overlap (:func:`backfill_start`).
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from domain.stripe.gateway import GatewayError, StripeGateway, StripeNotFound
-from domain.stripe.ratelimit import RateLimiter
+from domain.stripe.gateway import GatewayError, Listing, StripeGateway, StripeNotFound
 from domain import ledger
 from domain.ledger.applier import Applier
 from domain.ledger.envelope import EnvelopeError
@@ -111,7 +109,6 @@ def backfill(
     *,
     since: int,
     applier: Applier | None = None,
-    limiter: RateLimiter,
     clock: Callable[[], float] = time.time,
     progress: Progress | None = None,
     watermarks: Mapping[str, int] | None = None,
@@ -119,7 +116,8 @@ def backfill(
     """Apply everything Stripe created since ``since``, moving ``watermarks`` (the previous
     pass's, by listing) for each listing that completes. Raises :class:`BackfillStopped`
     when Stripe cannot be read (the caller records its watermarks and goes on to
-    detection)."""
+    detection). The gateway paces and retries every request, each page of a listing
+    included; ``clock`` stamps what is read."""
     summary = BackfillSummary(watermarks={k: v for k, v in (watermarks or {}).items() if k in LISTINGS})
     summary.watermark = oldest_watermark(summary.watermarks)
     # The newest Stripe ``created`` known to exist before the next listing starts.
@@ -141,14 +139,15 @@ def backfill(
 
     def apply_listing(
         kind: str,
-        listing: Iterable[dict[str, Any]],
+        listing: Listing,
         apply_one: Callable[..., Any],
         read: Callable[[Any], Any] | None = None,
     ) -> None:
         """Apply a listing page by page, one transaction a page, counting as it goes (a
         listing that stops half way still reports what it applied); an object whose shape
-        we cannot read is logged and skipped, never a reason to stop the backfill."""
-        for as_of, page in _pages(listing, limiter, clock):
+        we cannot read is logged and skipped, never a reason to stop the backfill. Each
+        page counts as of the second taken just before the request that read it."""
+        for as_of, page in listing.pages(clock):
             readable: list[Any] = []
             for obj in page:
                 try:
@@ -169,7 +168,7 @@ def backfill(
                 progress(f"{kind}s", len(page))
 
     def replay_events() -> None:
-        for _, page in _pages(gateway.list_undelivered_events(created_gte=since, page_size=PAGE), limiter, clock):
+        for _, page in gateway.list_undelivered_events(created_gte=since, page_size=PAGE).pages(clock):
             for event in page:
                 try:
                     accepted = inbox.store(json.dumps(event).encode("utf-8"))
@@ -189,8 +188,8 @@ def backfill(
     try:
         apply_listing("charge", gateway.list_charges(created_gte=since, page_size=PAGE), ledger.apply_charge)
         completed("charges")
-        summary.payment_intents = _link_through_payment_intents(session_factory, gateway, limiter, clock)
-        summary.refunds_rechecked = _recheck_unsettled_refunds(session_factory, gateway, limiter, clock)
+        summary.payment_intents = _link_through_payment_intents(session_factory, gateway, clock)
+        summary.refunds_rechecked = _recheck_unsettled_refunds(session_factory, gateway, clock)
         apply_listing("refund", gateway.list_refunds(created_gte=since, page_size=PAGE), ledger.apply_refund)
         completed("refunds")
         try:
@@ -222,29 +221,8 @@ def backfill(
 _SNAPSHOTS = {"charge": charge_snapshot, "refund": refund_snapshot, "dispute": dispute_snapshot}
 
 
-def _pages(
-    items: Iterable[dict[str, Any]], limiter: RateLimiter, clock: Callable[[], float]
-) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """Group a paginated listing back into pages of ``PAGE``, one rate-limit token per page,
-    each with the second taken just before the request that reads it (the listing asks
-    Stripe for the next page only when the first item of our next page is pulled)."""
-    iterator = iter(items)
-    while True:
-        limiter.acquire()
-        as_of = int(clock())
-        page = list(itertools.islice(iterator, PAGE))
-        if not page:
-            return
-        yield as_of, page
-        if len(page) < PAGE:
-            return
-
-
 def _recheck_unsettled_refunds(
-    session_factory: sessionmaker[Session],
-    gateway: StripeGateway,
-    limiter: RateLimiter,
-    clock: Callable[[], float],
+    session_factory: sessionmaker[Session], gateway: StripeGateway, clock: Callable[[], float]
 ) -> int:
     """Read again every refund the ledger holds as ``pending`` or ``requires_action``.
 
@@ -258,7 +236,6 @@ def _recheck_unsettled_refunds(
         ).all()
     rechecked = 0
     for refund_id, account in unsettled:
-        limiter.acquire()
         as_of = int(clock())  # before the read: an event of the same second still applies
         try:
             snapshot = refund_snapshot(gateway.retrieve_refund(refund_id, account=account))
@@ -278,10 +255,7 @@ def _recheck_unsettled_refunds(
 
 
 def _link_through_payment_intents(
-    session_factory: sessionmaker[Session],
-    gateway: StripeGateway,
-    limiter: RateLimiter,
-    clock: Callable[[], float],
+    session_factory: sessionmaker[Session], gateway: StripeGateway, clock: Callable[[], float]
 ) -> int:
     """Read the PaymentIntents of charges that name no order and whose PaymentIntent we do
     not know: their metadata may name the order (late linking does the rest). A charge on a
@@ -301,7 +275,6 @@ def _link_through_payment_intents(
         )
     applied = 0
     for payment_intent_id, account in unknown:
-        limiter.acquire()
         as_of = int(clock())  # before the read: an event of the same second may be newer
         try:
             obj = gateway.retrieve_payment_intent(payment_intent_id, account=account)

@@ -32,7 +32,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain.stripe.gateway import GatewayError, StripeGateway
-from domain.stripe.ratelimit import RateLimiter
 from domain.cases.refunds import RefundRefused, RefundService, pending_refund_cases
 from config import Settings
 from domain.ledger.applier import Applier
@@ -156,9 +155,10 @@ def run_reconciliation(
     mode = mode or settings.refund_mode
     if mode not in ("review", "auto", "dry-run"):
         raise ValueError(f"mode must be review, auto or dry-run, not {mode!r}")
-    limiter = RateLimiter(settings.stripe_rate_limit, sleep=sleep)
     alerter = alerter or Alerter(settings, session_factory)
-    refunds = refund_service or RefundService.from_settings(settings, session_factory, gateway, limiter=limiter, clock=clock, sleep=sleep)
+    # The refunds of a pass may wait: the gateway's patient policy (429s waited out with
+    # ``sleep``), paced by the same limiter as the backfill's reads.
+    refunds = refund_service or RefundService(session_factory, gateway.patient(sleep=sleep), clock=clock)
     inbox = Inbox(settings, engine_of(session_factory))
     applier = make_applier(settings, session_factory, alerter=alerter)
 
@@ -176,7 +176,7 @@ def run_reconciliation(
         if on_start:
             on_start(run_id)
         checkpoint = _checkpoint(should_stop, progress)
-        parts = _PassParts(settings, session_factory, gateway, inbox, applier, refunds, alerter, limiter, clock, checkpoint)
+        parts = _PassParts(settings, session_factory, gateway, inbox, applier, refunds, alerter, clock, checkpoint)
         try:
             checkpoint(None, 0, None)
             _pass(summary, previous, parts, since)
@@ -250,7 +250,6 @@ class _PassParts:
     applier: Applier
     refunds: RefundService
     alerter: Alerter
-    limiter: RateLimiter
     clock: Callable[[], float]
     checkpoint: Checkpoint
 
@@ -300,7 +299,7 @@ def _backfill_phase(summary: RunSummary, previous: ReconciliationRun | None, par
         return
     try:
         result: BackfillSummary = backfill(
-            parts.session_factory, gateway, parts.inbox, since=backfill_from, applier=parts.applier, limiter=parts.limiter,
+            parts.session_factory, gateway, parts.inbox, since=backfill_from, applier=parts.applier,
             clock=parts.clock, progress=lambda kind, count: parts.checkpoint(f"backfill {kind}", count, None),
             watermarks=watermarks,
         )

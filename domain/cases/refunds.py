@@ -14,9 +14,11 @@ without refunding twice:
    already carrying this attempt's key in its metadata (the call went through before a
    crash) is adopted: no call. If the charge no longer holds the amount (refunded
    elsewhere, disputed), nothing is sent and the case goes back to ``open``.
-3. **Call** Stripe with the attempt's key, ``reason=duplicate`` and stable metadata, under
-   the client-side rate limit; 429 and 5xx are retried with backoff, then left for the
-   next run (the attempt stays ``recorded``, the same key is used again).
+3. **Call** Stripe with the attempt's key, ``reason=duplicate`` and stable metadata,
+   through the gateway, which paces and retries every call under one policy (a job's
+   refunds go through :meth:`StripeGateway.patient`: 429 and 5xx retried with backoff,
+   the same key on every try); what still fails is left for the next run (the attempt
+   stays ``recorded``, the same key is used again).
 4. **Record the result**: the refund upserted by its id through the ledger, which ties it
    to the attempt. A refund event that arrived first was tied already; the money is
    counted from the refund row only, so nothing is counted twice.
@@ -24,13 +26,11 @@ without refunding twice:
 
 from __future__ import annotations
 
-import functools
 import logging
-import random
 import time
 from datetime import timezone
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,8 +40,6 @@ from domain.cases import lifecycle
 from domain import ledger
 from domain.ledger.balance import OrderBalance, load_balance
 from domain.cases.lifecycle import TRANSITIONS, CaseAction
-from config import Settings
-from domain.stripe.ratelimit import RateLimiter
 from domain.stripe.shapes import charge_snapshot, payment_intent_snapshot, refund_snapshot
 from models import (
     AttemptAction,
@@ -57,7 +55,6 @@ from models import (
 from models.money import format_amounts, format_money
 
 log = logging.getLogger(__name__)
-_R = TypeVar("_R")  # what a Stripe call returns (see RefundService._stripe)
 
 
 class RefundRefused(Exception):
@@ -98,42 +95,23 @@ class CaseRefundResult:
 
 class RefundService:
     """Runs the phased refund path. Dependencies are injected; nothing here reads settings
-    or the environment."""
+    or the environment. Every Stripe call goes straight to ``gateway``, whose policy paces
+    and retries it: the app passes its own gateway (a web request does not wait out a
+    429), a job passes ``gateway.patient()``."""
 
     def __init__(
         self,
         session_factory: sessionmaker[Session],
         gateway: StripeGateway,
         *,
-        limiter: RateLimiter,
         clock: Callable[[], float] = time.time,
-        sleep: Callable[[float], None] = time.sleep,
-        max_tries: int = 3,
         after_call: Callable[[RefundAttempt, dict[str, Any]], None] | None = None,
     ) -> None:
         self._session_factory = session_factory
         self._gateway = gateway
-        self._limiter = limiter
         self._clock = clock
-        self._sleep = sleep
-        self._max_tries = max_tries
         # Test hook: runs between the Stripe call and phase 4 (to simulate a crash there).
         self._after_call = after_call
-
-    @classmethod
-    def from_settings(
-        cls,
-        settings: Settings,
-        session_factory: sessionmaker[Session],
-        gateway: StripeGateway,
-        *,
-        limiter: RateLimiter | None = None,
-        **options: Any,
-    ) -> "RefundService":
-        """The one construction from the settings (web app, CLI, reconcile pass): Stripe
-        calls paced by ``STRIPE_RATE_LIMIT`` unless a shared ``limiter`` is given;
-        ``options`` as for the constructor (``max_tries``, ``clock``, ``sleep``)."""
-        return cls(session_factory, gateway, limiter=limiter or RateLimiter(settings.stripe_rate_limit), **options)
 
     # -- phase 1 ---------------------------------------------------------------------------
 
@@ -160,77 +138,56 @@ class RefundService:
         action = CaseAction.APPROVE if origin == "finance" else CaseAction.AUTO_REFUND
 
         def record(session: Session) -> list[str]:
-            case = _locked_case(session, case_id)
-            if case.kind == CaseKind.UNLINKED:
-                # "Possible duplicate, no order": no order says what the customer owes, so
-                # no whole-order check can make a refund safe. Review only, by any origin.
-                raise RefundRefused(
-                    "review_only",
-                    f"case {case_id} is a possible duplicate with no order: the service never refunds it; "
-                    f"refund in the Stripe Dashboard if it is a duplicate, or dismiss it with a note",
-                )
-            if case.status not in (s.value for s in TRANSITIONS[action][0] if s is not None):
-                raise RefundRefused(
-                    "case_not_open", f"case {case_id} is {case.status}; nothing to approve"
-                )
-            members = {cc.charge_id: cc for cc in case.charges}
-            balance = load_balance(session, case.order_id)
-            # What each charge could still give back now: captured money held, or a whole
-            # authorisation not yet released.
-            held_now = {
-                p.charge.id: p.charge.amount if _is_authorization(p.charge) else p.held
-                for p in (balance.positions if balance is not None else ())
-            }
-            # The proposal, capped at what each charge still holds: re-approving a failed
-            # case proposes only what is still there to refund.
-            chosen = list(plan) if plan is not None else [
-                PlannedRefund(cc.charge_id, min(cc.proposed_refund, held_now.get(cc.charge_id, 0)))
-                for cc in case.charges
-                if min(cc.proposed_refund, held_now.get(cc.charge_id, 0)) > 0
-            ]
-            if not chosen:
-                raise RefundRefused("nothing_to_refund", f"case {case_id} proposes no refund")
-            if len({p.charge_id for p in chosen}) != len(chosen):
-                raise RefundRefused("charge_repeated", "each charge may appear once")
-            charges = {
-                c.id: c
-                for c in session.scalars(
-                    select(Charge)
-                    .where(Charge.id.in_([p.charge_id for p in chosen]))
-                    .order_by(Charge.id)
-                    .with_for_update()
-                )
-            }
-            positions = {p.charge.id: p for p in ledger.charge_positions(session, list(charges.values()))}
-            for planned in chosen:
-                self._check(case, members, charges, positions, planned)
-            _check_order_stays_whole(case, balance, chosen, charges)
-            assert balance is not None  # _check_order_stays_whole refused an order not in the ledger
-            keeper = members.get(case.keeper_charge_id)
-            if keeper is not None:
-                # What the keeper holds now: before each call Stripe must still show it.
-                keeper.held = next((p.held for p in balance.positions if p.charge.id == case.keeper_charge_id), 0)
-            keys = [
-                _record_attempt(session, case, charges[p.charge_id], p.amount, origin, actor).idempotency_key
-                for p in chosen
-            ]
-            lifecycle.change(
-                session,
-                case,
-                action,
-                actor=actor,
-                note=note,
-                details={
-                    "refunds": [
-                        {"charge_id": p.charge_id, "amount": p.amount, "currency": charges[p.charge_id].currency}
-                        for p in chosen
-                    ],
-                    "attempts": keys,
-                },
-            )
-            return keys
+            return self._record(session, case_id, plan, action=action, origin=origin, actor=actor, note=note)
 
         return run_in_transaction(self._session_factory, record)
+
+    def _record(
+        self,
+        session: Session,
+        case_id: int,
+        plan: Iterable[PlannedRefund] | None,
+        *,
+        action: CaseAction,
+        origin: str,
+        actor: str,
+        note: str | None,
+    ) -> list[str]:
+        """Phase 1 in one transaction: the case locked first, then the chosen charges in id
+        order; every check; one attempt per charge; the case's status change."""
+        case = _approvable_case(session, case_id, action)
+        members = {cc.charge_id: cc for cc in case.charges}
+        balance = load_balance(session, case.order_id)
+        chosen = _chosen_refunds(case, balance, plan)
+        charges = _locked_charges(session, chosen)
+        positions = {p.charge.id: p for p in ledger.charge_positions(session, list(charges.values()))}
+        for planned in chosen:
+            self._check(case, members, charges, positions, planned)
+        _check_order_stays_whole(case, balance, chosen, charges)
+        assert balance is not None  # _check_order_stays_whole refused an order not in the ledger
+        keeper = members.get(case.keeper_charge_id)
+        if keeper is not None:
+            # What the keeper holds now: before each call Stripe must still show it.
+            keeper.held = next((p.held for p in balance.positions if p.charge.id == case.keeper_charge_id), 0)
+        keys = [
+            _record_attempt(session, case, charges[p.charge_id], p.amount, origin, actor).idempotency_key
+            for p in chosen
+        ]
+        lifecycle.change(
+            session,
+            case,
+            action,
+            actor=actor,
+            note=note,
+            details={
+                "refunds": [
+                    {"charge_id": p.charge_id, "amount": p.amount, "currency": charges[p.charge_id].currency}
+                    for p in chosen
+                ],
+                "attempts": keys,
+            },
+        )
+        return keys
 
     @staticmethod
     def _check(
@@ -289,7 +246,17 @@ class RefundService:
             return _outcome(attempt, "refunded" if attempt.status == "succeeded" else attempt.status)
         if attempt.action == AttemptAction.RELEASE:
             return self._execute_release(attempt, account)
+        checked = self._reread_for_refund(attempt, account)
+        if isinstance(checked, RefundOutcome):
+            return checked
+        # (When the call may already have gone out and the key is young enough, it is sent
+        # again even if Stripe's lists do not show the refund yet: Stripe replays the first
+        # result, or refuses an over-refund. Either way nothing is refunded twice.)
+        return self._refund(checked, account)
 
+    def _reread_for_refund(self, attempt: RefundAttempt, account: str | None) -> RefundAttempt | RefundOutcome:
+        """Phase 2 of a refund: the attempt, still ``recorded`` and clear to send; or what
+        became of it (adopted, skipped, deferred)."""
         # Phase 2: what Stripe says about every charge of the order now, and whether our
         # refund exists. The stamp is taken before the reads: a webhook event from the same
         # second as the read then ties with it instead of losing to it.
@@ -297,9 +264,7 @@ class RefundService:
         order_charges = _order_charges(self._session_factory, attempt)
         try:
             charge_objs = self._read_charges(order_charges)
-            refunds = self._stripe(
-                lambda: list(self._gateway.list_refunds(charge_id=attempt.charge_id, account=account))
-            )
+            refunds = list(self._gateway.list_refunds(charge_id=attempt.charge_id, account=account))
         except GatewayError as exc:
             return self._defer(attempt, f"re-read failed: {exc}")
 
@@ -321,10 +286,10 @@ class RefundService:
             return _outcome(attempt, "adopted" if attempt.status == "succeeded" else attempt.status)
         if problem:
             return self._skip(attempt, problem)
-        # (When the call may already have gone out and the key is young enough, it is sent
-        # again even if Stripe's lists do not show the refund yet: Stripe replays the first
-        # result, or refuses an over-refund. Either way nothing is refunded twice.)
+        return attempt
 
+    def _refund(self, attempt: RefundAttempt, account: str | None) -> RefundOutcome:
+        """Phases 3 and 4 of a refund: the call, then its result in the ledger."""
         # Phase 3: the call, under our key. Counted before it is made: calls > 0 is the
         # recovery point that says "this key may have reached Stripe".
         _count_call(self._session_factory, attempt.id)
@@ -361,14 +326,23 @@ class RefundService:
         as a refund: re-read the order at Stripe (and the charge's PaymentIntent), check,
         then cancel the PaymentIntent when it awaits capture, or refund the bare charge
         (Stripe's way to release one) — under the attempt's key, never capturing."""
+        checked = self._reread_for_release(attempt, account)
+        if isinstance(checked, RefundOutcome):
+            return checked
+        attempt, intent_id, intent_obj = checked
+        return self._release(attempt, account, intent_id, intent_obj)
+
+    def _reread_for_release(
+        self, attempt: RefundAttempt, account: str | None
+    ) -> tuple[RefundAttempt, str | None, dict[str, Any] | None] | RefundOutcome:
+        """Phase 2 of a release: the attempt, still ``recorded`` and clear to send, with
+        the charge's PaymentIntent (id and object, if it has one); or what became of it."""
         as_of = int(self._clock())
         order_charges = _order_charges(self._session_factory, attempt)
         try:
             charge_objs = self._read_charges(order_charges)
             intent_id = _id_of(charge_objs[attempt.charge_id].get("payment_intent"))
-            intent_obj = (
-                self._stripe(lambda: self._gateway.retrieve_payment_intent(intent_id, account=account)) if intent_id else None
-            )
+            intent_obj = self._gateway.retrieve_payment_intent(intent_id, account=account) if intent_id else None
         except GatewayError as exc:
             return self._defer(attempt, f"re-read failed: {exc}")
 
@@ -393,23 +367,19 @@ class RefundService:
             return _outcome(attempt, "adopted" if attempt.status == "succeeded" else attempt.status)
         if problem:
             return self._skip(attempt, problem)
+        return attempt, intent_id, intent_obj
 
+    def _release(
+        self, attempt: RefundAttempt, account: str | None, intent_id: str | None, intent_obj: dict[str, Any] | None
+    ) -> RefundOutcome:
+        """Phases 3 and 4 of a release: the call, then its result in the ledger."""
         _count_call(self._session_factory, attempt.id)
         call_stamp = int(self._clock())
         cancel = intent_obj is not None and intent_obj.get("status") == "requires_capture"
+        if cancel:
+            assert intent_id is not None  # intent_obj was read by this id
         try:
-            if cancel:
-                assert intent_id is not None  # intent_obj was read by this id
-                result = self._stripe(
-                    lambda: self._gateway.cancel_payment_intent(
-                        intent_id,
-                        idempotency_key=attempt.idempotency_key,
-                        cancellation_reason="duplicate",
-                        account=account,
-                    )
-                )
-            else:
-                result = self._send_refund(attempt, account)
+            result = self._send_release(attempt, account, intent_id if cancel else None)
         except StripeRejected as exc:
             return self._fail(attempt, f"Stripe refused the release: {exc}")
         except GatewayError as exc:
@@ -489,36 +459,31 @@ class RefundService:
     def _read_charges(self, order_charges: dict[str, str | None]) -> dict[str, dict[str, Any]]:
         """Every charge of the order as Stripe shows it now, each on its own account."""
         return {
-            charge_id: self._stripe(functools.partial(self._gateway.retrieve_charge, charge_id, account=acct))
-            for charge_id, acct in order_charges.items()
+            charge_id: self._gateway.retrieve_charge(charge_id, account=acct) for charge_id, acct in order_charges.items()
         }
+
+    def _send_release(self, attempt: RefundAttempt, account: str | None, cancel_intent: str | None) -> dict[str, Any]:
+        """The release call: cancel ``cancel_intent`` (the charge's PaymentIntent, awaiting
+        capture) under the attempt's key, or else refund the bare charge in full."""
+        if cancel_intent is not None:
+            return self._gateway.cancel_payment_intent(
+                cancel_intent,
+                idempotency_key=attempt.idempotency_key,
+                cancellation_reason="duplicate",
+                account=account,
+            )
+        return self._send_refund(attempt, account)
 
     def _send_refund(self, attempt: RefundAttempt, account: str | None) -> dict[str, Any]:
         """The refund call itself: the attempt's key, ``reason=duplicate``, our metadata."""
-        return self._stripe(
-            lambda: self._gateway.create_refund(
-                charge_id=attempt.charge_id,
-                amount=attempt.amount,
-                idempotency_key=attempt.idempotency_key,
-                metadata=_metadata(attempt),
-                reason="duplicate",
-                account=account,
-            )
+        return self._gateway.create_refund(
+            charge_id=attempt.charge_id,
+            amount=attempt.amount,
+            idempotency_key=attempt.idempotency_key,
+            metadata=_metadata(attempt),
+            reason="duplicate",
+            account=account,
         )
-
-    def _stripe(self, call: Callable[[], _R]) -> _R:
-        """One Stripe call under the rate limit; 429 and 5xx retried with backoff."""
-        for attempt in range(1, self._max_tries + 1):
-            self._limiter.acquire()
-            try:
-                return call()
-            except GatewayError as exc:
-                if not exc.retryable or attempt == self._max_tries:
-                    raise
-                delay = min(8.0, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
-                log.warning("Stripe call failed (%s); retry %d in %.1fs", type(exc).__name__, attempt, delay)
-                self._sleep(delay)
-        raise AssertionError("unreachable")
 
     def _defer(self, attempt: RefundAttempt, message: str) -> RefundOutcome:
         _update_attempt(self._session_factory, attempt.id, error=message)
@@ -534,6 +499,61 @@ class RefundService:
         _update_attempt(self._session_factory, attempt.id, status="failed", error=message)
         log.error("refund failed: %s", message, extra=_log_extra(attempt))
         return _outcome(attempt, "failed", message)
+
+
+def _approvable_case(session: Session, case_id: int, action: CaseAction) -> DuplicateCase:
+    """The case, locked, if ``action`` may take it into the refund path."""
+    case = _locked_case(session, case_id)
+    if case.kind == CaseKind.UNLINKED:
+        # "Possible duplicate, no order": no order says what the customer owes, so
+        # no whole-order check can make a refund safe. Review only, by any origin.
+        raise RefundRefused(
+            "review_only",
+            f"case {case_id} is a possible duplicate with no order: the service never refunds it; "
+            f"refund in the Stripe Dashboard if it is a duplicate, or dismiss it with a note",
+        )
+    if case.status not in (s.value for s in TRANSITIONS[action][0] if s is not None):
+        raise RefundRefused(
+            "case_not_open", f"case {case_id} is {case.status}; nothing to approve"
+        )
+    return case
+
+
+def _chosen_refunds(
+    case: DuplicateCase, balance: OrderBalance | None, plan: Iterable[PlannedRefund] | None
+) -> list[PlannedRefund]:
+    """``plan``, or the case's proposal; each charge at most once, something to refund."""
+    # What each charge could still give back now: captured money held, or a whole
+    # authorisation not yet released.
+    held_now = {
+        p.charge.id: p.charge.amount if _is_authorization(p.charge) else p.held
+        for p in (balance.positions if balance is not None else ())
+    }
+    # The proposal, capped at what each charge still holds: re-approving a failed
+    # case proposes only what is still there to refund.
+    chosen = list(plan) if plan is not None else [
+        PlannedRefund(cc.charge_id, min(cc.proposed_refund, held_now.get(cc.charge_id, 0)))
+        for cc in case.charges
+        if min(cc.proposed_refund, held_now.get(cc.charge_id, 0)) > 0
+    ]
+    if not chosen:
+        raise RefundRefused("nothing_to_refund", f"case {case.id} proposes no refund")
+    if len({p.charge_id for p in chosen}) != len(chosen):
+        raise RefundRefused("charge_repeated", "each charge may appear once")
+    return chosen
+
+
+def _locked_charges(session: Session, chosen: list[PlannedRefund]) -> dict[str, Charge]:
+    """The chosen charges, locked in id order (after the case's lock)."""
+    return {
+        c.id: c
+        for c in session.scalars(
+            select(Charge)
+            .where(Charge.id.in_([p.charge_id for p in chosen]))
+            .order_by(Charge.id)
+            .with_for_update()
+        )
+    }
 
 
 def _check_order_stays_whole(
@@ -801,10 +821,23 @@ def _order_problem(
     if problem or case is None:
         return problem
     keeper_obj = charge_objs.get(case.keeper_charge_id)
-    keeper_member = next((cc for cc in case.charges if cc.charge_id == case.keeper_charge_id), None)
     if keeper_obj is None:
         return f"the keeper {case.keeper_charge_id} is no longer a charge of the order"
-    keeper_holds = _stripe_remaining(keeper_obj) if keeper_obj.get("status") == "succeeded" and keeper_obj.get("captured") else 0
+    return _keeper_problem(case, keeper_obj, attempt) or _below_floor_problem(
+        session, attempt, case, charge_objs, keeper_obj, may_replay=may_replay
+    )
+
+
+def _keeper_holds(keeper_obj: dict[str, Any]) -> int:
+    """What the keeper still holds at Stripe: captured money only."""
+    return _stripe_remaining(keeper_obj) if keeper_obj.get("status") == "succeeded" and keeper_obj.get("captured") else 0
+
+
+def _keeper_problem(case: DuplicateCase, keeper_obj: dict[str, Any], attempt: RefundAttempt) -> str | None:
+    """Why the keeper rules the refund out: it no longer holds what it held when the
+    refund was approved (or holds nothing); None when it still does."""
+    keeper_member = next((cc for cc in case.charges if cc.charge_id == case.keeper_charge_id), None)
+    keeper_holds = _keeper_holds(keeper_obj)
     keeper_needed = keeper_member.held if keeper_member is not None else 0
     if keeper_holds <= 0 or keeper_holds < keeper_needed:
         keeper_currency = str(keeper_obj.get("currency") or attempt.currency).lower()
@@ -812,6 +845,20 @@ def _order_problem(
             f"the keeper {case.keeper_charge_id} holds {format_money(keeper_holds, keeper_currency)} at Stripe, "
             f"not the {format_money(keeper_needed, keeper_currency)} it held when this was approved"
         )
+    return None
+
+
+def _below_floor_problem(
+    session: Session,
+    attempt: RefundAttempt,
+    case: DuplicateCase,
+    charge_objs: dict[str, dict[str, Any]],
+    keeper_obj: dict[str, Any],
+    *,
+    may_replay: bool,
+) -> str | None:
+    """Why the order would hold less than its floor after this refund and every other
+    refund of ours that may be in flight; None when it would not."""
     order = session.get(Order, case.order_id)
     currency = attempt.currency
     holds = sum(
@@ -819,21 +866,12 @@ def _order_problem(
         for obj in charge_objs.values()
         if obj.get("status") == "succeeded" and obj.get("captured") and str(obj.get("currency", "")).lower() == currency
     )
-    in_flight = session.scalar(
-        select(func.coalesce(func.sum(RefundAttempt.amount), 0)).where(
-            RefundAttempt.charge_id.in_(list(charge_objs)),
-            RefundAttempt.id != attempt.id,
-            RefundAttempt.status == "recorded",
-            RefundAttempt.calls > 0,
-            RefundAttempt.refund_id.is_(None),
-            RefundAttempt.currency == currency,
-        )
-    ) or 0
+    in_flight = _in_flight_elsewhere(session, attempt, charge_objs)
     if order is not None and order.amount is not None and order.currency == currency:
         floor, what = order.amount, "its total"
     elif str(keeper_obj.get("currency", "")).lower() == currency:
         # Total unknown, or in another currency: the keeper's holding is the floor.
-        floor, what = keeper_holds, "the keeper's amount"
+        floor, what = _keeper_holds(keeper_obj), "the keeper's amount"
     else:
         floor, what = 0, "nothing"
     # A call that may already have reached Stripe (a crash after it, a young key) may be
@@ -842,7 +880,7 @@ def _order_problem(
     # replay of the same key, not a second refund.
     pending = attempt.amount
     if may_replay:
-        pending = max(0, attempt.amount - int(charge_obj.get("amount_refunded") or 0))
+        pending = max(0, attempt.amount - int(charge_objs[attempt.charge_id].get("amount_refunded") or 0))
     after = holds - in_flight - pending
     if after < floor:
         return (
@@ -851,6 +889,21 @@ def _order_problem(
             + f", below {what} ({format_money(floor, currency)})"
         )
     return None
+
+
+def _in_flight_elsewhere(session: Session, attempt: RefundAttempt, charge_objs: dict[str, dict[str, Any]]) -> int:
+    """Our other refunds on the order's charges, in the attempt's currency, whose call may
+    have reached Stripe without their refund being known yet."""
+    return session.scalar(
+        select(func.coalesce(func.sum(RefundAttempt.amount), 0)).where(
+            RefundAttempt.charge_id.in_(list(charge_objs)),
+            RefundAttempt.id != attempt.id,
+            RefundAttempt.status == "recorded",
+            RefundAttempt.calls > 0,
+            RefundAttempt.refund_id.is_(None),
+            RefundAttempt.currency == attempt.currency,
+        )
+    ) or 0
 
 
 def _stripe_remaining(charge_obj: dict[str, Any]) -> int:

@@ -11,16 +11,43 @@ Two jobs:
 
 SDK errors are translated into :class:`GatewayError` subclasses that say what the caller
 may do next (retry later, back off, give up), so no caller needs to import ``stripe``.
+
+The call policy lives here, for every caller (the pay and checkout endpoints, finance
+approvals, the reconciliation pass and its backfill):
+
+* **Pacing.** Every HTTP request, each page of a listing and each retry included, first
+  takes a token from the gateway's :class:`~domain.stripe.ratelimit.RateLimiter`
+  (``STRIPE_RATE_LIMIT`` per second), one limiter shared by every caller of a gateway
+  and of the views :meth:`StripeGateway.with_policy` and :meth:`StripeGateway.patient`
+  make of it.
+* **Retries.** One loop, :meth:`StripeGateway._call`: a logical call makes at most
+  :attr:`RetryPolicy.tries` HTTP requests. The SDK never retries on its own (every
+  request is sent with ``max_network_retries=0``), so the tries never multiply. Retried:
+  a connection error the SDK marks retryable, 409, 5xx, and whatever Stripe answers with
+  ``Stripe-Should-Retry: true``; never what it answers with ``Stripe-Should-Retry: false``;
+  a 429 only under a patient policy. Between tries: 0.5 s doubling up to 8 s, +-20 %.
+* **Idempotency.** Every write carries our own ``Idempotency-Key`` (built from a row of
+  ours, never random), and every try of a call sends the same one: Stripe replays the
+  first result, so a retried refund can never become a second refund.
+
+The budgets: a gateway built from the settings makes ``1 + STRIPE_MAX_NETWORK_RETRIES``
+tries per call and does not wait out a 429 (a web request must not sleep for long); the
+refund path of a job (a reconciliation pass, an approval from the command line) uses
+:meth:`StripeGateway.patient`: :data:`PATIENT_TRIES` tries, a 429 included.
 """
 
 from __future__ import annotations
 
+import logging
+import random
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, TypedDict, TypeVar, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Sequence, TypedDict
 
 import stripe
 
 from config import Settings
+from domain.stripe.ratelimit import RateLimiter
 
 if TYPE_CHECKING:  # the SDK's request shapes, for the type checker only
     from stripe import RequestOptions
@@ -36,8 +63,7 @@ if TYPE_CHECKING:  # the SDK's request shapes, for the type checker only
     )
     from stripe.params.checkout import SessionCreateParams, SessionListParams
 
-# The params of one of the SDK's list calls (a TypedDict of stripe.params).
-_ListParams = TypeVar("_ListParams", bound=Mapping[str, object])
+log = logging.getLogger(__name__)
 
 # (connect, read) seconds. Stripe answers in well under a second; a hung socket must not
 # hold a web worker or the nightly job for the SDK's default 80 s.
@@ -133,13 +159,13 @@ class GatewayError(Exception):
 
 
 class StripeUnavailable(GatewayError):
-    """Network failure or a Stripe 5xx after the SDK's own retries: try again later."""
+    """Network failure or a Stripe 5xx after the gateway's retries: try again later."""
 
     retryable = True
 
 
 class StripeRateLimited(GatewayError):
-    """429: back off. stripe-python retries a 429 only when Stripe says so."""
+    """429: back off. Retried only by a patient gateway, or when Stripe says so."""
 
     retryable = True
 
@@ -161,8 +187,9 @@ def build_stripe_client(settings: Settings) -> stripe.StripeClient | None:
 
     Uses the ``requests`` HTTP client explicitly (so ``responses`` intercepts it in tests),
     points the SDK at ``STRIPE_API_BASE`` when set (an emulator), and sets
-    ``max_network_retries`` explicitly: the SDK then retries connection errors, 409s and
-    5xx with its own idempotency key, but a 429 only when Stripe allows it.
+    ``max_network_retries`` explicitly, for a request that names none. The gateway names
+    0 on every request it sends and retries itself (``1 + STRIPE_MAX_NETWORK_RETRIES``
+    tries, see the module docstring), so the two never add up.
     """
     if settings.stripe_api_key is None:
         return None
@@ -174,15 +201,135 @@ def build_stripe_client(settings: Settings) -> stripe.StripeClient | None:
     )
 
 
-class StripeGateway:
-    """Stripe reads (and, later, writes) the ledger needs, returning plain dicts."""
+#: HTTP tries of one call of a patient gateway (:meth:`StripeGateway.patient`).
+PATIENT_TRIES = 3
 
-    def __init__(self, client: stripe.StripeClient | None) -> None:
-        self._client = client
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How the gateway retries one logical call (see the module docstring)."""
+
+    #: HTTP requests at most for one call, the first one included.
+    tries: int = 1
+    #: Wait out a 429 as well (back off and try again), not only what Stripe marks
+    #: retryable; for callers that may sleep, never a web request.
+    rate_limited: bool = False
+    #: How the backoff between tries waits (injected by tests and by the pass).
+    sleep: Callable[[float], None] = time.sleep
+
+    def __post_init__(self) -> None:
+        if self.tries < 1:
+            raise ValueError("a call makes at least one try")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "StripeGateway":
-        return cls(build_stripe_client(settings))
+    def from_settings(cls, settings: Settings) -> "RetryPolicy":
+        return cls(tries=1 + settings.stripe_max_network_retries)
+
+    def retries(self, exc: stripe.StripeError) -> bool:
+        """Whether a try that failed with ``exc`` may be tried again (tries left aside)."""
+        if isinstance(exc, stripe.APIConnectionError):
+            return exc.should_retry
+        advice = next((str(v).lower() for k, v in (exc.headers or {}).items() if k.lower() == "stripe-should-retry"), None)
+        if advice in ("true", "false"):
+            return advice == "true"
+        status = exc.http_status or 0
+        return status == 409 or status >= 500 or (status == 429 and self.rate_limited)
+
+    @staticmethod
+    def delay(retry: int) -> float:
+        """Seconds before retry number ``retry`` (1, 2, ...): 0.5 s doubling up to 8 s, +-20 %."""
+        return min(8.0, 0.5 * 2.0 ** (retry - 1)) * random.uniform(0.8, 1.2)
+
+
+class Page(NamedTuple):
+    """One page of a listing and the second (of the caller's clock) taken just before the
+    request that read it, after the rate limit let it go."""
+
+    as_of: int
+    items: list[dict[str, Any]]
+
+
+class Listing:
+    """One of Stripe's list calls, followed page after page with ``starting_after`` until
+    ``has_more`` is false or a page comes back empty. Iterating it gives every item;
+    :meth:`pages` gives them page by page. Each page is one call through the gateway:
+    paced, retried and its errors translated like any other. Nothing is requested until
+    it is iterated."""
+
+    def __init__(
+        self,
+        gateway: "StripeGateway",
+        list_page: Callable[[stripe.StripeClient, Any], stripe.StripeObject],
+        params: Mapping[str, object],
+    ) -> None:
+        self._gateway = gateway
+        self._list_page = list_page
+        self._params = params
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for page in self.pages():
+            yield from page.items
+
+    def pages(self, clock: Callable[[], float] = time.time) -> Iterator[Page]:
+        """The pages that hold items, each stamped by ``clock`` just before its request."""
+        client = self._gateway._require_client()
+        params = self._params
+        while True:
+            sent: list[float] = []
+            page = self._gateway._call(
+                lambda: self._list_page(client, params), before_send=lambda: sent.append(clock())
+            )
+            items: list[dict[str, Any]] = page.get("data", [])
+            if not items:
+                return
+            yield Page(int(sent[-1]), items)
+            if not page.get("has_more"):
+                return
+            params = {**params, "starting_after": items[-1]["id"]}
+
+
+class StripeGateway:
+    """Every Stripe call the service makes, returning plain dicts, under one call policy
+    (the module docstring): one rate limiter for every caller, one retry loop."""
+
+    def __init__(
+        self,
+        client: stripe.StripeClient | None,
+        *,
+        policy: RetryPolicy | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        """``policy`` defaults to one try per call; without ``limiter`` calls are not paced
+        (:meth:`from_settings` gives both from the settings)."""
+        self._client = client
+        self._policy = policy or RetryPolicy()
+        self._limiter = limiter
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, client: stripe.StripeClient | None = None) -> "StripeGateway":
+        """The gateway the settings describe: their client (or ``client``, e.g. a test's,
+        used instead), ``1 + STRIPE_MAX_NETWORK_RETRIES`` tries per call, and a limiter of
+        ``STRIPE_RATE_LIMIT`` calls per second."""
+        return cls(
+            client if client is not None else build_stripe_client(settings),
+            policy=RetryPolicy.from_settings(settings),
+            limiter=RateLimiter(settings.stripe_rate_limit),
+        )
+
+    @property
+    def policy(self) -> RetryPolicy:
+        return self._policy
+
+    def with_policy(self, policy: RetryPolicy) -> "StripeGateway":
+        """This gateway under another retry policy: the same client and the same limiter,
+        so its calls are paced together with every other caller's."""
+        return StripeGateway(self._client, policy=policy, limiter=self._limiter)
+
+    def patient(self, *, sleep: Callable[[float], None] = time.sleep) -> "StripeGateway":
+        """This gateway for a caller that may wait (the refund path of a job):
+        :data:`PATIENT_TRIES` tries per call, a 429 waited out as well, backing off with
+        ``sleep``."""
+        return self.with_policy(RetryPolicy(tries=PATIENT_TRIES, rate_limited=True, sleep=sleep))
 
     @property
     def configured(self) -> bool:
@@ -206,17 +353,18 @@ class StripeGateway:
             lambda: client.v1.payment_intents.retrieve(payment_intent_id, options=_options(account))
         )
 
-    def list_charges(self, *, created_gte: int, page_size: int = 100) -> Iterator[dict[str, Any]]:
+    def list_charges(self, *, created_gte: int, page_size: int = 100) -> Listing:
         """Every charge created at or after ``created_gte``, following pages to the end.
 
         Pages with ``starting_after`` ourselves rather than ``auto_paging_iter`` so each page
-        is one call we can translate errors for (and so emulators that page oddly still work).
+        is one call we pace, retry and translate errors for (and so emulators that page
+        oddly still work).
         """
-        client = self._require_client()
         # created[gt] N-1 rather than created[gte] N: the same set for integer seconds, and
         # the one form every emulator implements.
         params: ChargeListParams = {"created": {"gt": created_gte - 1}, "limit": page_size}
-        yield from self._paginate(lambda p: client.v1.charges.list(params=p), params)
+        options = _options(None)
+        return Listing(self, lambda c, p: c.v1.charges.list(params=p, options=options), params)
 
     # --- Refunds and backfill (reconciliation) ---
 
@@ -227,43 +375,40 @@ class StripeGateway:
         charge_id: str | None = None,
         page_size: int = 100,
         account: str | None = None,
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Listing:
         """Refunds created at or after ``created_gte`` (or every refund of ``charge_id``),
         following pages to the end. ``account``: the connected account the charge lives on
         (its refunds are only visible with the ``Stripe-Account`` header)."""
-        client = self._require_client()
         params: RefundListParams = {"limit": page_size}
         if created_gte is not None:
             params["created"] = {"gt": created_gte - 1}
         if charge_id is not None:
             params["charge"] = charge_id
         options = _options(account)
-        return self._paginate(lambda p: client.v1.refunds.list(params=p, options=options), params)
+        return Listing(self, lambda c, p: c.v1.refunds.list(params=p, options=options), params)
 
-    def list_disputes(self, *, created_gte: int, page_size: int = 100) -> Iterator[dict[str, Any]]:
-        client = self._require_client()
+    def list_disputes(self, *, created_gte: int, page_size: int = 100) -> Listing:
         params: DisputeListParams = {"limit": page_size, "created": {"gt": created_gte - 1}}
-        return self._paginate(lambda p: client.v1.disputes.list(params=p), params)
+        options = _options(None)
+        return Listing(self, lambda c, p: c.v1.disputes.list(params=p, options=options), params)
 
-    def list_checkout_sessions(self, *, created_gte: int, page_size: int = 100) -> Iterator[dict[str, Any]]:
+    def list_checkout_sessions(self, *, created_gte: int, page_size: int = 100) -> Listing:
         """Every Checkout Session created at or after ``created_gte``, following pages to
         the end (:class:`StripeNotFound` where an emulator does not serve sessions)."""
-        client = self._require_client()
         params: SessionListParams = {"limit": page_size, "created": {"gt": created_gte - 1}}
-        return self._paginate(lambda p: client.v1.checkout.sessions.list(params=p), params)
+        options = _options(None)
+        return Listing(self, lambda c, p: c.v1.checkout.sessions.list(params=p, options=options), params)
 
-    def list_undelivered_events(
-        self, *, created_gte: int, page_size: int = 100
-    ) -> Iterator[dict[str, Any]]:
+    def list_undelivered_events(self, *, created_gte: int, page_size: int = 100) -> Listing:
         """Events Stripe could not deliver to a webhook endpoint (``delivery_success=false``;
         the Events API keeps 30 days)."""
-        client = self._require_client()
         params: EventListParams = {
             "limit": page_size,
             "delivery_success": False,
             "created": {"gt": created_gte - 1},
         }
-        return self._paginate(lambda p: client.v1.events.list(params=p), params)
+        options = _options(None)
+        return Listing(self, lambda c, p: c.v1.events.list(params=p, options=options), params)
 
     def create_refund(
         self,
@@ -280,7 +425,7 @@ class StripeGateway:
         The key comes from our refund attempt row, never from a random value: a retry
         within Stripe's 24 h replays the first result instead of refunding again."""
         client = self._require_client()
-        options: RequestOptions = {"idempotency_key": idempotency_key, **_options(account)}
+        options = _write_options(idempotency_key, account)
         params: RefundCreateParams = {"charge": charge_id, "amount": amount, "reason": reason, "metadata": metadata}
         return self._call(lambda: client.v1.refunds.create(params=params, options=options))
 
@@ -297,7 +442,7 @@ class StripeGateway:
         params: PaymentIntentCancelParams = {}
         if cancellation_reason is not None:
             params["cancellation_reason"] = cancellation_reason
-        options: RequestOptions = {"idempotency_key": idempotency_key, **_options(account)}
+        options = _write_options(idempotency_key, account)
         return self._call(
             lambda: client.v1.payment_intents.cancel(payment_intent_id, params=params, options=options)
         )
@@ -313,39 +458,40 @@ class StripeGateway:
         """Change a not-yet-paid PaymentIntent's amount (Stripe allows it until it is
         processing, captured or canceled)."""
         client = self._require_client()
-        options: RequestOptions = {"idempotency_key": idempotency_key, **_options(account)}
+        options = _write_options(idempotency_key, account)
         return self._call(
             lambda: client.v1.payment_intents.update(payment_intent_id, params={"amount": amount}, options=options)
         )
-
-    def _paginate(
-        self, list_page: Callable[[_ListParams], stripe.StripeObject], params: _ListParams
-    ) -> Iterator[dict[str, Any]]:
-        """Every item of a list call, page after page with ``starting_after`` (each page one
-        call through :meth:`_call`, so its errors are translated), until ``has_more`` is
-        false or a page comes back empty."""
-        while True:
-            page = self._call(lambda: list_page(params))
-            items = page.get("data", [])
-            yield from items
-            if not page.get("has_more") or not items:
-                return
-            # Every list call's params take starting_after; a generic dict display loses
-            # the TypedDict, so the type is restored by a cast.
-            params = cast(_ListParams, {**params, "starting_after": items[-1]["id"]})
 
     def _require_client(self) -> stripe.StripeClient:
         if self._client is None:
             raise StripeNotConfigured("STRIPE_API_KEY is not set")
         return self._client
 
-    @staticmethod
-    def _call(request: Callable[[], stripe.StripeObject]) -> dict[str, Any]:
-        try:
-            result = request()
-        except stripe.StripeError as exc:
-            raise _translate(exc) from exc
-        return result.to_dict()
+    def _call(
+        self, request: Callable[[], stripe.StripeObject], *, before_send: Callable[[], None] | None = None
+    ) -> dict[str, Any]:
+        """One logical call: at most ``policy.tries`` HTTP requests, each paced by the
+        limiter (``before_send`` runs once the limiter let it go, just before the request);
+        between tries the policy's backoff. The request is the same closure every time, so
+        a write sends the same parameters and the same idempotency key on every try.
+        Errors come out translated (:func:`_translate`), the SDK's as ``__cause__``."""
+        policy = self._policy
+        for attempt in range(1, policy.tries + 1):
+            if self._limiter is not None:
+                self._limiter.acquire()
+            if before_send is not None:
+                before_send()
+            try:
+                return request().to_dict()
+            except stripe.StripeError as exc:
+                error = _translate(exc)
+                if attempt == policy.tries or not policy.retries(exc):
+                    raise error from exc
+                delay = policy.delay(attempt)
+                log.warning("Stripe call failed (%s); retry %d in %.1fs", type(error).__name__, attempt, delay)
+                policy.sleep(delay)
+        raise AssertionError("unreachable: policy.tries is at least 1")
 
     # --- PaymentIntents (pay endpoint) ---
 
@@ -376,7 +522,7 @@ class StripeGateway:
             params["customer"] = customer
         if payment_method is not None:
             params["payment_method"] = payment_method
-        options: RequestOptions = {"idempotency_key": idempotency_key, **_options(account)}
+        options = _write_options(idempotency_key, account)
         try:
             return self._call(lambda: client.v1.payment_intents.create(params=params, options=options))
         except GatewayError as exc:
@@ -392,16 +538,15 @@ class StripeGateway:
         customer: str | None = None,
         page_size: int = 100,
         account: str | None = None,
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Listing:
         """Every PaymentIntent created at or after ``created_gte`` (optionally of one
         customer), following pages to the end. The list API, unlike search, is not
         eventually consistent: a PaymentIntent that exists is listed."""
-        client = self._require_client()
         params: PaymentIntentListParams = {"created": {"gt": created_gte - 1}, "limit": page_size}
         if customer is not None:
             params["customer"] = customer
         options = _options(account)
-        yield from self._paginate(lambda p: client.v1.payment_intents.list(params=p, options=options), params)
+        return Listing(self, lambda c, p: c.v1.payment_intents.list(params=p, options=options), params)
 
 
     # --- Checkout Sessions (checkout endpoint) ---
@@ -444,7 +589,7 @@ class StripeGateway:
             "cancel_url": cancel_url,
             "expires_at": expires_at,
         }
-        options: RequestOptions = {"idempotency_key": idempotency_key, **_options(account)}
+        options = _write_options(idempotency_key, account)
         return self._call(lambda: client.v1.checkout.sessions.create(params=params, options=options))
 
     def retrieve_checkout_session(self, session_id: str, *, account: str | None = None) -> dict[str, Any]:
@@ -457,7 +602,7 @@ class StripeGateway:
         """Expire an open Checkout Session (``POST /v1/checkout/sessions/<id>/expire``);
         Stripe refuses (400) a session that is not open any more."""
         client = self._require_client()
-        options: RequestOptions = {"idempotency_key": idempotency_key, **_options(account)}
+        options = _write_options(idempotency_key, account)
         return self._call(lambda: client.v1.checkout.sessions.expire(session_id, options=options))
 
 
@@ -480,4 +625,16 @@ def _translate(exc: stripe.StripeError) -> GatewayError:
 
 
 def _options(account: str | None) -> RequestOptions:
-    return {"stripe_account": account} if account else {}
+    """Every request's options: the connected account, if any, and no retries by the SDK
+    (the gateway's loop is the only one)."""
+    options: RequestOptions = {"max_network_retries": 0}
+    if account:
+        options["stripe_account"] = account
+    return options
+
+
+def _write_options(idempotency_key: str, account: str | None) -> RequestOptions:
+    """A write's options: our own key, sent unchanged on every try of the call."""
+    if not idempotency_key:
+        raise ValueError("every write to Stripe carries our own idempotency key")
+    return {**_options(account), "idempotency_key": idempotency_key}

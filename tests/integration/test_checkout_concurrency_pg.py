@@ -21,7 +21,7 @@ REQUESTS = 20
 
 def _app(settings, session_factory, stripe_double):  # type: ignore[no-untyped-def]
     return create_app(
-        settings.with_overrides(checkout_success_url="https://shop.example/done"),
+        settings.with_overrides(checkout_success_url="https://shop.example/done", stripe_max_network_retries=0),
         session_factory=session_factory, stripe=stripe_double.client(),
     )
 

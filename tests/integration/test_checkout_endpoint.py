@@ -24,7 +24,7 @@ URLS = {"success_url": "https://shop.example/thanks?o=1", "cancel_url": "https:/
 def make_app(settings, session_factory, stripe_double):  # type: ignore[no-untyped-def]
     def _make(**overrides):  # type: ignore[no-untyped-def]
         app = create_app(
-            settings.with_overrides(**{"pay_wait_seconds": 2.0, "checkout_success_url": "https://shop.example/done", **overrides}),
+            settings.with_overrides(**{"pay_wait_seconds": 2.0, "checkout_success_url": "https://shop.example/done", "stripe_max_network_retries": 0, **overrides}),
             session_factory=session_factory,
             stripe=stripe_double.client(timeout=10.0, max_network_retries=0),
         )
@@ -306,7 +306,7 @@ def test_scopes_a_pay_token_may_a_read_or_finance_token_may_not(settings, sessio
               "dash": ("read", "rt_dash_token_0123456789abcdefghijklmnopqr")}
     entries = tuple((n, s, "sha256:" + hashlib.sha256(t.encode()).hexdigest()) for n, (s, t) in tokens.items())
     app = create_app(
-        settings.with_overrides(api_tokens=entries, api_token=None, checkout_success_url="https://shop.example/done"),
+        settings.with_overrides(api_tokens=entries, api_token=None, checkout_success_url="https://shop.example/done", stripe_max_network_retries=0),
         session_factory=session_factory, stripe=stripe_double.client(),
     )
     client = app.test_client()

@@ -61,7 +61,7 @@ def _check(results: list[tuple[int, dict, float]], double, label: str) -> str:  
 
 def test_ac1_fifty_concurrent_requests_in_threads_create_one_payment_intent(settings, session_factory, stripe_double, ledger) -> None:  # type: ignore[no-untyped-def]
     stripe_double.delay = 0.1
-    app = create_app(settings, session_factory=session_factory, stripe=stripe_double.client())
+    app = create_app(settings.with_overrides(stripe_max_network_retries=0), session_factory=session_factory, stripe=stripe_double.client())
     assert app.test_client().post("/api/orders", json={"id": "ord_ac1", "amount": 4999, "currency": "usd"}, headers=AUTH).status_code == 201
 
     def post() -> tuple[int, dict]:
@@ -77,7 +77,7 @@ def test_ac1_fifty_concurrent_requests_in_threads_create_one_payment_intent(sett
 
 def test_ac1_requests_for_many_orders_at_once_create_one_each(settings, session_factory, stripe_double) -> None:  # type: ignore[no-untyped-def]
     stripe_double.delay = 0.05
-    app = create_app(settings, session_factory=session_factory, stripe=stripe_double.client())
+    app = create_app(settings.with_overrides(stripe_max_network_retries=0), session_factory=session_factory, stripe=stripe_double.client())
     orders = [f"ord_many_{n}" for n in range(10)]
     for order_id in orders:
         app.test_client().post("/api/orders", json={"id": order_id, "amount": 100, "currency": "usd"}, headers=AUTH)
@@ -134,7 +134,7 @@ def test_ac2_fifty_concurrent_requests_across_four_worker_processes_create_one(s
 @pytest.mark.parametrize("currency", ["usd", "eur"], ids=["update_in_place", "cancel_and_attempt_2"])
 def test_concurrent_requests_after_an_amount_change_end_with_one_live_payment_intent_at_the_new_amount(settings, session_factory, stripe_double, ledger, currency) -> None:  # type: ignore[no-untyped-def]
     stripe_double.delay = 0.1
-    app = create_app(settings, session_factory=session_factory, stripe=stripe_double.client())
+    app = create_app(settings.with_overrides(stripe_max_network_retries=0), session_factory=session_factory, stripe=stripe_double.client())
     client = app.test_client()
     assert client.post("/api/orders", json={"id": "ord_amt_race", "amount": 4999, "currency": "usd"}, headers=AUTH).status_code == 201
     first = client.post("/orders/ord_amt_race/pay", headers=AUTH).get_json()

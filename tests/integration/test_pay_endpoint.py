@@ -27,7 +27,7 @@ AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 def make_app(settings, session_factory, stripe_double):  # type: ignore[no-untyped-def]
     def _make(*, timeout: float = 10.0, retries: int = 0, **overrides):  # type: ignore[no-untyped-def]
         app = create_app(
-            settings.with_overrides(**{"pay_wait_seconds": 2.0, **overrides}),
+            settings.with_overrides(**{"pay_wait_seconds": 2.0, "stripe_max_network_retries": retries, **overrides}),
             session_factory=session_factory,
             stripe=stripe_double.client(timeout=timeout, max_network_retries=retries),
         )
@@ -359,7 +359,7 @@ def test_stripe_down_during_resolution_keeps_the_attempt_unknown(settings, sessi
         "sk_test_unit", base_addresses={"api": "http://127.0.0.1:9"},
         http_client=stripe.RequestsClient(timeout=1), max_network_retries=0,
     )
-    client = create_app(settings, session_factory=session_factory, stripe=unreachable).test_client()
+    client = create_app(settings.with_overrides(stripe_max_network_retries=0), session_factory=session_factory, stripe=unreachable).test_client()
     response = pay(client, "ord_down")
     assert (response.status_code, response.get_json()["error"]) == (503, "stripe_unavailable")
     assert [a.status for a in attempts(ledger, "ord_down")] == ["unknown"]

@@ -13,7 +13,6 @@ import pytest
 
 from domain.stripe.gateway import StripeGateway
 from domain.orders import OrderInput, upsert_order
-from domain.stripe.ratelimit import RateLimiter
 from domain.cases.refunds import RefundService
 from config import Settings
 from jobs.lease import exclusive_pass
@@ -146,7 +145,7 @@ def test_crash_between_the_call_and_our_commit_refunds_once(
     def crash(attempt, refund):  # type: ignore[no-untyped-def]
         raise SystemExit("killed after Stripe answered")
 
-    crashing = RefundService(session_factory, gateway, limiter=RateLimiter(100), after_call=crash)
+    crashing = RefundService(session_factory, gateway, after_call=crash)
     with pytest.raises(SystemExit):
         reconcile(refund_service=crashing)
     assert stripe_api.refund_creates == 1

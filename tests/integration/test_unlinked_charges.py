@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from app import create_app
-from domain.stripe.ratelimit import RateLimiter
 from domain.cases.refunds import RefundRefused, RefundService
 from models import AlertSent, AuditEntry, Charge, DuplicateCase, Order, Refund, RefundAttempt
 from tests import stripe_payloads as p
@@ -79,7 +78,7 @@ def test_same_card_twice_within_ten_minutes_opens_a_review_case_never_refunded(
     reconcile(full=True)
     assert ledger.count(RefundAttempt) == 0 and ledger.count(Refund) == 0
     assert stripe_api.refund_requests == [] and stripe_api.refund_creates == 0
-    refunds = RefundService(session_factory, gateway, limiter=RateLimiter(100))
+    refunds = RefundService(session_factory, gateway)
     with pytest.raises(RefundRefused) as refused:
         refunds.approve(case.id, origin="auto", actor="reconciler")
     assert refused.value.code == "review_only"

@@ -96,7 +96,6 @@ from domain.stripe.gateway import StripeGateway
 from domain.cases import review as case_actions
 from domain.cases.review import CaseActionError
 from domain.orders import OrderInput, upsert_order
-from domain.stripe.ratelimit import RateLimiter
 from domain.cases.refunds import RefundService
 from config import Settings
 from jobs.reconcile import run_reconciliation
@@ -454,7 +453,7 @@ class MoneyMachine(RuleBasedStateMachine):
             stripe_api_base=API,
             stripe_webhook_secrets=(WEBHOOK_SECRET,),
             stripe_max_network_retries=0,
-            stripe_rate_limit=1_000_000.0,  # with a no-op sleep the limiter would spin
+            stripe_rate_limit=1_000_000.0,  # the gateway's limiter never makes thousands of passes wait
             secret_key="property-secret",
             api_token="property-api-token-0123456789",
             refund_mode="review",
@@ -543,8 +542,9 @@ class MoneyMachine(RuleBasedStateMachine):
             }
 
     def _refund_service(self, crash: str) -> RefundService:
-        # As the app builds it for finance (one try per call), with the crash wanted.
-        kwargs: dict[str, Any] = dict(limiter=RateLimiter(1_000_000.0, sleep=_no_sleep), clock=lambda: self.now, sleep=_no_sleep, max_tries=1)
+        # As the app builds it for finance (its gateway: one try per call here, with
+        # STRIPE_MAX_NETWORK_RETRIES 0), with the crash wanted.
+        kwargs: dict[str, Any] = dict(clock=lambda: self.now)
         if crash == "after_phase_1":
             return _CrashAfterPhaseOne(self.session_factory, self.gateway, **kwargs)
         if crash == "after_stripe_call":

@@ -20,6 +20,7 @@ then PaymentIntent/refund/dispute rows, then charges, then orders.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, select, update
@@ -342,41 +343,65 @@ def apply_payment_intent(
     that arrived before we knew its order (late linking). A succeeded PaymentIntent marks
     its order paid; the pay endpoint's attempt for it follows its status."""
     lock_key(session, "payment_intent", snapshot.id)
-    inserted = insert_ignore(
-        session,
-        PaymentIntent,
-        {
-            "id": snapshot.id,
-            "account": account,
-            "livemode": snapshot.livemode,
-            "amount": snapshot.amount,
-            "currency": snapshot.currency,
-            "status": snapshot.status,
-            "customer": snapshot.customer_id,
-            "latest_charge_id": snapshot.latest_charge_id,
-            "order_total": snapshot.order_total,
-            "created": snapshot.created,
-            "last_event_created": as_of,
-        },
-    )
+    inserted = insert_ignore(session, PaymentIntent, _payment_intent_row(snapshot, as_of=as_of, account=account))
     intent = _locked(session, PaymentIntent, snapshot.id)
-    if not inserted and as_of >= intent.last_event_created:
-        tie = as_of == intent.last_event_created
-        final = _PAYMENT_INTENT_RANK[intent.status] == 3
-        if not final and (
-            not tie or _PAYMENT_INTENT_RANK[snapshot.status] > _PAYMENT_INTENT_RANK[intent.status]
-        ):
-            intent.status = snapshot.status
-            intent.amount = snapshot.amount
-        intent.latest_charge_id = snapshot.latest_charge_id or intent.latest_charge_id
-        intent.last_event_created = as_of
+    if not inserted:
+        _merge_payment_intent(intent, snapshot, as_of)
     intent.customer = intent.customer or snapshot.customer_id
     intent.order_total = intent.order_total or snapshot.order_total
+    _link_payment_intent_to_order(session, intent, snapshot.order_id)
+    for charge in snapshot.charges:
+        apply_charge(session, charge, as_of=as_of, account=account, order_hint=intent.order_id)
+    if intent.order_id:
+        _update_order_from_payment_intent(session, intent, intent.order_id)
+    if intent.status == "canceled":
+        # Canceling a PaymentIntent releases its uncaptured authorisation (from API version
+        # 2025-03-31 without a Refund object or amount_refunded on the charge).
+        release_charges(session, payment_intent_id=intent.id)
+    _settle_payment_attempt(session, intent)
+    return intent
 
-    if snapshot.order_id and intent.order_id is None:
-        ensure_order(session, snapshot.order_id)  # before the link: autoflush + FK
-        intent.order_id = snapshot.order_id
-    elif snapshot.order_id and intent.order_id != snapshot.order_id:
+
+def _payment_intent_row(snapshot: PaymentIntentSnapshot, *, as_of: int, account: str | None) -> dict[str, Any]:
+    """The columns of a PaymentIntent first seen in ``snapshot``."""
+    return {
+        "id": snapshot.id,
+        "account": account,
+        "livemode": snapshot.livemode,
+        "amount": snapshot.amount,
+        "currency": snapshot.currency,
+        "status": snapshot.status,
+        "customer": snapshot.customer_id,
+        "latest_charge_id": snapshot.latest_charge_id,
+        "order_total": snapshot.order_total,
+        "created": snapshot.created,
+        "last_event_created": as_of,
+    }
+
+
+def _merge_payment_intent(intent: PaymentIntent, snapshot: PaymentIntentSnapshot, as_of: int) -> None:
+    if as_of < intent.last_event_created:
+        return
+    tie = as_of == intent.last_event_created
+    # canceled and succeeded are final; otherwise the newer snapshot wins, and on a tie
+    # the status further along wins.
+    final = _PAYMENT_INTENT_RANK[intent.status] == 3
+    if not final and (
+        not tie or _PAYMENT_INTENT_RANK[snapshot.status] > _PAYMENT_INTENT_RANK[intent.status]
+    ):
+        intent.status = snapshot.status
+        intent.amount = snapshot.amount
+    intent.latest_charge_id = snapshot.latest_charge_id or intent.latest_charge_id
+    intent.last_event_created = as_of
+
+
+def _link_payment_intent_to_order(session: Session, intent: PaymentIntent, order_id: str | None) -> None:
+    """Link the PaymentIntent to the order its metadata names (``order_id``), else to the
+    order its Checkout Session names; a link once made is kept."""
+    if order_id and intent.order_id is None:
+        ensure_order(session, order_id)  # before the link: autoflush + FK
+        intent.order_id = order_id
+    elif order_id and intent.order_id != order_id:
         log.warning(
             "PaymentIntent metadata names another order; keeping the first link",
             extra={"payment_intent_id": intent.id, "order_id": intent.order_id},
@@ -384,39 +409,45 @@ def apply_payment_intent(
     if intent.order_id is None:
         # Checkout: the order is named by the session, which may have come first.
         intent.order_id = _order_of_checkout_session(session, intent.id)
-    for charge in snapshot.charges:
-        apply_charge(session, charge, as_of=as_of, account=account, order_hint=intent.order_id)
-    if intent.order_id:
-        _locked(session, Order, intent.order_id)  # before the FK locks of the link below
-        linked = session.execute(
-            update(Charge)
-            .where(Charge.payment_intent_id == intent.id, Charge.order_id.is_(None))
-            .values(order_id=intent.order_id)
-            .returning(Charge.id)
-        ).scalars().all()
-        if linked:
-            log.info(
-                "charges linked late through their PaymentIntent",
-                extra={"payment_intent_id": intent.id, "order_id": intent.order_id, "charge_ids": linked},
-            )
-        order = _locked(session, Order, intent.order_id)
-        if order.amount is None and intent.order_total is not None:
-            order.amount = intent.order_total
-            order.currency = intent.currency
-            order.amount_source = "metadata"
-        if order.payment_intent_id is None:
-            order.payment_intent_id = intent.id
-        order = refresh_order(session, intent.order_id)
-        if intent.status == "succeeded" and order.status == "pending":
-            # Current API versions name the charge only by id: until the charge's own
-            # event arrives, the PaymentIntent's success is what says the order is paid.
-            order.status = "paid"
-    if intent.status == "canceled":
-        # Canceling a PaymentIntent releases its uncaptured authorisation (from API version
-        # 2025-03-31 without a Refund object or amount_refunded on the charge).
-        release_charges(session, payment_intent_id=intent.id)
-    _settle_payment_attempt(session, intent)
-    return intent
+
+
+def _update_order_from_payment_intent(session: Session, intent: PaymentIntent, order_id: str) -> None:
+    """Link the PaymentIntent's charges still without an order to ``order_id``, give the
+    order the PaymentIntent's total (``metadata.order_total``) and id while it has none,
+    and recompute its status: paid at the latest when the PaymentIntent succeeded."""
+    _locked(session, Order, order_id)  # before the FK locks of the link below
+    linked = _link_charges_late(session, intent.id, order_id)
+    if linked:
+        log.info(
+            "charges linked late through their PaymentIntent",
+            extra={"payment_intent_id": intent.id, "order_id": order_id, "charge_ids": linked},
+        )
+    order = _locked(session, Order, order_id)
+    if order.amount is None and intent.order_total is not None:
+        order.amount = intent.order_total
+        order.currency = intent.currency
+        order.amount_source = "metadata"
+    if order.payment_intent_id is None:
+        order.payment_intent_id = intent.id
+    order = refresh_order(session, order_id)
+    if intent.status == "succeeded" and order.status == "pending":
+        # Current API versions name the charge only by id: until the charge's own
+        # event arrives, the PaymentIntent's success is what says the order is paid.
+        order.status = "paid"
+
+
+def _link_charges_late(session: Session, payment_intent_id: str, order_id: str) -> Sequence[str]:
+    """Late linking: link to ``order_id`` every charge of the PaymentIntent that arrived
+    before we knew its order (a charge already linked keeps its link); returns the charges
+    linked now. The caller locks the order first: the link's FK checks take a key-share
+    lock on it, and taking the order's row lock only after them deadlocks two writers of
+    the same order."""
+    return session.execute(
+        update(Charge)
+        .where(Charge.payment_intent_id == payment_intent_id, Charge.order_id.is_(None))
+        .values(order_id=order_id)
+        .returning(Charge.id)
+    ).scalars().all()
 
 
 def apply_checkout_session(
@@ -434,47 +465,10 @@ def apply_checkout_session(
     ``amount_total`` is the order's total while no other source gave one."""
     if snapshot.payment_intent_id:
         lock_key(session, "payment_intent", snapshot.payment_intent_id)
-    inserted = insert_ignore(
-        session,
-        CheckoutSession,
-        {
-            "id": snapshot.id,
-            "payment_intent_id": snapshot.payment_intent_id,
-            "account": account,
-            "livemode": snapshot.livemode,
-            "mode": snapshot.mode,
-            "status": snapshot.status,
-            "payment_status": snapshot.payment_status,
-            "payment_failed": False,
-            "amount_total": snapshot.amount_total,
-            "currency": snapshot.currency,
-            "client_reference_id": snapshot.client_reference_id,
-            "payment_link": snapshot.payment_link_id,
-            "customer": snapshot.customer_id,
-            "created": snapshot.created,
-            "expires_at": snapshot.expires_at,
-            "last_event_created": as_of,
-        },
-    )
+    inserted = insert_ignore(session, CheckoutSession, _checkout_session_row(snapshot, as_of=as_of, account=account))
     checkout = _locked(session, CheckoutSession, snapshot.id)
-    if not inserted and as_of >= checkout.last_event_created:
-        tie = as_of == checkout.last_event_created
-        # complete and expired are final; a paid session stays paid. Otherwise the newer
-        # snapshot wins, and on a tie only what moves forward.
-        if _CHECKOUT_STATUS_RANK[checkout.status] == 0 and (
-            not tie or _CHECKOUT_STATUS_RANK[snapshot.status] > 0
-        ):
-            checkout.status = snapshot.status
-        if _CHECKOUT_PAYMENT_RANK[checkout.payment_status] == 0 and (
-            not tie or _CHECKOUT_PAYMENT_RANK[snapshot.payment_status] > 0
-        ):
-            checkout.payment_status = snapshot.payment_status
-        if checkout.amount_total is None or not tie:
-            checkout.amount_total = snapshot.amount_total if snapshot.amount_total is not None else checkout.amount_total
-            checkout.currency = snapshot.currency or checkout.currency
-        checkout.last_event_created = as_of
-    elif not inserted:
-        log.info("older checkout session snapshot skipped", extra={"checkout_session_id": checkout.id, "as_of": as_of})
+    if not inserted:
+        _merge_checkout_session(checkout, snapshot, as_of)
     checkout.payment_intent_id = checkout.payment_intent_id or snapshot.payment_intent_id
     checkout.customer = checkout.customer or snapshot.customer_id
     checkout.client_reference_id = checkout.client_reference_id or snapshot.client_reference_id
@@ -484,38 +478,79 @@ def apply_checkout_session(
     # checkout.session.async_payment_failed: the session stays complete and unpaid; only
     # the event says the payment failed. Never goes back.
     checkout.payment_failed = checkout.payment_failed or payment_failed
-    if snapshot.order_id and checkout.order_id is None:
-        ensure_order(session, snapshot.order_id)  # before the link: autoflush + FK
-        checkout.order_id = snapshot.order_id
-    elif snapshot.order_id and checkout.order_id != snapshot.order_id:
+    _link_checkout_session_to_order(session, checkout, snapshot.order_id)
+    if checkout.order_id is None:
+        return checkout
+    _update_order_from_checkout_session(session, checkout, checkout.order_id)
+    _settle_checkout_attempt(session, checkout)  # after the order's lock, as the checkout endpoint takes them
+    return checkout
+
+
+def _checkout_session_row(snapshot: CheckoutSessionSnapshot, *, as_of: int, account: str | None) -> dict[str, Any]:
+    """The columns of a Checkout Session first seen in ``snapshot``."""
+    return {
+        "id": snapshot.id,
+        "payment_intent_id": snapshot.payment_intent_id,
+        "account": account,
+        "livemode": snapshot.livemode,
+        "mode": snapshot.mode,
+        "status": snapshot.status,
+        "payment_status": snapshot.payment_status,
+        "payment_failed": False,
+        "amount_total": snapshot.amount_total,
+        "currency": snapshot.currency,
+        "client_reference_id": snapshot.client_reference_id,
+        "payment_link": snapshot.payment_link_id,
+        "customer": snapshot.customer_id,
+        "created": snapshot.created,
+        "expires_at": snapshot.expires_at,
+        "last_event_created": as_of,
+    }
+
+
+def _merge_checkout_session(checkout: CheckoutSession, snapshot: CheckoutSessionSnapshot, as_of: int) -> None:
+    if as_of < checkout.last_event_created:
+        log.info("older checkout session snapshot skipped", extra={"checkout_session_id": checkout.id, "as_of": as_of})
+        return
+    tie = as_of == checkout.last_event_created
+    # complete and expired are final; a paid session stays paid. Otherwise the newer
+    # snapshot wins, and on a tie only what moves forward.
+    if _CHECKOUT_STATUS_RANK[checkout.status] == 0 and (
+        not tie or _CHECKOUT_STATUS_RANK[snapshot.status] > 0
+    ):
+        checkout.status = snapshot.status
+    if _CHECKOUT_PAYMENT_RANK[checkout.payment_status] == 0 and (
+        not tie or _CHECKOUT_PAYMENT_RANK[snapshot.payment_status] > 0
+    ):
+        checkout.payment_status = snapshot.payment_status
+    if checkout.amount_total is None or not tie:
+        checkout.amount_total = snapshot.amount_total if snapshot.amount_total is not None else checkout.amount_total
+        checkout.currency = snapshot.currency or checkout.currency
+    checkout.last_event_created = as_of
+
+
+def _link_checkout_session_to_order(session: Session, checkout: CheckoutSession, order_id: str | None) -> None:
+    """Link the session to the order it names (``order_id``); a link once made is kept."""
+    if order_id and checkout.order_id is None:
+        ensure_order(session, order_id)  # before the link: autoflush + FK
+        checkout.order_id = order_id
+    elif order_id and checkout.order_id != order_id:
         log.warning(
             "checkout session names another order; keeping the first link",
             extra={"checkout_session_id": checkout.id, "order_id": checkout.order_id},
         )
-    if checkout.order_id is None:
-        return checkout
-    order_id = checkout.order_id
+
+
+def _update_order_from_checkout_session(session: Session, checkout: CheckoutSession, order_id: str) -> None:
+    """Link the session's PaymentIntent and its charges still without an order to
+    ``order_id``, give the order the session's ``amount_total`` (payment mode only) and
+    PaymentIntent while it has none, and recompute its status."""
     intent_id = checkout.payment_intent_id
     if intent_id is not None:
-        intent = session.execute(
-            select(PaymentIntent).where(PaymentIntent.id == intent_id).with_for_update()
-            .execution_options(populate_existing=True)
-        ).scalar_one_or_none()
-        if intent is not None and intent.order_id is None:
-            intent.order_id = order_id
-        elif intent is not None and intent.order_id != order_id:
-            log.warning(
-                "checkout session's PaymentIntent belongs to another order; keeping its link",
-                extra={"checkout_session_id": checkout.id, "payment_intent_id": intent_id, "order_id": intent.order_id},
-            )
+        _link_payment_intent_of_checkout_session(session, checkout, intent_id, order_id)
     order = _locked(session, Order, order_id)  # before the FK locks of the link below
     if intent_id is not None:
-        linked = session.execute(
-            update(Charge)
-            .where(Charge.payment_intent_id == intent_id, Charge.order_id.is_(None))
-            .values(order_id=order_id)
-            .returning(Charge.id)
-        ).scalars().all()
+        linked = _link_charges_late(session, intent_id, order_id)
         if linked:
             log.info(
                 "charges linked late through their checkout session",
@@ -528,8 +563,25 @@ def apply_checkout_session(
     if order.payment_intent_id is None and intent_id is not None:
         order.payment_intent_id = intent_id
     refresh_order(session, order_id)
-    _settle_checkout_attempt(session, checkout)  # after the order's lock, as the checkout endpoint takes them
-    return checkout
+
+
+def _link_payment_intent_of_checkout_session(
+    session: Session, checkout: CheckoutSession, intent_id: str, order_id: str
+) -> None:
+    """A PaymentIntent already held without an order takes the session's order; one
+    linked to another order keeps its link. Not known yet: it finds the order through the
+    session when it arrives (:func:`_link_payment_intent_to_order`)."""
+    intent = session.execute(
+        select(PaymentIntent).where(PaymentIntent.id == intent_id).with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if intent is not None and intent.order_id is None:
+        intent.order_id = order_id
+    elif intent is not None and intent.order_id != order_id:
+        log.warning(
+            "checkout session's PaymentIntent belongs to another order; keeping its link",
+            extra={"checkout_session_id": checkout.id, "payment_intent_id": intent_id, "order_id": intent.order_id},
+        )
 
 
 def _settle_checkout_attempt(session: Session, checkout: CheckoutSession) -> None:

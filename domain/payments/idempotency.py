@@ -106,25 +106,8 @@ def claim(
     now = now or utcnow()
 
     def work(session: Session) -> Claim | Replay:
-        inserted = insert_ignore(
-            session,
-            IdempotencyRecord,
-            {
-                "scope": scope,
-                "key": key,
-                "fingerprint": request_fingerprint,
-                "status": IN_FLIGHT,
-                "created_at": now,
-                "locked_at": now,
-                "expires_at": now + timedelta(hours=ttl_hours),
-            },
-        )
-        record = session.execute(
-            select(IdempotencyRecord)
-            .where(IdempotencyRecord.scope == scope, IdempotencyRecord.key == key)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        ).scalar_one()
+        inserted = _insert_in_flight(session, scope, key, request_fingerprint, now, ttl_hours)
+        record = _locked_record(session, scope, key)
         if inserted:
             _purge(session, now, limit=OPPORTUNISTIC_PURGE_BATCH)
             return Claim(record.id)
@@ -150,6 +133,37 @@ def claim(
         )
 
     return run_in_transaction(session_factory, work)
+
+
+def _insert_in_flight(
+    session: Session, scope: str, key: str, request_fingerprint: str, now: datetime, ttl_hours: int
+) -> bool:
+    """The claim of a key not used yet: its row, ``in_flight`` from ``now``. False when the
+    ``(scope, key)`` row exists already (the unique key makes this atomic)."""
+    return insert_ignore(
+        session,
+        IdempotencyRecord,
+        {
+            "scope": scope,
+            "key": key,
+            "fingerprint": request_fingerprint,
+            "status": IN_FLIGHT,
+            "created_at": now,
+            "locked_at": now,
+            "expires_at": now + timedelta(hours=ttl_hours),
+        },
+    )
+
+
+def _locked_record(session: Session, scope: str, key: str) -> IdempotencyRecord:
+    # populate_existing: what is decided must be the row as the lock holds it, not a copy
+    # the session read before.
+    return session.execute(
+        select(IdempotencyRecord)
+        .where(IdempotencyRecord.scope == scope, IdempotencyRecord.key == key)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one()
 
 
 def finish(session_factory: Callable[[], Session], held: Claim, status: int, body: str) -> None:

@@ -15,7 +15,7 @@ import json
 import re
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
 from tests import stripe_payloads as p
@@ -32,6 +32,12 @@ WRITES = ("create", "update", "cancel", "session_create", "expire", "refund", "c
 # From this API version on, canceling a PaymentIntent no longer refunds its authorisation.
 _CANCEL_WITHOUT_REFUND = "2025-03-31"
 _SAME_PARAMETERS = "Keys for idempotent requests can only be used with the same parameters they were first used with."
+
+
+class Headers(Protocol):
+    """A request's headers, read case-insensitively (``requests``' and ``http.server``'s)."""
+
+    def get(self, name: str) -> Any: ...
 
 
 class StripeModel:
@@ -332,7 +338,7 @@ class StripeModel:
 
     # -- answering a request -------------------------------------------------------------------
 
-    def handle(self, method: str, url: str, form: Mapping[str, str], headers: Mapping[str, str]) -> Answer:
+    def handle(self, method: str, url: str, form: Mapping[str, str], headers: Headers) -> Answer:
         """Answer one request: ``url`` as the client sent it (path and query string),
         ``form`` the decoded body parameters (``metadata[order_id]`` style keys),
         ``headers`` the request's (``Idempotency-Key``)."""
@@ -402,22 +408,24 @@ class StripeModel:
             replay = self._claim_key(key, fingerprint)
             if replay is not None:
                 return replay
-            action = self.scripts[write].popleft() if self.scripts[write] else {"kind": "ok"}
+            action: dict[str, Any] = self.scripts[write].popleft() if self.scripts[write] else {"kind": "ok"}
             delay = self.delay
         try:
-            pause = action.get("seconds", delay) if action["kind"] == "slow" else delay
+            pause = float(action.get("seconds", delay)) if action["kind"] == "slow" else delay
             if pause:
                 time.sleep(pause)
             store = True
+            status: int
+            body: JSON
             if action["kind"] == "error":
-                status, body = action.get("status", 500), {"error": action.get("error") or {"type": "api_error", "message": "boom"}}
-                store = action.get("store", True)
+                status, body = int(action.get("status", 500)), {"error": action.get("error") or {"type": "api_error", "message": "boom"}}
+                store = bool(action.get("store", True))
             else:
                 with self.lock:
                     status, body = act()
                 if action["kind"] in ("create_then_error", "change_then_error") and status == 200:
                     after = "create" if action["kind"] == "create_then_error" else "change"
-                    status, body = action.get("status", 500), {"error": {"type": "api_error", "message": f"boom after {after}"}}
+                    status, body = int(action.get("status", 500)), {"error": {"type": "api_error", "message": f"boom after {after}"}}
             with self.lock:
                 if key is not None and store:
                     self.keys[key] = (fingerprint, status, body)
@@ -443,9 +451,10 @@ class StripeModel:
         self.in_progress.add(key)
         return None
 
-    def _now(self) -> dict[str, int]:
-        """``created`` for what a request makes: Stripe's clock when one is set."""
-        return {"created": int(self.clock())} if self.clock is not None else {}
+    def _created(self) -> int | None:
+        """``created`` for what a request makes: Stripe's clock when one is set (else the
+        builders take the time)."""
+        return int(self.clock()) if self.clock is not None else None
 
     # -- charges and refunds ---------------------------------------------------------------
 
@@ -460,7 +469,7 @@ class StripeModel:
             return 400, _error("invalid_request_error", "Missing required param: currency.", "parameter_missing", param="currency")
         charge = p.charge(
             amount=int(amount), currency=form["currency"].lower(), customer=form.get("customer"),
-            metadata=_sub(form, "metadata"), api_version=self.api_version, **self._now(),
+            metadata=_sub(form, "metadata"), api_version=self.api_version, created=self._created(),
         )
         self.charges[charge["id"]] = charge
         return 200, self.charge(charge["id"])
@@ -473,12 +482,14 @@ class StripeModel:
             creates_before = self.refund_creates
             self.refund_requests.append({**params, "_idempotency_key": key})
             failure = self.fail_refunds_with.pop(0) if self.fail_refunds_with else None
+        answer: Answer
         if failure == 429:
-            status, body, headers = 429, _error("invalid_request_error", "Request rate limit exceeded.", "rate_limit"), {}
+            answer = 429, _error("invalid_request_error", "Request rate limit exceeded.", "rate_limit"), {}
         elif failure is not None:
-            status, body, headers = failure, _error("api_error", "Something went wrong on Stripe's end."), {}
+            answer = failure, _error("api_error", "Something went wrong on Stripe's end."), {}
         else:
-            status, body, headers = self._write("refund", request, lambda: self._new_refund(params))
+            answer = self._write("refund", request, lambda: self._new_refund(params))
+        status, body, _ = answer
         with self.lock:
             self.refund_log.append(
                 {
@@ -492,7 +503,7 @@ class StripeModel:
                     "context": context,
                 }
             )
-        return status, body, headers
+        return answer
 
     def _new_refund(self, params: JSON) -> tuple[int, JSON]:
         charge_id = params.get("charge", "")
@@ -514,7 +525,7 @@ class StripeModel:
             )
         refund = p.refund(
             charge=charge_id, amount=amount, currency=charge["currency"], reason=params.get("reason"),
-            metadata=_sub(params, "metadata"), **self._now(),
+            metadata=_sub(params, "metadata"), created=self._created(),
         )
         self.refunds[refund["id"]] = refund
         self.refund_creates += 1
@@ -533,7 +544,7 @@ class StripeModel:
                 return 400, _error("invalid_request_error", f"Missing required param: {required}.", "parameter_missing", param=required)
         intent = p.payment_intent(
             amount=int(form["amount"]), currency=form["currency"], status="requires_payment_method",
-            customer=form.get("customer"), metadata=_sub(form, "metadata"), api_version=self.api_version, **self._now(),
+            customer=form.get("customer"), metadata=_sub(form, "metadata"), api_version=self.api_version, created=self._created(),
         )
         self.payment_intents[intent["id"]] = intent
         self.creates += 1
@@ -571,13 +582,13 @@ class StripeModel:
                 "payment_intent_unexpected_state",
             )
         intent.update(
-            status="canceled", canceled_at=self._now().get("created", int(time.time())),
+            status="canceled", canceled_at=self._created() or int(time.time()),
             cancellation_reason=form.get("cancellation_reason"), amount_capturable=0,
         )
         if self.api_version[:10] < _CANCEL_WITHOUT_REFUND:
             for charge in list(self.charges.values()):
                 if charge.get("payment_intent") == intent_id and not charge.get("captured"):
-                    refund = p.refund(charge=charge["id"], amount=charge["amount"], currency=charge["currency"], **self._now())
+                    refund = p.refund(charge=charge["id"], amount=charge["amount"], currency=charge["currency"], created=self._created())
                     self.refunds[refund["id"]] = refund
         return 200, copy.deepcopy(intent)
 
@@ -606,7 +617,7 @@ class StripeModel:
             status="open", client_reference_id=params.get("client_reference_id"), metadata=_sub(params, "metadata"),
             customer=params.get("customer"), customer_email=params.get("customer_email"),
             expires_at=int(params["expires_at"]) if params.get("expires_at") else None,
-            api_version=self.api_version, **self._now(),
+            api_version=self.api_version, created=self._created(),
         )
         session["success_url"] = params["success_url"]
         session["cancel_url"] = params.get("cancel_url")

@@ -11,7 +11,8 @@ import click
 @click.command()
 @click.option("--serve/--no-serve", "serve_after", default=False, help="Keep the service running afterwards and show the review login (Ctrl-C or SIGTERM stops it).")
 @click.option("--stripe", "stripe_choice", type=click.Choice(["auto", "emulator", "simulated"]), default="auto", show_default=True,
-              help="auto: the stripe-stateful-mock emulator when installed, else the built-in simulation.")
+              help="auto: the stripe-stateful-mock emulator when installed, else the simulated Stripe of the tests "
+                   "(tests/stripe_fake). Both come with a checkout of the repository, not with the installed package.")
 @click.option("--database", type=click.Path(dir_okay=False, path_type=Path), help="Keep the demo database at this path.")
 @click.option("--json", "as_json", is_flag=True, help="Also print the summary as JSON (last line).")
 def demo(serve_after: bool, stripe_choice: str, database: Path | None, as_json: bool) -> None:

@@ -164,8 +164,8 @@ def mock() -> Iterator[responses.RequestsMock]:
 
 @pytest.fixture
 def stripe_api(mock):  # type: ignore[no-untyped-def]
-    """A stateful Stripe behind `mock` (tests/fake_stripe.py), at fake_stripe.API."""
-    from tests.fake_stripe import FakeStripe
+    """A stateful Stripe behind `mock` (tests/stripe_fake/), at stripe_fake.API."""
+    from tests.stripe_fake import FakeStripe
 
     return FakeStripe(mock)
 
@@ -177,8 +177,8 @@ def ledger(session_factory) -> Ledger:  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def stripe_double_server() -> Iterator[Any]:
-    """A Stripe double for PaymentIntents on 127.0.0.1 (see tests/stripe_double.py)."""
-    from tests.stripe_double import StripeDouble
+    """The fake Stripe served on 127.0.0.1 (tests/stripe_fake/), for the whole session."""
+    from tests.stripe_fake import StripeDouble
 
     with StripeDouble() as double:
         yield double

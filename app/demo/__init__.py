@@ -1,7 +1,9 @@
 """``reconciler demo``: the whole flow in a minute, on a throwaway SQLite database.
 
 1. A Stripe on 127.0.0.1: the stripe-stateful-mock emulator when the dev setup installed
-   it (Node.js), else the built-in :mod:`app.demo.simulated_stripe`.
+   it (Node.js), else the fake Stripe of the tests (tests/stripe_fake, served over HTTP).
+   Both live in the repository's tests/, not in the installed package: an installed wheel
+   has neither, and the demo says so (:class:`DemoError`).
 2. The service under its production server (``reconciler serve``) on a free local port.
 3. Orders through the API; payments at "Stripe": a double click, two tabs, a triple click
    in yen, a legitimate single payment, a legitimate split payment, and an ambiguous
@@ -297,7 +299,7 @@ def _stripe(choice: str, workdir: Path) -> Iterator[tuple[str, str]]:
     node = shutil.which("node")
     emulator_ready = node is not None and (EMULATOR_DIR / "node_modules" / "stripe-stateful-mock").is_dir()
     if choice == "emulator" and not emulator_ready:
-        raise RuntimeError("stripe-stateful-mock is not installed: run scripts/setup-dev.sh (needs Node.js)")
+        raise DemoError("stripe-stateful-mock is not installed: run scripts/setup-dev.sh in a checkout of the repository (needs Node.js)")
     if choice in ("auto", "emulator") and emulator_ready:
         log = open(workdir / "stripe.log", "wb")
         process = subprocess.Popen(
@@ -314,10 +316,31 @@ def _stripe(choice: str, workdir: Path) -> Iterator[tuple[str, str]]:
             process.wait(timeout=10)
             log.close()
         return
-    from app.demo.simulated_stripe import SimulatedStripe
-
-    with SimulatedStripe() as simulated:
+    model, server = _simulated_stripe(emulator_missing=choice == "auto")
+    # As the emulators answer: no Events API (backfill reads the charges) and no Checkout.
+    with server(model(events_api=False, checkout_api=False)) as simulated:
         yield "built-in simulated Stripe", simulated.base_url
+
+
+def _simulated_stripe(*, emulator_missing: bool) -> tuple[Any, Any]:
+    """The fake Stripe of the tests (its model and its HTTP server), imported from the
+    repository checkout this package runs from; it is not shipped in the wheel."""
+    failure = ""
+    if (ROOT / "tests" / "stripe_fake" / "__init__.py").is_file():
+        if str(ROOT) not in sys.path:
+            sys.path.append(str(ROOT))
+        try:
+            from tests.stripe_fake import StripeModel, StripeServer
+        except ImportError as exc:
+            failure = f" (importing it from {ROOT / 'tests'} failed: {exc})"
+        else:
+            return StripeModel, StripeServer
+    missing = "the stripe-stateful-mock emulator is not installed and " if emulator_missing else ""
+    raise DemoError(
+        f"no Stripe to run the demo against: {missing}the simulated Stripe is not part of the installed "
+        "package. Run the demo from a checkout of the repository (scripts/demo), where the simulated Stripe "
+        f"lives in tests/stripe_fake and scripts/setup-dev.sh installs the emulator{failure}."
+    )
 
 
 @contextlib.contextmanager

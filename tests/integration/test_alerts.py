@@ -15,7 +15,7 @@ from config import Settings
 from jobs.alerts import Alert, Alerter
 from jobs.reconcile import run_reconciliation
 from models import AlertSent, EventFailure, run_in_transaction, utcnow
-from tests.fake_stripe import API, FakeStripe
+from tests.stripe_fake import API, FakeStripe
 from tests.integration.test_reconcile import _double_click
 
 SLACK = "https://hooks.slack.test/services/T000/B000/XXXX"

@@ -1,6 +1,6 @@
 """Backfill's watermarks (one per listing), the second a read object counts as of, and
 the connected account of a charge's PaymentIntent: the reconciliation pass against the
-real stripe-python SDK, with Stripe played by tests/fake_stripe.py."""
+real stripe-python SDK, with Stripe played by tests/stripe_fake/."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from config import Settings
 from jobs.reconcile import OVERLAP_SECONDS, run_reconciliation
 from models import Charge, PaymentIntent, ReconciliationRun, Refund, make_session_factory, run_in_transaction
 from tests import stripe_payloads as p
-from tests.fake_stripe import API
+from tests.stripe_fake import API
 
 NOW = int(time.time())
 LISTING_PATHS = {"charges": "/v1/charges", "refunds": "/v1/refunds", "disputes": "/v1/disputes", "checkout_sessions": "/v1/checkout/sessions", "events": "/v1/events"}

@@ -1,6 +1,6 @@
 """Checkout Sessions in the ledger, end to end: signed webhooks into the real app, the
 reconciliation pass through the real stripe-python SDK against the project's Stripe fake
-(tests/fake_stripe.py), payloads in Stripe's shapes of two API versions.
+(tests/stripe_fake/), payloads in Stripe's shapes of two API versions.
 
 The order id sits only on the session (``client_reference_id`` or metadata); the
 PaymentIntents and charges Checkout makes carry no order metadata."""
@@ -21,7 +21,7 @@ from config import Settings, SettingsError
 from jobs.reconcile import run_reconciliation
 from models import Charge, CheckoutSession, DuplicateCase, Order, PaymentIntent
 from tests import stripe_payloads as p
-from tests.fake_stripe import API
+from tests.stripe_fake import API
 
 NOW = int(time.time())
 VERSIONS = [p.LEGACY_API_VERSION, p.CURRENT_API_VERSION]

@@ -19,7 +19,7 @@ from domain.stripe.gateway import StripeGateway
 from domain.cases.report import REPORT_COLUMNS
 from models import AuditEntry, DuplicateCase
 from tests.conftest import API_TOKEN
-from tests.fake_stripe import API
+from tests.stripe_fake import API
 from tests.integration.test_reconcile import NOW, _double_click, make_order
 
 

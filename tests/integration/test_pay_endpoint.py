@@ -18,7 +18,7 @@ from models import Order, PaymentIntent, utcnow
 from models.payments import IdempotencyRecord, PaymentAttempt
 from tests import stripe_payloads as p
 from tests.conftest import API_TOKEN
-from tests.stripe_double import card_declined
+from tests.stripe_fake import card_declined
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 

@@ -1,5 +1,5 @@
 """The reconciliation pass against the real stripe-python SDK, with Stripe played by a
-stateful double behind `responses` (tests/fake_stripe.py): backfill, detection, the phased
+stateful double behind `responses` (tests/stripe_fake/): backfill, detection, the phased
 refund path, crash recovery, modes, failures and alerts."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from jobs.lease import exclusive_pass
 from jobs.reconcile import RunInProgress, run_reconciliation
 from models import AlertSent, AuditEntry, DuplicateCase, ReconciliationRun, Refund, RefundAttempt, run_in_transaction
 from tests import stripe_payloads as p
-from tests.fake_stripe import API
+from tests.stripe_fake import API
 
 NOW = int(time.time())
 

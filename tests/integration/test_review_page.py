@@ -25,7 +25,7 @@ from app.errors import status_of
 from domain.cases.review import CaseActionError
 from jobs.reconcile import run_reconciliation
 from models import AuditEntry, CaseCharge, Charge, DuplicateCase, Order, RefundAttempt, run_in_transaction, utcnow
-from tests.fake_stripe import API
+from tests.stripe_fake import API
 from tests.integration.test_reconcile import NOW, _double_click, make_order
 
 PASSWORD = "correct horse battery staple"

@@ -283,7 +283,7 @@ def test_settings_warn_without_a_persistent_secret_key() -> None:
 
 
 def test_a_pass_reports_every_phase_it_goes_through(stripe_api, session_factory, settings) -> None:  # type: ignore[no-untyped-def]
-    from tests.fake_stripe import API
+    from tests.stripe_fake import API
     from tests.integration.test_reconcile import _double_click
 
     _double_click(stripe_api, session_factory)

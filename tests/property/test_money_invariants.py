@@ -3,7 +3,7 @@
 A small world: three orders (``ord_usd`` 10.00 USD, ``ord_jpy`` 1000 JPY, ``ord_unknown``
 whose total nobody told us), charges of 500 or 1000 minor units (so equal amounts repeat)
 in the order's currency or the other one, captured or only authorised. Stripe is the
-stateful double of tests/fake_stripe.py behind ``responses`` (the real SDK talks HTTP to
+stateful fake of tests/stripe_fake/ behind ``responses`` (the real SDK talks HTTP to
 it); webhooks are signed and posted to ``POST /webhooks/stripe`` through Flask's test
 client. The steps interleave:
 
@@ -102,7 +102,7 @@ from jobs.reconcile import run_reconciliation
 from models import ACTIVE_CASE_STATUSES, DuplicateCase, make_engine, make_session_factory, run_in_transaction
 from tests import stripe_payloads as p
 from tests.databases import throwaway_database
-from tests.fake_stripe import API, FakeStripe
+from tests.stripe_fake import API, FakeStripe
 
 # -- profiles --------------------------------------------------------------------------------
 

@@ -265,9 +265,7 @@ def _clean_note(note: Any, *, required: bool) -> str | None:
 
 
 def _locked(session: Session, case_id: int) -> DuplicateCase:
-    case = session.execute(
-        select(DuplicateCase).where(DuplicateCase.id == case_id).with_for_update().execution_options(populate_existing=True)
-    ).scalar_one_or_none()
+    case = session.get(DuplicateCase, case_id, with_for_update=True, populate_existing=True)
     if case is None:
         raise CaseActionError("case_not_found", f"No case {case_id}.", kind=Kind.NOT_FOUND)
     return case

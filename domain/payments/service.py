@@ -679,9 +679,8 @@ def order_paid(session: Session, order: Order) -> bool:
 def locked_order(session: Session, order_id: str) -> Order:
     """The order, its row locked for this transaction (the lock that serialises every
     decision about paying it); :class:`PayError` ``order_not_found`` when unknown."""
-    order = session.execute(
-        select(Order).where(Order.id == order_id).with_for_update().execution_options(populate_existing=True)
-    ).scalar_one_or_none()
+    # populate_existing: always read under the lock, never the identity map's copy.
+    order = session.get(Order, order_id, with_for_update=True, populate_existing=True)
     if order is None:
         raise PayError("order_not_found", f"No order {order_id}.", kind=Kind.NOT_FOUND)
     return order

@@ -8,7 +8,10 @@ Guarantees:
 * **Started together, stopped together.** SIGTERM, SIGINT or SIGHUP to the supervisor
   sends SIGTERM to every child, waits up to ``stop_timeout`` seconds for them to exit,
   then SIGKILLs what is left and reaps it: when :meth:`Supervisor.run` returns, no child
-  is left running.
+  is left running. On Linux the children's own descendants (a web server's workers, the
+  helper processes ``multiprocessing`` starts, which exit a moment after their parent)
+  are waited for within the same timeout and SIGKILLed if still there, so nothing the
+  service started outlives it.
 * **No orphans even if the supervisor is killed** (SIGKILL, a crash): on Linux each child
   asks the kernel for SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``). The kernel
   sends it when the *thread* that started the child ends, so children are only ever
@@ -185,6 +188,9 @@ class Supervisor:
 
     def _stop_all(self) -> None:
         live = [r for r in self._children if r.process is not None and r.process.poll() is None]
+        # Taken before the children exit: once they do, their descendants are re-parented
+        # and can no longer be found from here.
+        offspring = {pid: _started(pid) for r in live if r.process is not None for pid in descendants(r.process.pid)}
         for running in live:
             assert running.process is not None
             try:
@@ -200,8 +206,65 @@ class Supervisor:
                 log.warning("supervisor: %s did not stop within %.0f s; killing it", running.child.name, self.stop_timeout)
                 running.process.kill()
                 running.process.wait()
+        _outlast(offspring, deadline, self._clock)
         for running in self._children:
             if running.process is not None:
                 running.process.poll()  # reap anything that exited on its own
                 log.info("supervisor: %s stopped (status %s)", running.child.name, running.process.returncode)
             running.process = None
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), or None."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _started(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot): with the pid, names one process even
+    if the pid is reused later."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    """That very process, running or sleeping: not gone, not a zombie waiting to be
+    reaped, and not a newer process that was given the same pid."""
+    fields = _proc_stat(pid)
+    return fields is not None and fields[0] != "Z" and len(fields) > 19 and fields[19] == started
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (Linux; empty where there is no ``/proc``)."""
+    if not os.path.isdir("/proc"):
+        return []
+    parents: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            fields = _proc_stat(int(name))
+            if fields is not None and fields[0] != "Z":
+                parents.setdefault(int(fields[1]), []).append(int(name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _outlast(processes: dict[int, str | None], deadline: float, clock: Callable[[], float]) -> None:
+    """Wait until none of ``processes`` (pid: start time) is alive, polling until
+    ``deadline`` (at least one second from now); SIGKILL those still alive then."""
+    deadline = max(deadline, clock() + 1.0)
+    while any(_alive(pid, started) for pid, started in processes.items()) and clock() < deadline:
+        time.sleep(0.05)
+    for pid, started in processes.items():
+        if _alive(pid, started):
+            log.warning("supervisor: process %d outlived its parent; killing it", pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -110,6 +110,40 @@ def test_supervisor_restarts_a_dying_child_with_backoff_and_stops_all_on_sigterm
     assert "flaky exited with status 3" in output and "restarting in" in output
 
 
+GRANDPARENT_SCRIPT = textwrap.dedent(
+    """
+    import logging, sys
+    from jobs.supervisor import Child, Supervisor
+    logging.basicConfig(level=logging.INFO)
+    python = sys.executable
+    # A grandchild that ignores SIGTERM and would sleep on after its parent (the child) is
+    # stopped: what a server's worker or a multiprocessing helper looks like at worst.
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"
+    parent = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {stubborn!r}]); time.sleep(300)"
+    sys.exit(Supervisor([Child("parent", [python, "-c", parent])], stop_timeout=2).run())
+    """
+)
+
+
+def test_a_childs_own_child_does_not_outlive_the_supervisors_stop(tmp_path: Path) -> None:
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", GRANDPARENT_SCRIPT],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        grandchildren = wait_for(lambda: [p for p in descendants(supervisor.pid) if "SIG_IGN" in cmdline(p)
+                                          and "subprocess" not in cmdline(p)], 20, "the grandchild")
+        supervisor.send_signal(signal.SIGTERM)
+        output, _ = supervisor.communicate(timeout=30)
+        assert supervisor.returncode == 0, output
+        assert [pid for pid in grandchildren if alive(pid)] == [], output  # type: ignore[union-attr]
+        assert "outlived its parent; killing it" in output
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+
+
 def test_an_essential_child_that_exits_stops_the_others(tmp_path: Path) -> None:
     supervisor, _ = start_supervisor(tmp_path, "essential")
     output, _ = supervisor.communicate(timeout=20)

@@ -2,11 +2,12 @@
 ``charge.succeeded`` for a charge we have never seen), in a handful of statements for the
 whole batch instead of a dozen per event.
 
-It follows :func:`domain.ledger.upserts.apply_charge` exactly for that case, and takes the
-same locks in the same order (PaymentIntent keys, then the charges it inserts, then their
-orders): insert the charge if new, link it to the order its metadata, its PaymentIntent or
-its Checkout Session names, and recompute that order's status. A charge already in the
-ledger is left to the per-event path (``apply_charge`` merges snapshots by age).
+It follows :func:`domain.ledger.upserts.apply_charge` exactly for that case: insert the
+charge if new, link it to the order its metadata, its PaymentIntent or its Checkout
+Session names, and recompute that order's status. Locks: the PaymentIntent keys first (as
+``apply_charge``), then the orders (in id order, before any foreign key check touches
+them, as ``_link_charge``), then the rows it inserts. A charge already in the ledger is
+left to the per-event path (``apply_charge`` merges snapshots by age).
 tests/integration/test_event_applier.py checks both paths leave the same rows.
 """
 
@@ -16,7 +17,7 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Any, Iterable, Sequence, cast
 
-from sqlalchemy import Update, bindparam, func, select, text, update
+from sqlalchemy import Table, bindparam, func, select, text, update
 from sqlalchemy.orm import Session
 
 from domain.ledger.envelope import EventEnvelope
@@ -30,7 +31,6 @@ NewCharge = tuple[EventEnvelope, ChargeSnapshot]
 
 _charges = table_of(Charge)
 _orders = table_of(Order)
-_LINK = update(_charges).where(_charges.c.id == bindparam("b_id")).values(order_id=bindparam("b_order"))
 _STATUS = (
     update(_orders)
     .where(_orders.c.id == bindparam("b_id"))
@@ -44,10 +44,17 @@ def eligible(snapshot: ChargeSnapshot) -> bool:
 
 
 def apply_new_charges(session: Session, items: Sequence[NewCharge]) -> set[str]:
-    """Insert the charges of ``items`` that the ledger does not hold yet, link them and
-    refresh their orders. Returns the ids of the events fully applied; every other item
-    (its charge was already there) must go through the per-event path. Each charge id
-    must appear once in ``items``."""
+    """Insert the charges of ``items`` that the ledger does not hold yet, linked, and bring
+    their orders' status up to date. Returns the ids of the events fully applied; every
+    other item (its charge was already there) must go through the per-event path. Each
+    charge id must appear once in ``items``.
+
+    Each row is written once: the links are read first, so a charge is inserted with its
+    order already set, and an order new to the ledger is inserted with the status its
+    charges give it (an update of either would write every index of the row again).
+    Raises :class:`ConcurrentWrite` when another writer inserted one of the rows since they
+    were read; the caller's savepoint undoes the batch's writes and the per-event path
+    takes the events."""
     if not items:
         return set()
     postgres = session.get_bind().dialect.name == "postgresql"
@@ -59,39 +66,22 @@ def apply_new_charges(session: Session, items: Sequence[NewCharge]) -> set[str]:
             text("SELECT count(pg_advisory_xact_lock(hashtext('payment_intent'), hashtext(k))) FROM unnest(CAST(:keys AS text[])) AS k"),
             {"keys": intents},
         )
-    inserted = _insert_new(session, items, now, postgres)
-    new = [(event, snapshot) for event, snapshot in items if snapshot.id in inserted]
+    known = set(session.scalars(select(_charges.c.id).where(one_of(session, _charges.c.id, [s.id for _, s in items]))))
+    new = [(event, snapshot) for event, snapshot in items if snapshot.id not in known]
+    if not new:
+        return set()
     links = _orders_named(session, [s for _, s in new])
-    if links:
-        _link(session, links, now, postgres)
-    return {event.id for event, _ in new}
-
-
-def _insert_new(session: Session, items: Sequence[NewCharge], now: datetime, postgres: bool) -> set[str]:
-    insert = dialect_insert(session.get_bind().dialect.name)
     rows = [
-        {**charge_row(s, as_of=e.created, account=e.account), "order_id": None, "first_seen_at": now, "updated_at": now}
-        for e, s in items
+        {**charge_row(s, as_of=e.created, account=e.account), "order_id": links.get(s.id), "first_seen_at": now, "updated_at": now}
+        for e, s in new
     ]
-    if postgres:
-        # One array per column, unnested in step: the statement's text is the same for any
-        # batch size, so it is parsed and prepared once (a multi-row VALUES list is a new
-        # statement for every batch size and costs the driver more to send than the rows).
-        from sqlalchemy.dialects.postgresql import ARRAY
-
-        columns = [c for c in _charges.c if c.key in rows[0]]
-        arrays = [bindparam(None, [r[c.key] for r in rows], type_=ARRAY(c.type)) for c in columns]
-        statement = (
-            insert(_charges)
-            .from_select([c.key for c in columns], select(*[func.unnest(a) for a in arrays]))
-            .on_conflict_do_nothing()
-            .returning(_charges.c.id)
-        )
-        return set(session.execute(statement).scalars())
-    # A list of parameter sets: SQLAlchemy sends them as multi-row INSERTs ("insertmanyvalues")
-    # from one cached compilation, RETURNING the ids it inserted.
-    statement = insert(_charges).on_conflict_do_nothing().returning(_charges.c.id)
-    return set(session.execute(statement, rows).scalars())
+    changed, created = _order_statuses(session, [Charge(**row) for row in rows if row["order_id"]], now)
+    if created:
+        _insert_all(session, _orders, created, postgres)
+    _insert_all(session, _charges, rows, postgres)
+    if changed:
+        _update_statuses(session, changed, now, postgres)
+    return {event.id for event, _ in new}
 
 
 def _orders_named(session: Session, snapshots: Iterable[ChargeSnapshot]) -> dict[str, str]:
@@ -132,57 +122,87 @@ def _orders_named(session: Session, snapshots: Iterable[ChargeSnapshot]) -> dict
     return links
 
 
-def _link(session: Session, links: dict[str, str], now: datetime, postgres: bool) -> None:
-    """Make sure the orders exist, lock them (in id order), link the charges and write
-    each order's new status (with its version bumped, as the ORM would)."""
-    insert = dialect_insert(session.get_bind().dialect.name)
-    order_ids = sorted(set(links.values()))
-    session.execute(
-        insert(_orders).on_conflict_do_nothing(),
-        [{"id": o, "status": "pending", "version": 1, "created_at": now, "updated_at": now} for o in order_ids],
-    )
+class ConcurrentWrite(Exception):
+    """Another transaction inserted a row this batch was about to insert."""
+
+
+def _order_statuses(session: Session, linked: list[Charge], now: datetime) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """Lock the orders of the ``linked`` new charges (not in the session; in id order),
+    and work out each order's status with them: the changed statuses of the orders the
+    ledger holds, and the rows of the orders it does not hold yet (whose only charges are
+    new ones)."""
+    order_ids = sorted({c.order_id for c in linked if c.order_id})
+    if not order_ids:
+        return {}, []
     current = dict(
         session.execute(
             select(_orders.c.id, _orders.c.status).where(one_of(session, _orders.c.id, order_ids)).order_by(_orders.c.id).with_for_update()
         ).all()
     )
-    _update_each(session, _LINK, [{"b_id": c, "b_order": o} for c, o in links.items()], postgres)
-    charges = list(
-        session.scalars(
-            select(Charge)
-            .where(one_of(session, Charge.order_id, order_ids))
-            .order_by(Charge.order_id, Charge.created, Charge.id)
-            .execution_options(populate_existing=True)
+    held: list[Charge] = []
+    if current:
+        held = list(
+            session.scalars(
+                select(Charge)
+                .where(one_of(session, Charge.order_id, list(current)))
+                .order_by(Charge.order_id, Charge.created, Charge.id)
+                .execution_options(populate_existing=True)
+            )
         )
-    )
-    # Keyed like Charge.order_id (nullable); the charges selected above all have one.
+    # Keyed like Charge.order_id (nullable); every charge here has one or is skipped.
     by_order: dict[str | None, list[ChargePosition]] = defaultdict(list)
-    for position in charge_positions(session, charges):
+    for position in charge_positions(session, held + linked):
         by_order[position.charge.order_id].append(position)
-    changes = [
-        {"b_id": o, "b_status": status, "b_now": now}
-        for o in order_ids
-        if (status := order_status(by_order.get(o, []))) != current.get(o)
-    ]
-    if changes:
-        _update_each(session, _STATUS, changes, postgres)
+    changed: dict[str, str] = {}
+    created: list[dict[str, Any]] = []
+    for order_id in order_ids:
+        status = order_status(by_order[order_id])
+        if order_id not in current:
+            created.append({"id": order_id, "status": status, "version": 1, "created_at": now, "updated_at": now})
+        elif status != current[order_id]:
+            changed[order_id] = status
+    return changed, created
 
 
-def _update_each(session: Session, statement: Update, rows: list[dict[str, Any]], postgres: bool) -> None:
-    """Run ``statement`` (_LINK or _STATUS above) for every row. On PostgreSQL as one UPDATE
-    joined to the rows unnested from arrays (one statement, one round trip, one parse);
-    elsewhere as an executemany."""
+def _insert_all(session: Session, table: Table, rows: list[dict[str, Any]], postgres: bool) -> None:
+    """Insert ``rows`` (none of which the ledger held when read); raises ConcurrentWrite
+    when one was inserted meanwhile by another transaction."""
+    insert = dialect_insert(session.get_bind().dialect.name)
+    if postgres:
+        # One array per column, unnested in step: the statement's text is the same for any
+        # batch size, so it is parsed and prepared once (a multi-row VALUES list is a new
+        # statement for every batch size and costs the driver more to send than the rows).
+        from sqlalchemy.dialects.postgresql import ARRAY
+
+        columns = [c for c in table.c if c.key in rows[0]]
+        arrays = [bindparam(None, [r[c.key] for r in rows], type_=ARRAY(c.type)) for c in columns]
+        statement = (
+            insert(table)
+            .from_select([c.key for c in columns], select(*[func.unnest(a) for a in arrays]))
+            .on_conflict_do_nothing()
+            .returning(table.c.id)
+        )
+        inserted = len(session.execute(statement).all())
+    else:
+        # A list of parameter sets: SQLAlchemy sends them as multi-row INSERTs
+        # ("insertmanyvalues") from one cached compilation, RETURNING the ids it inserted.
+        inserted = len(session.execute(insert(table).on_conflict_do_nothing().returning(table.c.id), rows).all())
+    if inserted != len(rows):
+        raise ConcurrentWrite(f"{len(rows) - inserted} of {len(rows)} {table.name} rows were inserted meanwhile")
+
+
+def _update_statuses(session: Session, statuses: dict[str, str], now: datetime, postgres: bool) -> None:
+    """Write each order's new status, its version bumped as the ORM would. On PostgreSQL
+    as one UPDATE joined to the rows unnested from arrays (one statement, one round trip,
+    one parse); elsewhere as an executemany."""
     if not postgres:
-        session.execute(statement, rows)
+        session.execute(_STATUS, [{"b_id": o, "b_status": s, "b_now": now} for o, s in statuses.items()])
         return
     from sqlalchemy.dialects.postgresql import ARRAY
 
-    table, column = (_charges, "order_id") if statement is _LINK else (_orders, "status")
-    value_key = "b_order" if statement is _LINK else "b_status"
-    ids = bindparam(None, [r["b_id"] for r in rows], type_=ARRAY(table.c.id.type))
-    values = bindparam(None, [r[value_key] for r in rows], type_=ARRAY(table.c[column].type))
+    ids = bindparam(None, list(statuses), type_=ARRAY(_orders.c.id.type))
+    values = bindparam(None, list(statuses.values()), type_=ARRAY(_orders.c.status.type))
     v = select(func.unnest(ids).label("id"), func.unnest(values).label("value")).subquery()
-    update_ = update(table).where(table.c.id == v.c.id).values({column: v.c.value})
-    if table is _orders:
-        update_ = update_.values(version=_orders.c.version + 1, updated_at=rows[0]["b_now"])
-    session.execute(update_)
+    session.execute(
+        update(_orders).where(_orders.c.id == v.c.id).values(status=v.c.value, version=_orders.c.version + 1, updated_at=now)
+    )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Collection, Iterator
 
 from sqlalchemy import Engine, bindparam
@@ -92,6 +92,18 @@ class _Slot:
     done: bool = False
     inserted: bool = False
     error: BaseException | None = None
+    # Held from creation; released once to wake the request (its statement committed, or
+    # it is to lead the next one). A bare lock is CPython's cheapest wake-up.
+    _signal: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._signal.acquire()
+
+    def wait(self) -> None:
+        self._signal.acquire()
+
+    def wake(self) -> None:
+        self._signal.release()
 
 
 class StoreFailed(Exception):
@@ -100,12 +112,13 @@ class StoreFailed(Exception):
 
 class GroupInsert:
     """The inserts of one process's concurrent requests in one statement and one commit
-    (PostgreSQL).
+    (PostgreSQL): group commit with a leader.
 
-    Each request queues its row, then waits for the flush lock. Whoever holds it takes
-    every row queued at that moment (at most ``max_rows``) and inserts them with one
-    multi-row ``INSERT ... ON CONFLICT DO NOTHING RETURNING event_id`` in autocommit; a
-    request whose row an earlier holder already carried returns at once. So:
+    A request queues its row. If no statement is in flight it leads: it takes every row
+    queued at that moment (at most ``max_rows``) and inserts them with one multi-row
+    ``INSERT ... ON CONFLICT DO NOTHING RETURNING event_id`` in autocommit. Otherwise it
+    sleeps until the leader wakes it, either because its row was carried (then it returns)
+    or to lead the next statement, with every row that queued meanwhile. So:
 
     * a request returns only after the commit of the statement that carried its row (the
       answer follows the commit; ``synchronous_commit`` is the server's);
@@ -114,6 +127,9 @@ class GroupInsert:
     * while one statement is in flight the next batch forms behind it, so the busier the
       worker, the fewer statements and commits per event; an idle worker sends each row
       alone, as soon as it comes;
+    * each request is woken once, directly, by the leader (not by handing a lock from one
+      waiter to the next, which put a context switch and a GIL hand-off per request in
+      series before the next statement could start);
     * two copies of one event in one statement: the first is inserted, the other is a
       duplicate (``DO NOTHING`` skips it).
     """
@@ -122,25 +138,48 @@ class GroupInsert:
         self._engine = engine
         self._keys = keys
         self._max_rows = max_rows
-        self._statements: dict[int, str] = {}  # rows -> SQL; read and written under _flush
+        self._statements: dict[int, str] = {}  # rows -> SQL; read and written by the leader
         self._pending: list[_Slot] = []
-        self._guard = threading.Lock()  # _pending
-        self._flush = threading.Lock()  # one statement in flight per process
+        self._guard = threading.Lock()  # _pending, _leading
+        self._leading = False  # a request is leading (taking or running a statement)
+        self._flush = threading.Lock()  # held by the leader while it takes and runs its batch
 
     def insert(self, row: dict[str, Any]) -> bool:
         """Store ``row`` once by event id; True when this row was the one inserted."""
         slot = _Slot(row)
         with self._guard:
             self._pending.append(slot)
-        with self._flush:
-            if not slot.done:
-                with self._guard:
-                    batch = self._pending[: self._max_rows]
-                    del self._pending[: self._max_rows]
-                self._run(batch)
+            lead, self._leading = not self._leading, True
+        if not lead:
+            slot.wait()
+        if not slot.done:  # leading: now, or woken to lead the next statement
+            self._lead(slot)
         if slot.error is not None:
             raise StoreFailed(type(slot.error).__name__) from slot.error
         return slot.inserted
+
+    def _lead(self, own: _Slot) -> None:
+        """Run one statement with the queued rows (``own`` is the first of them), wake every
+        request it carried, and wake the first row queued since to lead the next one."""
+        batch: list[_Slot] = []
+        try:
+            with self._flush:
+                with self._guard:
+                    batch = self._pending[: self._max_rows]
+                    del self._pending[: self._max_rows]
+                assert own in batch  # a leader's row is the oldest queued
+                self._run(batch)
+        finally:
+            with self._guard:
+                successor = self._pending[0] if self._pending else None
+                self._leading = successor is not None
+            for slot in batch:
+                if not slot.done:  # _run never returns without an outcome; a BaseException did
+                    slot.error, slot.done = RuntimeError("the group insert was interrupted"), True
+                if slot is not own:
+                    slot.wake()
+            if successor is not None:
+                successor.wake()
 
     def _statement(self, rows: int) -> str:
         """The multi-row insert for ``rows`` rows, built from the model's table and

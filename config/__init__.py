@@ -123,6 +123,14 @@ class Settings:
     inbox_drain_seconds: int = 60
     applier_processes: int = 1
     applier_nice: int = 10
+    # PostgreSQL: the appliers' threads run at idle CPU priority (Linux SCHED_IDLE: they
+    # get only the CPU time nothing else wants), so at a peak the web workers keep every
+    # core; a guard thread at APPLIER_NICE applies whenever the oldest event waiting is
+    # older than applier_lag_guard_seconds, so a machine that stays saturated still
+    # applies (README "Ingest"). SQLite never: there the applier holds the one write lock
+    # that the accept path needs too.
+    applier_idle_cpu: bool = True
+    applier_lag_guard_seconds: int = 10
     # One access-log line per request from the web server (WEB_ACCESS_LOG). Off by
     # default: at a webhook peak it cost 15% of the accept path's CPU, and /metrics counts
     # every webhook by type and outcome (every refused or failed one is also logged).
@@ -373,6 +381,8 @@ def _ingest_fields(env: _Env) -> dict[str, Any]:
         "event_alert_attempts": env.integer("EVENT_ALERT_ATTEMPTS", 5, minimum=1),
         "applier_processes": env.integer("APPLIER_PROCESSES", 1, minimum=0),
         "applier_nice": env.integer("APPLIER_NICE", 10, minimum=0, maximum=19),
+        "applier_idle_cpu": _parse_bool("APPLIER_IDLE_CPU", env.text("APPLIER_IDLE_CPU") or "true"),
+        "applier_lag_guard_seconds": env.integer("APPLIER_LAG_GUARD_SECONDS", 10, minimum=1),
         "signature_alert_threshold": env.integer("SIGNATURE_ALERT_THRESHOLD", 20, minimum=1),
         "signature_alert_window_seconds": env.integer("SIGNATURE_ALERT_WINDOW_SECONDS", 300, minimum=10),
     }

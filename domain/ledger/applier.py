@@ -128,6 +128,10 @@ class Applier:
         self.applied_total = 0
         self.failed_total = 0
 
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
     # -- one batch -------------------------------------------------------------------------
 
     def apply_batch(self) -> BatchOutcome:
@@ -317,9 +321,17 @@ class Applier:
         with self._session_factory() as session:
             return count(session) > 0
 
-    def run(self, stop: threading.Event, *, idle_seconds: float = 0.05, max_idle_seconds: float = 0.5) -> None:
+    def run(
+        self,
+        stop: threading.Event,
+        *,
+        pause: threading.Event | None = None,
+        idle_seconds: float = 0.05,
+        max_idle_seconds: float = 0.5,
+    ) -> None:
         """Apply until ``stop`` is set: batches back to back while there is work, polling
-        (50 ms, growing to 500 ms when idle) otherwise, and a heartbeat every 2 s. An
+        (50 ms, growing to 500 ms when idle) otherwise, and a heartbeat every 2 s; no
+        batch while ``pause`` is set (another applier of this process has taken over). An
         error (the database down) is logged and retried with backoff; it never ends the
         loop."""
         idle = idle_seconds
@@ -330,6 +342,9 @@ class Applier:
                 if time.monotonic() >= next_beat:
                     self.beat()
                     next_beat = time.monotonic() + HEARTBEAT_SECONDS
+                if pause is not None and pause.is_set():
+                    stop.wait(idle_seconds)
+                    continue
                 outcome = self.apply_batch()
                 failures_in_a_row = 0
             except Exception:  # noqa: BLE001 - the loop outlives any one failure
@@ -394,6 +409,22 @@ class InboxState:
     oldest_pending_seconds: float | None
     last_heartbeat_seconds: float | None
     appliers: int
+
+
+def oldest_ready_seconds(session_factory: sessionmaker[Session]) -> float | None:
+    """How long the next event to apply (the oldest ready one, in the claim's order) has
+    waited since it was received; None when none is ready. The first entry of the inbox's
+    index, whatever the backlog."""
+    now = utcnow()
+    with session_factory() as session:
+        received = session.scalar(
+            select(StripeEvent.received_at)
+            .where(text(PENDING_SQL))
+            .where((StripeEvent.next_attempt_at.is_(None)) | (StripeEvent.next_attempt_at <= now))
+            .order_by(StripeEvent.created, StripeEvent.event_id)
+            .limit(1)
+        )
+    return _age(now, received)
 
 
 def pending_count(session_factory: sessionmaker[Session]) -> int:

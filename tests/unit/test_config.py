@@ -19,6 +19,7 @@ def test_defaults_use_sqlite_under_instance() -> None:
     assert settings.stripe_webhook_secrets == ()
     assert (settings.applier_nice, settings.access_log) == (10, False)
     assert (settings.applier_batch_size, settings.applier_linger_ms) == (500, 250)
+    assert (settings.applier_idle_cpu, settings.applier_lag_guard_seconds) == (True, 10)
 
 
 def test_reads_every_variable() -> None:
@@ -34,10 +35,13 @@ def test_reads_every_variable() -> None:
             "SECRET_KEY": "s3cret",
             "API_TOKEN": "0123456789abcdef",
             "APPLIER_NICE": "0",
+            "APPLIER_IDLE_CPU": "false",
+            "APPLIER_LAG_GUARD_SECONDS": "30",
             "WEB_ACCESS_LOG": "true",
         }
     )
     assert (settings.applier_nice, settings.access_log) == (0, True)
+    assert (settings.applier_idle_cpu, settings.applier_lag_guard_seconds) == (False, 30)
     assert settings.database_url == "postgresql+psycopg://u:p@127.0.0.1:5432/db"
     assert settings.stripe_api_base == "http://127.0.0.1:12111"
     assert settings.stripe_webhook_secrets == ("whsec_one", "whsec_two")
@@ -73,6 +77,8 @@ def test_secrets_are_not_in_repr() -> None:
         ({"APPLIER_NICE": "20"}, "APPLIER_NICE"),
         ({"APPLIER_LINGER_MS": "5001"}, "APPLIER_LINGER_MS"),
         ({"APPLIER_NICE": "-5"}, "APPLIER_NICE"),
+        ({"APPLIER_IDLE_CPU": "sometimes"}, "APPLIER_IDLE_CPU"),
+        ({"APPLIER_LAG_GUARD_SECONDS": "0"}, "APPLIER_LAG_GUARD_SECONDS"),
         ({"WEB_ACCESS_LOG": "loud"}, "WEB_ACCESS_LOG"),
         ({"STRIPE_LIVEMODE": "true"}, "STRIPE_API_KEY"),  # live needs its secrets
         (

@@ -101,7 +101,10 @@ class LagGuard:
                     next_beat = time.monotonic() + HEARTBEAT_SECONDS
                 outcome = self._applier.apply_batch()
                 applied += outcome.applied
-                if outcome.busy:  # an idle applier is finishing its batch
+                if outcome.busy:  # another applier (here, or on another host) has the turn
+                    lag = oldest_ready_seconds(self._session_factory)
+                    if lag is None or lag < self._max_lag:
+                        break
                     stop.wait(0.05)
                 elif outcome.claimed < self._applier.batch_size:
                     break

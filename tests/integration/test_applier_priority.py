@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select, update
 
-from domain.ledger.applier import Applier, oldest_ready_seconds
+from domain.ledger.applier import Applier, BatchOutcome, oldest_ready_seconds
 from domain.ledger.inbox import Inbox
 from jobs.applier import LagGuard, enter_idle_cpu
 from models import Charge, StripeEvent, utcnow
@@ -97,3 +97,21 @@ def test_the_guard_applies_with_the_idle_appliers_paused_once_the_lag_passes_its
     assert not pause.is_set()
     assert _charges(session_factory) == 7
     assert oldest_ready_seconds(session_factory) is None
+
+
+def test_the_guard_hands_back_when_another_applier_has_caught_up(settings, session_factory) -> None:  # type: ignore[no-untyped-def]
+    """Another applier (another host) holds the turn and applies the backlog: the guard
+    sees the lag gone and stops instead of waiting for a turn it no longer needs."""
+    _store(settings, session_factory, 4, waited_seconds=60)
+    pause = threading.Event()
+    other = Applier(session_factory)
+
+    def busy_while_the_other_applies() -> BatchOutcome:
+        assert other.drain().applied == 4
+        return BatchOutcome(busy=True)
+
+    guard_applier = Applier(session_factory)
+    guard_applier.apply_batch = busy_while_the_other_applies  # type: ignore[method-assign]
+    guard = LagGuard(guard_applier, session_factory, max_lag_seconds=30, pause=pause)
+    assert guard.check(threading.Event()) == 0
+    assert not pause.is_set() and _charges(session_factory) == 4

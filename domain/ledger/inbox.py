@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Collection, Iterator
 
-from sqlalchemy import Engine, bindparam
+from sqlalchemy import Engine, bindparam, func, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import PoolProxiedConnection
 
@@ -115,8 +115,8 @@ class GroupInsert:
     (PostgreSQL): group commit with a leader.
 
     A request queues its row. If no statement is in flight it leads: it takes every row
-    queued at that moment (at most ``max_rows``) and inserts them with one multi-row
-    ``INSERT ... ON CONFLICT DO NOTHING RETURNING event_id`` in autocommit. Otherwise it
+    queued at that moment (at most ``max_rows``) and inserts them with one ``INSERT ...
+    SELECT unnest(...) ON CONFLICT DO NOTHING RETURNING event_id`` in autocommit. Otherwise it
     sleeps until the leader wakes it, either because its row was carried (then it returns)
     or to lead the next statement, with every row that queued meanwhile. So:
 
@@ -138,7 +138,7 @@ class GroupInsert:
         self._engine = engine
         self._keys = keys
         self._max_rows = max_rows
-        self._statements: dict[int, str] = {}  # rows -> SQL; read and written by the leader
+        self._sql: str | None = None  # built by the first leader
         self._pending: list[_Slot] = []
         self._guard = threading.Lock()  # _pending, _leading
         self._leading = False  # a request is leading (taking or running a statement)
@@ -181,27 +181,36 @@ class GroupInsert:
             if successor is not None:
                 successor.wake()
 
-    def _statement(self, rows: int) -> str:
-        """The multi-row insert for ``rows`` rows, built from the model's table and
-        compiled once per size (psycopg prepares each after a few uses)."""
-        sql = self._statements.get(rows)
-        if sql is None:
+    def _statement(self) -> str:
+        """One INSERT for any number of rows, built from the model's table: a column is one
+        array parameter, the rows are the arrays unnested in step. The same text whatever
+        the batch size, so psycopg prepares it once (a multi-row VALUES list is a new
+        statement per size); the arrays go in binary (models/db.py), the 3 kB payloads
+        included, with nothing to escape."""
+        if self._sql is None:
+            from sqlalchemy.dialects.postgresql import ARRAY
+
             table = table_of(StripeEvent)
-            values = [{key: bindparam(f"{key}_{i}", type_=table.c[key].type) for key in self._keys} for i in range(rows)]
+            arrays = [bindparam(key, type_=ARRAY(table.c[key].type)) for key in self._keys]
             insert = dialect_insert(self._engine.dialect.name)
-            statement = insert(table).values(values).on_conflict_do_nothing().returning(table.c.event_id)
-            sql = self._statements[rows] = str(statement.compile(dialect=self._engine.dialect))
-        return sql
+            statement = (
+                insert(table)
+                .from_select(list(self._keys), select(*[func.unnest(a) for a in arrays]))
+                .on_conflict_do_nothing()
+                .returning(table.c.event_id)
+            )
+            self._sql = str(statement.compile(dialect=self._engine.dialect))
+        return self._sql
 
     def _run(self, batch: list[_Slot]) -> None:
-        params = {f"{key}_{i}": slot.row[key] for i, slot in enumerate(batch) for key in self._keys}
+        params = {key: [slot.row[key] for slot in batch] for key in self._keys}
         try:
             with _pooled(self._engine) as connection:
                 driver = connection.driver_connection
                 assert driver is not None  # None only once the connection is invalidated or closed
                 driver.autocommit = True
                 try:
-                    inserted = {row[0] for row in driver.execute(self._statement(len(batch)), params).fetchall()}
+                    inserted = {row[0] for row in driver.execute(self._statement(), params).fetchall()}
                 finally:
                     driver.autocommit = False
         except Exception as exc:  # noqa: BLE001 - handed to every request the statement carried

@@ -61,9 +61,7 @@ class StripeEvent(Base):
     # an EventStatus
     status: Mapped[str] = mapped_column(String(16))
     object_id: Mapped[str | None] = mapped_column(STRIPE_ID)
-    # The body exactly as signed. On PostgreSQL stored EXTERNAL (migration 0014): out of
-    # line and uncompressed, which the applier reads and updates cheaper.
-    payload: Mapped[str] = mapped_column(Text)
+    payload: Mapped[str] = mapped_column(Text)  # the body exactly as signed
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     applied_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -243,3 +243,43 @@ def test_the_applier_lingers_only_in_a_burst(session_factory) -> None:  # type: 
     assert [applier._should_linger(n) for n in (1, 49, 50, 499, 500)] == [False, False, True, True, False]
     assert Applier(session_factory, batch_size=500)._should_linger(100) is False
     assert Applier(session_factory, batch_size=5, linger_seconds=0.25)._should_linger(1) is False  # at least 2
+
+
+@pytest.mark.postgres
+def test_a_charge_another_writer_inserts_mid_batch_sends_the_batch_to_the_per_event_path(settings, session_factory, engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Between the set-based path's read of the charges it holds and its insert, another
+    transaction commits one of the batch's charges (unlinked, as a backfill might). The
+    insert sees one row fewer, the savepoint undoes the batch's writes, and the per-event
+    path applies every event: each charge stored once, linked, each order paid."""
+    from domain.ledger import charge_batch
+    from models import Charge as ChargeModel, table_of
+
+    events = [p.event("charge.succeeded", p.charge(amount=500 + n, metadata={"order_id": f"ord_race_{n}"})) for n in range(6)]
+    raced = events[3]["data"]["object"]
+    _store(settings, session_factory, events)
+    original = charge_batch._orders_named
+    fallbacks: list[str] = []
+
+    def racing(session, snapshots):  # type: ignore[no-untyped-def]
+        links = original(session, snapshots)
+        with engine.begin() as other:  # another connection, committed before the batch inserts
+            other.execute(table_of(ChargeModel).insert().values(
+                id=raced["id"], amount=raced["amount"], amount_captured=raced["amount_captured"], currency=raced["currency"],
+                status="succeeded", captured=True, created=raced["created"], last_event_created=raced["created"],
+            ))
+        return links
+
+    def per_event_apply(*args, **kwargs):  # type: ignore[no-untyped-def]
+        fallbacks.append("per-event")
+        return original_apply(*args, **kwargs)
+
+    original_apply = handlers.upserts.apply_charge
+    monkeypatch.setattr(charge_batch, "_orders_named", racing)
+    monkeypatch.setattr(handlers.upserts, "apply_charge", per_event_apply)
+    assert Applier(session_factory).drain().applied == 6
+    assert len(fallbacks) == 6  # the whole batch went event by event
+    with session_factory() as session:
+        charges = {c.id: c.order_id for c in session.scalars(select(Charge))}
+        orders = {o.id: o.status for o in session.scalars(select(Order))}
+    assert charges == {e["data"]["object"]["id"]: f"ord_race_{n}" for n, e in enumerate(events)}
+    assert orders == {f"ord_race_{n}": "paid" for n in range(6)}

@@ -312,9 +312,9 @@ class _Env:
     def number(self, name: str, default: float, *, minimum: float) -> float:
         return _parse_float(name, self.text(name), default, minimum=minimum)
 
-    def flag(self, name: str) -> bool:
-        """A boolean that is false unless set."""
-        return _parse_bool(name, self.text(name) or "false")
+    def flag(self, name: str, default: bool = False) -> bool:
+        """A boolean; ``default`` when unset."""
+        return _parse_bool(name, self.text(name) or str(default).lower())
 
 
 def _stripe_fields(env: _Env) -> dict[str, Any]:
@@ -381,7 +381,7 @@ def _ingest_fields(env: _Env) -> dict[str, Any]:
         "event_alert_attempts": env.integer("EVENT_ALERT_ATTEMPTS", 5, minimum=1),
         "applier_processes": env.integer("APPLIER_PROCESSES", 1, minimum=0),
         "applier_nice": env.integer("APPLIER_NICE", 10, minimum=0, maximum=19),
-        "applier_idle_cpu": _parse_bool("APPLIER_IDLE_CPU", env.text("APPLIER_IDLE_CPU") or "true"),
+        "applier_idle_cpu": env.flag("APPLIER_IDLE_CPU", default=True),
         "applier_lag_guard_seconds": env.integer("APPLIER_LAG_GUARD_SECONDS", 10, minimum=1),
         "signature_alert_threshold": env.integer("SIGNATURE_ALERT_THRESHOLD", 20, minimum=1),
         "signature_alert_window_seconds": env.integer("SIGNATURE_ALERT_WINDOW_SECONDS", 300, minimum=10),

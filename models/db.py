@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TypeVar, Union
 
-from sqlalchemy import ColumnElement, Connection, Engine, Table, create_engine, event, text
+from sqlalchemy import ColumnElement, Connection, Engine, Insert, Table, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import QueryableAttribute, Session, sessionmaker
@@ -187,6 +187,30 @@ def insert_ignore(session: Session, model: type[Base], values: Mapping[str, Any]
         .returning(*table.primary_key.columns)
     )
     return session.execute(statement).first() is not None
+
+
+def insert_unnested(table: Table, columns: Sequence[str], rows: Sequence[Mapping[str, Any]] | None = None) -> Insert:
+    """PostgreSQL: ``INSERT INTO table (columns) SELECT unnest(:c1), unnest(:c2) ... ON
+    CONFLICT DO NOTHING RETURNING`` the primary key. One array parameter per column, named
+    after it, the rows unnested in step: the statement's text is the same for any number
+    of rows, so the driver parses and prepares it once (a multi-row VALUES list is a new
+    statement for every size and cost the driver more to send than the rows), and the
+    arrays go in binary (see make_engine). With ``rows`` the arrays carry their values;
+    without, the caller passes one list per column when it executes the statement."""
+    from sqlalchemy import bindparam, func, select
+    from sqlalchemy.dialects.postgresql import ARRAY, insert
+
+    arrays = [
+        bindparam(key, type_=ARRAY(table.c[key].type)) if rows is None
+        else bindparam(key, [row[key] for row in rows], type_=ARRAY(table.c[key].type))
+        for key in columns
+    ]
+    return (
+        insert(table)
+        .from_select(list(columns), select(*[func.unnest(array) for array in arrays]))
+        .on_conflict_do_nothing()
+        .returning(*table.primary_key.columns)
+    )
 
 
 def lock_key(session: Session, namespace: str, key: str) -> None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Callable, Mapping
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import ColumnElement, TextClause, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain.ledger import charge_batch
@@ -208,9 +208,7 @@ class Applier:
     def _claim(self, session: Session, now: datetime) -> list[_Claimed]:
         statement = (
             select(StripeEvent.event_id, StripeEvent.type, StripeEvent.attempts, StripeEvent.payload)
-            # The literal predicate is the partial index's own, so PostgreSQL uses it.
-            .where(text(PENDING_SQL))
-            .where((StripeEvent.next_attempt_at.is_(None)) | (StripeEvent.next_attempt_at <= now))
+            .where(*_ready(now))
             .order_by(StripeEvent.created, StripeEvent.event_id)
             .limit(self._batch_size)
             .with_for_update(skip_locked=True)
@@ -315,8 +313,7 @@ class Applier:
         them in its batch)."""
         def count(session: Session) -> int:
             return session.scalar(
-                select(func.count()).select_from(StripeEvent).where(text(PENDING_SQL))
-                .where((StripeEvent.next_attempt_at.is_(None)) | (StripeEvent.next_attempt_at <= utcnow()))
+                select(func.count()).select_from(StripeEvent).where(*_ready(utcnow()))
             ) or 0
         with self._session_factory() as session:
             return count(session) > 0
@@ -411,6 +408,12 @@ class InboxState:
     appliers: int
 
 
+def _ready(now: datetime) -> tuple[TextClause, ColumnElement[bool]]:
+    """Events to apply now: received or failed (the literal predicate is the partial
+    index's own, so PostgreSQL uses it), and not waiting out a backoff."""
+    return text(PENDING_SQL), (StripeEvent.next_attempt_at.is_(None)) | (StripeEvent.next_attempt_at <= now)
+
+
 def oldest_ready_seconds(session_factory: sessionmaker[Session]) -> float | None:
     """How long the next event to apply (the oldest ready one, in the claim's order) has
     waited since it was received; None when none is ready. The first entry of the inbox's
@@ -419,8 +422,7 @@ def oldest_ready_seconds(session_factory: sessionmaker[Session]) -> float | None
     with session_factory() as session:
         received = session.scalar(
             select(StripeEvent.received_at)
-            .where(text(PENDING_SQL))
-            .where((StripeEvent.next_attempt_at.is_(None)) | (StripeEvent.next_attempt_at <= now))
+            .where(*_ready(now))
             .order_by(StripeEvent.created, StripeEvent.event_id)
             .limit(1)
         )

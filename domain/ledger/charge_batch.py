@@ -25,7 +25,7 @@ from domain.ledger.positions import ChargePosition, charge_positions, order_stat
 from domain.stripe.shapes import ChargeSnapshot
 from domain.ledger.upserts import charge_row
 from models import Charge, CheckoutSession, Order, PaymentIntent, table_of, utcnow
-from models.db import dialect_insert, one_of
+from models.db import dialect_insert, insert_unnested, one_of
 
 NewCharge = tuple[EventEnvelope, ChargeSnapshot]
 
@@ -178,25 +178,12 @@ def _order_statuses(session: Session, linked: list[Charge], now: datetime) -> tu
 def _insert_all(session: Session, table: Table, rows: list[dict[str, Any]], postgres: bool) -> None:
     """Insert ``rows`` (none of which the ledger held when read); raises ConcurrentWrite
     when one was inserted meanwhile by another transaction."""
-    insert = dialect_insert(session.get_bind().dialect.name)
     if postgres:
-        # One array per column, unnested in step: the statement's text is the same for any
-        # batch size, so it is parsed and prepared once (a multi-row VALUES list is a new
-        # statement for every batch size and costs the driver more to send than the rows).
-        from sqlalchemy.dialects.postgresql import ARRAY
-
-        columns = [c for c in table.c if c.key in rows[0]]
-        arrays = [bindparam(None, [r[c.key] for r in rows], type_=ARRAY(c.type)) for c in columns]
-        statement = (
-            insert(table)
-            .from_select([c.key for c in columns], select(*[func.unnest(a) for a in arrays]))
-            .on_conflict_do_nothing()
-            .returning(table.c.id)
-        )
-        inserted = len(session.execute(statement).all())
+        inserted = len(session.execute(insert_unnested(table, list(rows[0]), rows)).all())
     else:
         # A list of parameter sets: SQLAlchemy sends them as multi-row INSERTs
         # ("insertmanyvalues") from one cached compilation, RETURNING the ids it inserted.
+        insert = dialect_insert(session.get_bind().dialect.name)
         inserted = len(session.execute(insert(table).on_conflict_do_nothing().returning(table.c.id), rows).all())
     if inserted != len(rows):
         raise ConcurrentWrite(f"{len(rows) - inserted} of {len(rows)} {table.name} rows were inserted meanwhile")

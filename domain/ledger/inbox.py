@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Collection, Iterator
 
-from sqlalchemy import Engine, bindparam, func, select
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import PoolProxiedConnection
 
@@ -36,7 +36,7 @@ from domain.ledger.envelope import EventEnvelope, parse_envelope
 from domain.ledger.handlers import HANDLERS, CheckoutLinking
 from models import StripeEvent, table_of, utcnow
 from models.ledger import EventStatus
-from models.db import dialect_insert
+from models.db import dialect_insert, insert_unnested
 
 log = logging.getLogger(__name__)
 
@@ -182,23 +182,10 @@ class GroupInsert:
                 successor.wake()
 
     def _statement(self) -> str:
-        """One INSERT for any number of rows, built from the model's table: a column is one
-        array parameter, the rows are the arrays unnested in step. The same text whatever
-        the batch size, so psycopg prepares it once (a multi-row VALUES list is a new
-        statement per size); the arrays go in binary (models/db.py), the 3 kB payloads
-        included, with nothing to escape."""
+        """One INSERT for any number of rows (:func:`models.db.insert_unnested`), compiled
+        once; the 3 kB payloads go in a binary array with nothing to escape."""
         if self._sql is None:
-            from sqlalchemy.dialects.postgresql import ARRAY
-
-            table = table_of(StripeEvent)
-            arrays = [bindparam(key, type_=ARRAY(table.c[key].type)) for key in self._keys]
-            insert = dialect_insert(self._engine.dialect.name)
-            statement = (
-                insert(table)
-                .from_select(list(self._keys), select(*[func.unnest(a) for a in arrays]))
-                .on_conflict_do_nothing()
-                .returning(table.c.event_id)
-            )
+            statement = insert_unnested(table_of(StripeEvent), self._keys)
             self._sql = str(statement.compile(dialect=self._engine.dialect))
         return self._sql
 

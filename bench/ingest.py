@@ -9,7 +9,7 @@ What it does (``--mode http``, the default):
    sends (tests/stripe_payloads.py: a real charge object, its PaymentIntent, a distinct
    order id in the metadata), pretty-printed as Stripe sends them, and signs every one
    with the Stripe SDK's signer. All of that happens before the clock starts.
-3. Starts ``reconciler serve`` (gunicorn, the production server) on 127.0.0.1 and posts
+3. Starts ``reconciler serve`` (the production server: uvicorn by default) on 127.0.0.1 and posts
    the events from ``--concurrency`` keep-alive connections (a small asyncio HTTP/1.1
    client, so the load generator, which shares the machine, costs little CPU). A warm-up
    of ``--warmup`` other events goes first and is not counted.
@@ -366,9 +366,9 @@ def http_run(url: str, args: argparse.Namespace, tag: str) -> dict:
 
 
 def _server_config(log: str) -> str:
-    granian = re.search(r"server config: server=granian workers=(\d+) threads=(\d+)", log)
-    if granian:
-        return f"granian, {granian.group(1)} workers x {granian.group(2)} threads"
+    server = re.search(r"server config: server=(uvicorn|granian) workers=(\d+) threads=(\d+)", log)
+    if server:
+        return f"{server.group(1)}, {server.group(2)} workers x {server.group(3)} threads"
     match = re.search(r"server config: workers=(\d+) worker_class=(\S+) threads=(\d+) keepalive=(\d+)", log)
     if match:
         return f"{match.group(1)} workers x {match.group(3)} threads, {match.group(2).rsplit('.', 1)[-1]}, keepalive {match.group(4)} s"

@@ -19,28 +19,36 @@ if TYPE_CHECKING:
     from jobs.supervisor import Child
 
 
-def default_workers(settings: Settings, server: str = "granian") -> int:
-    """Worker processes, each with :func:`default_threads` threads. 2 on SQLite, whose
-    single writer gains nothing from more. On PostgreSQL: granian, one per core (capped at
-    8): HTTP is parsed in Rust, so a worker's Python is busy only with the app, and the
-    applier process needs a share of the cores too (peerbench on 2 cores, one run each:
-    2 x 2 threads acknowledged 1,296 events/s and applied 1,205; 3 x 2: 969 and 875;
-    2 x 4: 1,222 and 828; 1 x 8: 929 and 833). gunicorn: cores + 1 (its measurement:
-    3 processes x 2 threads ingested faster than 5 sync workers, 3 x 4 or 2 x 4)."""
+def default_workers(settings: Settings, server: str = "uvicorn") -> int:
+    """Worker processes. uvicorn: one per two cores (at least 1, at most 8): a worker
+    answers every webhook it holds on one event loop, so one worker groups more of them
+    into each commit, and the cores left serve PostgreSQL and the applier (peerbench on 2
+    cores, same hour: 1 worker acknowledged 1.60 x the peer and applied 1.46 x; 2 workers
+    1.60 x and 1.27 x, with 50% more PostgreSQL CPU per event). granian on SQLite 2, whose
+    single writer gains nothing from more; on PostgreSQL one per core (capped at 8): HTTP
+    is parsed in Rust, so a worker's Python is busy only with the app (peerbench on 2
+    cores, one run each: 2 x 2 threads acknowledged 1,296 events/s and applied 1,205; 3 x
+    2: 969 and 875; 2 x 4: 1,222 and 828; 1 x 8: 929 and 833). gunicorn: cores + 1 (its
+    measurement: 3 processes x 2 threads ingested faster than 5 sync workers, 3 x 4 or 2
+    x 4)."""
+    cores = multiprocessing.cpu_count()
+    if server == "uvicorn":
+        return max(1, min(8, cores // 2))
     if settings.is_sqlite:
         return 2
-    cores = multiprocessing.cpu_count()
     return min(8, cores if server == "granian" else cores + 1)
 
 
-def default_threads(settings: Settings, server: str = "granian") -> int:
-    """Threads per worker. granian on PostgreSQL: 8, so that concurrent webhooks in one
-    worker share one insert and one commit (domain/ledger/inbox.py, GroupInsert): a
-    request waits for the statement in flight, and the next one carries every row that
-    queued meanwhile (peerbench on 2 cores, 16 senders, accept only: 2 x 2 threads
-    2,155 events/s; 2 x 4 grouped 2,467; 2 x 8 grouped 2,853). Otherwise 2, so gunicorn
-    runs gthread workers, which keep connections alive (sync workers close every one)."""
-    if server == "granian" and not settings.is_sqlite:
+def default_threads(settings: Settings, server: str = "uvicorn") -> int:
+    """Threads per worker. uvicorn: 8 for the Flask pages and API (webhooks are answered on
+    the event loop and take no thread). granian on PostgreSQL: 8, so that concurrent
+    webhooks in one worker share one insert and one commit (domain/ledger/inbox.py,
+    GroupInsert): a request waits for the statement in flight, and the next one carries
+    every row that queued meanwhile (peerbench on 2 cores, 16 senders, accept only: 2 x 2
+    threads 2,155 events/s; 2 x 4 grouped 2,467; 2 x 8 grouped 2,853). Otherwise 2, so
+    gunicorn runs gthread workers, which keep connections alive (sync workers close every
+    one)."""
+    if server == "uvicorn" or (server == "granian" and not settings.is_sqlite):
         return 8
     return 2
 
@@ -48,10 +56,10 @@ def default_threads(settings: Settings, server: str = "granian") -> int:
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--workers", type=click.IntRange(1, 64), envvar="WEB_WORKERS", help="Default: 2 on SQLite; on PostgreSQL one per core with granian, cores + 1 with gunicorn (at most 8).")
-@click.option("--threads", type=click.IntRange(1, 64), envvar="WEB_THREADS", help="Threads per worker (gunicorn: gthread workers when above 1). Default: 8 with granian on PostgreSQL, else 2.")
+@click.option("--workers", type=click.IntRange(1, 64), envvar="WEB_WORKERS", help="Default: one per two cores with uvicorn; 2 on SQLite, else one per core with granian; cores + 1 with gunicorn (at most 8).")
+@click.option("--threads", type=click.IntRange(1, 64), envvar="WEB_THREADS", help="Threads per worker (uvicorn: for the Flask pages and API; gunicorn: gthread workers when above 1). Default: 8 with uvicorn, and with granian on PostgreSQL; else 2.")
 @click.option("--migrate/--no-migrate", default=None, help="Apply migrations first (default: on SQLite only).")
-@click.option("--server", "server_name", type=click.Choice(["gunicorn", "granian"]), default="granian", show_default=True, envvar="WEB_SERVER",
+@click.option("--server", "server_name", type=click.Choice(["uvicorn", "granian", "gunicorn"]), default="uvicorn", show_default=True, envvar="WEB_SERVER",
               help="The WSGI server (README: Benchmarks, Ingest).")
 @click.option("--scheduler/--no-scheduler", "with_scheduler", default=True,
               help="Also run the scheduler (nightly pass, alert sweep, housekeeping) as a supervised child process (default: on).")
@@ -62,7 +70,7 @@ def serve(
     context: CliContext, host: str, port: int, workers: int | None, threads: int | None, migrate: bool | None, server_name: str,
     with_scheduler: bool, web_only: bool,
 ) -> None:
-    """Run the service: the web app (granian, or gunicorn), the event applier(s)
+    """Run the service: the web app (uvicorn, or granian or gunicorn), the event applier(s)
     (APPLIER_PROCESSES) and, unless --no-scheduler, the scheduler, each a supervised child
     process (an applier or scheduler that dies is restarted; SIGTERM or Ctrl-C stops them
     all)."""
@@ -105,6 +113,12 @@ def service_children(settings: Settings, web_args: list[str], *, scheduler: bool
 def _run_web(settings: Settings, server_name: str, *, host: str, port: int, workers: int | None, threads: int | None) -> None:
     """The web server (granian or gunicorn) in this process, until it is stopped."""
     metrics_dir = _prepare_metrics_dir()
+    if server_name == "uvicorn":
+        _serve_uvicorn(
+            host, port, workers or default_workers(settings, "uvicorn"), threads or default_threads(settings, "uvicorn"),
+            access_log=settings.access_log,
+        )
+        return
     if server_name == "granian":
         _serve_granian(
             host, port, workers or default_workers(settings, "granian"), threads or default_threads(settings, "granian"),
@@ -149,6 +163,47 @@ def _run_web(settings: Settings, server_name: str, *, host: str, port: int, work
             return create_app(settings)
 
     Server().run()
+
+
+def _serve_uvicorn(host: str, port: int, workers: int, threads: int, *, access_log: bool) -> None:
+    """uvicorn (uvloop, httptools): the ASGI app of app/asgi.py, webhooks answered on each
+    worker's event loop, the Flask app in ``threads`` threads per worker. uvicorn's process
+    manager runs even for one worker, so a worker that dies is replaced, as granian's and
+    gunicorn's are."""
+    import os
+
+    from uvicorn import Config
+    from uvicorn.supervisors import Multiprocess
+
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    # Read by app.asgi.create in each worker process (uvicorn spawns them).
+    os.environ["WEB_THREADS"] = str(threads)
+    log_config: dict[str, Any] = copy.deepcopy(LOGGING_CONFIG)
+    # The worker pid on every access line, as with the other servers: which process answered.
+    log_config["formatters"]["access"]["fmt"] = 'pid=<%(process)d> %(client_addr)s "%(request_line)s" %(status_code)s'
+    logging.getLogger("cli").info("server config: server=uvicorn workers=%d threads=%d", workers, threads)
+    config = Config(
+        "app.asgi:create",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        # The app has no startup or shutdown work; each worker connects on first use.
+        lifespan="off",
+        # The app decides whom to trust for X-Forwarded-* (TRUSTED_PROXIES, app/web_security.py).
+        proxy_headers=False,
+        server_header=False,
+        access_log=access_log,
+        log_config=log_config,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=20,
+    )
+    Multiprocess(config, sockets=[config.bind_socket()]).run()
 
 
 def _serve_granian(host: str, port: int, workers: int, threads: int, *, access_log: bool) -> None:

@@ -28,6 +28,8 @@ from models.base import Base, table_of
 if TYPE_CHECKING:  # the dialects are imported when a statement needs them
     import sqlite3
 
+    import psycopg
+
     from sqlalchemy.dialects import postgresql, sqlite
 
 log = logging.getLogger(__name__)
@@ -63,23 +65,43 @@ def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
         # run_in_transaction runs the unit of work again on a fresh connection
         # (is_retryable: connection_invalidated). Reads answer 503 once.
         pool_pre_ping=False,
-        connect_args={"options": f"-c lock_timeout={PG_LOCK_TIMEOUT_MS}"},
+        connect_args=_PG_CONNECT_ARGS,
     )
     _configure_postgresql(engine)
     return engine
 
 
+_PG_OPTIONS = f"-c lock_timeout={PG_LOCK_TIMEOUT_MS}"
+_PG_CONNECT_ARGS = {"options": _PG_OPTIONS}
+
+
 def _configure_postgresql(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
-        # Python lists (the arrays of one_of's "= ANY(...)" and of the applier's unnest
-        # inserts) go in binary: the driver's text format quotes and escapes every element
-        # with a regular expression, which was a sixth of the applier's CPU. Every such
-        # parameter is cast to its column's array type in the SQL, so the element type
-        # the binary format names (text, int8, timestamptz...) never decides anything.
-        from psycopg.types.array import ListBinaryDumper
+        _prepare_psycopg(dbapi_connection)
 
-        dbapi_connection.adapters.register_dumper(list, ListBinaryDumper)
+
+def _prepare_psycopg(connection: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
+    # Python lists (the arrays of one_of's "= ANY(...)" and of the unnest inserts) go in
+    # binary: the driver's text format quotes and escapes every element with a regular
+    # expression, which was a sixth of the applier's CPU. Every such parameter is cast to
+    # its column's array type in the SQL, so the element type the binary format names
+    # (text, int8, timestamptz...) never decides anything.
+    from psycopg.types.array import ListBinaryDumper
+
+    connection.adapters.register_dumper(list, ListBinaryDumper)
+
+
+async def connect_async(engine: Engine) -> psycopg.AsyncConnection[Any]:
+    """An asyncio connection (autocommit) to ``engine``'s PostgreSQL database, set up as the
+    engine's own connections are (``lock_timeout``, lists in binary). For the accept path
+    on an event loop (domain/ledger/inbox.py, AsyncGroupInsert)."""
+    import psycopg
+
+    dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    connection = await psycopg.AsyncConnection.connect(dsn, autocommit=True, options=_PG_OPTIONS)
+    _prepare_psycopg(connection)
+    return connection
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -19,11 +19,12 @@ Guarantees:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Collection, Iterator
+from typing import TYPE_CHECKING, Any, Collection, Iterator
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
@@ -36,7 +37,10 @@ from domain.ledger.envelope import EventEnvelope, parse_envelope
 from domain.ledger.handlers import HANDLERS, CheckoutLinking
 from models import StripeEvent, table_of, utcnow
 from models.ledger import EventStatus
-from models.db import dialect_insert, insert_unnested
+from models.db import connect_async, dialect_insert, insert_unnested
+
+if TYPE_CHECKING:
+    import psycopg
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +142,7 @@ class GroupInsert:
         self._engine = engine
         self._keys = keys
         self._max_rows = max_rows
-        self._sql: str | None = None  # built by the first leader
+        self._statement = _GroupStatement(engine, keys)
         self._pending: list[_Slot] = []
         self._guard = threading.Lock()  # _pending, _leading
         self._leading = False  # a request is leading (taking or running a statement)
@@ -181,34 +185,126 @@ class GroupInsert:
             if successor is not None:
                 successor.wake()
 
-    def _statement(self) -> str:
-        """One INSERT for any number of rows (:func:`models.db.insert_unnested`), compiled
-        once; the 3 kB payloads go in a binary array with nothing to escape."""
-        if self._sql is None:
-            statement = insert_unnested(table_of(StripeEvent), self._keys)
-            self._sql = str(statement.compile(dialect=self._engine.dialect))
-        return self._sql
-
     def _run(self, batch: list[_Slot]) -> None:
-        params = {key: [slot.row[key] for slot in batch] for key in self._keys}
+        params = _unnest_params(self._keys, [slot.row for slot in batch])
         try:
             with _pooled(self._engine) as connection:
                 driver = connection.driver_connection
                 assert driver is not None  # None only once the connection is invalidated or closed
                 driver.autocommit = True
                 try:
-                    inserted = {row[0] for row in driver.execute(self._statement(), params).fetchall()}
+                    inserted = {row[0] for row in driver.execute(self._statement.sql, params).fetchall()}
                 finally:
                     driver.autocommit = False
         except Exception as exc:  # noqa: BLE001 - handed to every request the statement carried
             for slot in batch:
                 slot.error, slot.done = exc, True
             return
-        for slot in batch:
-            event_id = slot.row["event_id"]
-            slot.inserted = event_id in inserted
-            inserted.discard(event_id)
-            slot.done = True
+        for slot, was_inserted in zip(batch, _outcomes([slot.row for slot in batch], inserted)):
+            slot.inserted, slot.done = was_inserted, True
+
+
+class _GroupStatement:
+    """The statement of a group insert: one INSERT for any number of rows
+    (:func:`models.db.insert_unnested`), compiled once for the engine's dialect; the 3 kB
+    payloads go in a binary array with nothing to escape."""
+
+    def __init__(self, engine: Engine, keys: tuple[str, ...]) -> None:
+        self._engine, self._keys = engine, keys
+        self._sql: str | None = None
+
+    @property
+    def sql(self) -> str:
+        if self._sql is None:
+            statement = insert_unnested(table_of(StripeEvent), self._keys)
+            self._sql = str(statement.compile(dialect=self._engine.dialect))
+        return self._sql
+
+
+def _unnest_params(keys: tuple[str, ...], rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {key: [row[key] for row in rows] for key in keys}
+
+
+def _outcomes(rows: list[dict[str, Any]], inserted: set[str]) -> list[bool]:
+    """Per row, in order: whether it was the one inserted (of two copies of one event in a
+    statement, the first is; ``DO NOTHING`` skipped the other)."""
+    outcomes = []
+    for row in rows:
+        outcomes.append(row["event_id"] in inserted)
+        inserted.discard(row["event_id"])
+    return outcomes
+
+
+class AsyncGroupInsert:
+    """:class:`GroupInsert` for an asyncio event loop (the ASGI lane, app/asgi.py): the
+    rows of the requests one loop is handling at a moment share one statement and one
+    commit, on the loop's own connection, with no thread woken for it.
+
+    The guarantees are GroupInsert's: :meth:`insert` returns only after the commit of the
+    statement that carried its row; a failed statement fails every request it carried with
+    :class:`StoreFailed` and stores none of its rows; the next batch forms while a
+    statement is in flight; two copies of one event in one statement are one insert and
+    one duplicate. A connection the driver reports broken is dropped, and the next
+    statement opens a new one. One instance serves one event loop at a time.
+    """
+
+    def __init__(self, engine: Engine, keys: tuple[str, ...], *, max_rows: int = 64) -> None:
+        self._engine = engine
+        self._keys = keys
+        self._max_rows = max_rows
+        self._statement = _GroupStatement(engine, keys)
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[bool]]] = []
+        self._draining: asyncio.Task[None] | None = None
+        self._connection: psycopg.AsyncConnection[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def insert(self, row: dict[str, Any]) -> bool:
+        """Store ``row`` once by event id; True when this row was the one inserted."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a connection belongs to the loop that opened it
+            self._loop, self._connection, self._draining = loop, None, None
+        future: asyncio.Future[bool] = loop.create_future()
+        self._pending.append((row, future))
+        if self._draining is None:
+            self._draining = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        """Run statements until no row is queued. Nothing awaits between the last check of
+        the queue and the end of this task, so a row queued later starts a new one."""
+        try:
+            while self._pending:
+                batch = self._pending[: self._max_rows]
+                del self._pending[: self._max_rows]
+                await self._run(batch)
+        finally:
+            self._draining = None
+
+    async def _run(self, batch: list[tuple[dict[str, Any], asyncio.Future[bool]]]) -> None:
+        rows = [row for row, _ in batch]
+        try:
+            try:
+                if self._connection is None:
+                    self._connection = await connect_async(self._engine)
+                cursor = await self._connection.execute(self._statement.sql, _unnest_params(self._keys, rows))
+                outcomes = _outcomes(rows, {found[0] for found in await cursor.fetchall()})
+            except Exception as exc:  # noqa: BLE001 - handed to every request the statement carried
+                if self._connection is not None and self._connection.broken:
+                    self._connection = None
+                for _, future in batch:
+                    if not future.done():
+                        failure = StoreFailed(type(exc).__name__)
+                        failure.__cause__ = exc
+                        future.set_exception(failure)
+                return
+        except BaseException:  # cancelled (the loop is stopping): nobody waits in vain
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(StoreFailed("the group insert was interrupted"))
+            raise
+        for (_, future), was_inserted in zip(batch, outcomes):
+            if not future.done():  # its request may have been cancelled
+                future.set_result(was_inserted)
 
 
 class Inbox:
@@ -232,6 +328,7 @@ class Inbox:
         self._positions = compiled.positiontup  # None for named parameters (psycopg)
         # PostgreSQL: concurrent requests share one statement and one commit.
         self._group = GroupInsert(engine, _ROW_KEYS) if self._autocommit else None
+        self._async_group = AsyncGroupInsert(engine, _ROW_KEYS) if self._autocommit else None
         # The column types' own conversions for this database (SQLite stores datetimes as
         # SQLAlchemy's text format), so rows read back the same as any other path's.
         self._processors = {
@@ -247,6 +344,32 @@ class Inbox:
     def accept(self, payload: bytes, signature_header: str | None) -> Accepted:
         """Verify and store one delivery. Raises :class:`Rejected` for input that must not
         be stored and :class:`Unavailable` when it cannot be stored now."""
+        event, text_payload = self._verified(payload, signature_header)
+        return self._store(event, text_payload)
+
+    async def accept_async(self, payload: bytes, signature_header: str | None) -> Accepted:
+        """:meth:`accept` for a caller on an asyncio event loop: the same checks, answers and
+        errors. On PostgreSQL the row goes through the loop's :class:`AsyncGroupInsert`; on
+        SQLite the blocking insert runs in a worker thread."""
+        event, text_payload = self._verified(payload, signature_header)
+        row = self._row(event, text_payload)
+        if isinstance(row, Accepted):
+            return row
+        if self._async_group is None:
+            return self._answer(event, await asyncio.to_thread(self._insert_once, row))
+        for attempt in (1, 2):
+            try:
+                return self._answer(event, await self._async_group.insert(row))
+            except Exception as exc:  # noqa: BLE001 - classified, never swallowed
+                self._retry_or_raise(exc, attempt, row)
+        raise AssertionError("unreachable")
+
+    def store(self, payload: bytes) -> Accepted:
+        """Store an event whose origin is already established (one read from Stripe's
+        Events API with our key): the same envelope checks, dedup and answers."""
+        return self._store(parse_envelope(payload), payload.decode("utf-8"))
+
+    def _verified(self, payload: bytes, signature_header: str | None) -> tuple[EventEnvelope, str]:
         settings = self._settings
         if not settings.stripe_webhook_secrets:
             raise Unavailable("webhook_secret_not_configured", "STRIPE_WEBHOOK_SECRET is not set on this server.")
@@ -260,19 +383,21 @@ class Inbox:
             verify_webhook(payload, signature_header, settings.stripe_webhook_secrets, tolerance=settings.stripe_webhook_tolerance)
         except WebhookSignatureError as exc:
             raise Rejected(exc.code, exc.message) from None
-        return self._store(parse_envelope(payload), text_payload)
-
-    def store(self, payload: bytes) -> Accepted:
-        """Store an event whose origin is already established (one read from Stripe's
-        Events API with our key): the same envelope checks, dedup and answers."""
-        return self._store(parse_envelope(payload), payload.decode("utf-8"))
+        return parse_envelope(payload), text_payload
 
     def _store(self, event: EventEnvelope, text_payload: str) -> Accepted:
+        row = self._row(event, text_payload)
+        if isinstance(row, Accepted):
+            return row
+        return self._answer(event, self._insert_once(row))
+
+    def _row(self, event: EventEnvelope, text_payload: str) -> dict[str, Any] | Accepted:
+        """The inbox row for ``event``, converted for this database; or the answer when
+        the event is not to be stored."""
         if event.livemode != self._settings.stripe_livemode:
             # A live Connect endpoint also receives test events; a 4xx would make Stripe
             # retry them for days. Acknowledge and leave no trace.
             return Accepted("ignored", event.id, event.type, reason="livemode_mismatch")
-        handled = event.type in self._handled
         row = {
             "event_id": event.id,
             "type": event.type,
@@ -281,38 +406,46 @@ class Inbox:
             "account": event.account,
             "created": event.created,
             "received_at": utcnow(),
-            "status": (EventStatus.RECEIVED if handled else EventStatus.IGNORED).value,
+            "status": (EventStatus.RECEIVED if event.type in self._handled else EventStatus.IGNORED).value,
             "object_id": event.object_id,
             "payload": text_payload,
             "attempts": 0,
         }
-        inserted = self._insert_once(row)
+        for key, processor in self._processors.items():
+            row[key] = processor(row[key])
+        return row
+
+    def _answer(self, event: EventEnvelope, inserted: bool) -> Accepted:
         if not inserted:
             return Accepted("duplicate", event.id, event.type)
-        return Accepted("received" if handled else "ignored", event.id, event.type, None if handled else "type_not_applied")
+        if event.type in self._handled:
+            return Accepted("received", event.id, event.type)
+        return Accepted("ignored", event.id, event.type, "type_not_applied")
 
     def _insert_once(self, row: dict[str, Any]) -> bool:
         # The insert is idempotent, so a connection the server dropped (restart, idle
         # timeout: the pool does not ping) or a lost race is simply sent again once.
-        for key, processor in self._processors.items():
-            row[key] = processor(row[key])
         params = row if self._positions is None else tuple(row[key] for key in self._positions)
         for attempt in (1, 2):
             try:
                 if self._group is not None:
                     return self._group.insert(row)
                 return self._insert_row(params)
-            except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
-                dbapi = self._engine.dialect.dbapi
-                assert dbapi is not None  # set on every engine made with a driver
-                error = dbapi.Error
-                if not isinstance(exc, (error, DBAPIError, StoreFailed)):
-                    raise
-                if attempt == 1:
-                    continue
-                log.error("event not stored: %s", exc.__class__.__name__, extra={"event_id": row["event_id"]})
-                raise Unavailable("event_not_stored", "The event could not be stored; Stripe will redeliver it.") from exc
+            except Exception as exc:  # noqa: BLE001 - classified, never swallowed
+                self._retry_or_raise(exc, attempt, row)
         raise AssertionError("unreachable")
+
+    def _retry_or_raise(self, exc: Exception, attempt: int, row: dict[str, Any]) -> None:
+        """After a failed insert: return to send it once more, raise :class:`Unavailable`
+        when the database failed twice, re-raise anything that is not a database error."""
+        dbapi = self._engine.dialect.dbapi
+        assert dbapi is not None  # set on every engine made with a driver
+        if not isinstance(exc, (dbapi.Error, DBAPIError, StoreFailed)):
+            raise exc
+        if attempt == 1:
+            return
+        log.error("event not stored: %s", exc.__class__.__name__, extra={"event_id": row["event_id"]})
+        raise Unavailable("event_not_stored", "The event could not be stored; Stripe will redeliver it.") from exc
 
     def _insert_row(self, params: dict[str, Any] | tuple[Any, ...]) -> bool:
         """SQLite: one INSERT ... ON CONFLICT DO NOTHING RETURNING in a BEGIN IMMEDIATE

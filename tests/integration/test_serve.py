@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 from models.migrate import head_revision
 
 import requests
@@ -29,7 +32,10 @@ def test_serve_on_a_fresh_sqlite_file(tmp_path) -> None:  # type: ignore[no-unty
         assert order["totals"] == {"jpy": {"charged": 5000, "refunded": 0, "held": 5000}}
     assert (tmp_path / "instance" / "reconciler.db").exists()
     log = (tmp_path / "serve.log").read_text()
-    assert log.count("Spawning worker") == 2  # two workers on SQLite (granian, the default server)
+    # uvicorn, the default server, under its process manager: one worker per two cores
+    workers = int(re.search(r"server config: server=uvicorn workers=(\d+) threads=8", log).group(1))  # type: ignore[union-attr]
+    assert workers == max(1, min(8, (os.cpu_count() or 1) // 2))
+    assert "Started parent process" in log and log.count("Started server process") == workers
 
 
 def test_serve_refuses_an_unmigrated_database_unless_told(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

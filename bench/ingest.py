@@ -232,6 +232,7 @@ def cpu_snapshot() -> dict[str, float]:
     except OSError:
         return out
     me = os.getpid()
+    processes: dict[int, tuple[int, float, bytes, str]] = {}  # pid -> ppid, CPU s, cmdline, comm
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -243,14 +244,25 @@ def cpu_snapshot() -> dict[str, float]:
         except OSError:
             continue
         rest = stat.rsplit(")", 1)[1].split()
-        used = (int(rest[11]) + int(rest[12])) / _TICK  # utime + stime
         comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        if int(pid) == me:
+        processes[int(pid)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / _TICK, cmdline, comm)  # ppid; utime + stime
+
+    def is_server(pid: int) -> bool:
+        # `cli serve` and everything under it (uvicorn's spawned workers carry no name of ours)
+        while pid in processes:
+            ppid, _, cmdline, comm = processes[pid]
+            if (b"cli\x00serve" in cmdline or b"reconciler-web" in cmdline or comm.startswith("reconciler")
+                    or cmdline.endswith(b"\x00applier\x00")):
+                return True
+            pid = ppid
+        return False
+
+    for pid, (_, used, cmdline, comm) in processes.items():
+        if pid == me:
             group = "client"
         elif comm == "postgres" or cmdline.startswith(b"postgres"):
             group = "postgres"
-        elif (b"cli\x00serve" in cmdline or b"reconciler-web" in cmdline or comm.startswith("reconciler")
-              or cmdline.endswith(b"\x00applier\x00")):
+        elif is_server(pid):
             group = "server"
         else:
             continue

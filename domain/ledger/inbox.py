@@ -24,7 +24,7 @@ import contextlib
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Collection, Iterator
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Collection, Iterator
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
@@ -237,32 +237,27 @@ def _outcomes(rows: list[dict[str, Any]], inserted: set[str]) -> list[bool]:
 
 class AsyncGroupInsert:
     """:class:`GroupInsert` for an asyncio event loop (the ASGI lane, app/asgi.py): the
-    rows of the requests one loop is handling at a moment share one statement and one
-    commit, on the loop's own connection, with no thread woken for it.
+    rows of the requests one loop is handling at a moment are written together by
+    ``write_rows`` (one statement and one commit), while the next batch forms behind it.
 
-    The guarantees are GroupInsert's: :meth:`insert` returns only after the commit of the
-    statement that carried its row; a failed statement fails every request it carried with
-    :class:`StoreFailed` and stores none of its rows; the next batch forms while a
-    statement is in flight; two copies of one event in one statement are one insert and
-    one duplicate. A connection the driver reports broken is dropped, and the next
-    statement opens a new one. One instance serves one event loop at a time.
+    The guarantees are GroupInsert's: :meth:`insert` returns only after the commit that
+    carried its row; when ``write_rows`` fails, every request it carried gets
+    :class:`StoreFailed` and none of its rows is stored; two copies of one event in one
+    batch are one insert and one duplicate. One instance serves one event loop at a time.
     """
 
-    def __init__(self, engine: Engine, keys: tuple[str, ...], *, max_rows: int = 64) -> None:
-        self._engine = engine
-        self._keys = keys
+    def __init__(self, write_rows: Callable[[list[dict[str, Any]]], Awaitable[set[str]]], *, max_rows: int = 64) -> None:
+        self._write_rows = write_rows
         self._max_rows = max_rows
-        self._statement = _GroupStatement(engine, keys)
         self._pending: list[tuple[dict[str, Any], asyncio.Future[bool]]] = []
         self._draining: asyncio.Task[None] | None = None
-        self._connection: psycopg.AsyncConnection[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def insert(self, row: dict[str, Any]) -> bool:
         """Store ``row`` once by event id; True when this row was the one inserted."""
         loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # a connection belongs to the loop that opened it
-            self._loop, self._connection, self._draining = loop, None, None
+        if loop is not self._loop:  # a task of a loop that has ended is not waited for
+            self._loop, self._draining = loop, None
         future: asyncio.Future[bool] = loop.create_future()
         self._pending.append((row, future))
         if self._draining is None:
@@ -270,7 +265,7 @@ class AsyncGroupInsert:
         return await future
 
     async def _drain(self) -> None:
-        """Run statements until no row is queued. Nothing awaits between the last check of
+        """Write batches until no row is queued. Nothing awaits between the last check of
         the queue and the end of this task, so a row queued later starts a new one."""
         try:
             while self._pending:
@@ -284,13 +279,8 @@ class AsyncGroupInsert:
         rows = [row for row, _ in batch]
         try:
             try:
-                if self._connection is None:
-                    self._connection = await connect_async(self._engine)
-                cursor = await self._connection.execute(self._statement.sql, _unnest_params(self._keys, rows))
-                outcomes = _outcomes(rows, {found[0] for found in await cursor.fetchall()})
-            except Exception as exc:  # noqa: BLE001 - handed to every request the statement carried
-                if self._connection is not None and self._connection.broken:
-                    self._connection = None
+                outcomes = _outcomes(rows, await self._write_rows(rows))
+            except Exception as exc:  # noqa: BLE001 - handed to every request the batch carried
                 for _, future in batch:
                     if not future.done():
                         failure = StoreFailed(type(exc).__name__)
@@ -305,6 +295,55 @@ class AsyncGroupInsert:
         for (_, future), was_inserted in zip(batch, outcomes):
             if not future.done():  # its request may have been cancelled
                 future.set_result(was_inserted)
+
+
+class _LoopConnectionWriter:
+    """PostgreSQL rows for :class:`AsyncGroupInsert`: the group statement in autocommit on
+    the event loop's own connection (its return is its commit). A connection the driver
+    reports broken is dropped, and the next batch opens a new one; so is one opened by a
+    loop that has ended."""
+
+    def __init__(self, engine: Engine, keys: tuple[str, ...]) -> None:
+        self._engine = engine
+        self._keys = keys
+        self._statement = _GroupStatement(engine, keys)
+        self._connection: psycopg.AsyncConnection[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def __call__(self, rows: list[dict[str, Any]]) -> set[str]:
+        loop = asyncio.get_running_loop()
+        if self._connection is None or loop is not self._loop:
+            self._connection, self._loop = await connect_async(self._engine), loop
+        try:
+            cursor = await self._connection.execute(self._statement.sql, _unnest_params(self._keys, rows))
+            return {found[0] for found in await cursor.fetchall()}
+        except Exception:
+            if self._connection.broken:
+                self._connection = None
+            raise
+
+
+def _insert_in_one_transaction(engine: Engine, sql: str, positions: list[str] | None, rows: list[dict[str, Any]]) -> set[str]:
+    """SQLite: each row's ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` in one ``BEGIN
+    IMMEDIATE`` transaction, committed before this returns; the ids inserted. Any error
+    rolls the whole transaction back."""
+    inserted: set[str] = set()
+    with _pooled(engine) as connection:
+        cursor = connection.cursor()
+        try:
+            cursor.execute("BEGIN IMMEDIATE")
+            for row in rows:
+                params = row if positions is None else tuple(row[key] for key in positions)
+                if cursor.execute(sql, params).fetchone() is not None:
+                    inserted.add(row["event_id"])
+            cursor.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                cursor.execute("ROLLBACK")
+            raise
+        finally:
+            cursor.close()
+    return inserted
 
 
 class Inbox:
@@ -328,7 +367,11 @@ class Inbox:
         self._positions = compiled.positiontup  # None for named parameters (psycopg)
         # PostgreSQL: concurrent requests share one statement and one commit.
         self._group = GroupInsert(engine, _ROW_KEYS) if self._autocommit else None
-        self._async_group = AsyncGroupInsert(engine, _ROW_KEYS) if self._autocommit else None
+        self._async_group = AsyncGroupInsert(
+            _LoopConnectionWriter(engine, _ROW_KEYS) if self._autocommit
+            # SQLite: the requests of one loop share a transaction, written in a thread.
+            else lambda rows: asyncio.to_thread(_insert_in_one_transaction, engine, self._sql, self._positions, rows)
+        )
         # The column types' own conversions for this database (SQLite stores datetimes as
         # SQLAlchemy's text format), so rows read back the same as any other path's.
         self._processors = {
@@ -349,14 +392,13 @@ class Inbox:
 
     async def accept_async(self, payload: bytes, signature_header: str | None) -> Accepted:
         """:meth:`accept` for a caller on an asyncio event loop: the same checks, answers and
-        errors. On PostgreSQL the row goes through the loop's :class:`AsyncGroupInsert`; on
-        SQLite the blocking insert runs in a worker thread."""
+        errors. The row goes through the loop's :class:`AsyncGroupInsert`: on PostgreSQL
+        on the loop's own connection, on SQLite in one transaction per batch, written in a
+        worker thread."""
         event, text_payload = self._verified(payload, signature_header)
         row = self._row(event, text_payload)
         if isinstance(row, Accepted):
             return row
-        if self._async_group is None:
-            return self._answer(event, await asyncio.to_thread(self._insert_once, row))
         for attempt in (1, 2):
             try:
                 return self._answer(event, await self._async_group.insert(row))
@@ -425,12 +467,11 @@ class Inbox:
     def _insert_once(self, row: dict[str, Any]) -> bool:
         # The insert is idempotent, so a connection the server dropped (restart, idle
         # timeout: the pool does not ping) or a lost race is simply sent again once.
-        params = row if self._positions is None else tuple(row[key] for key in self._positions)
         for attempt in (1, 2):
             try:
                 if self._group is not None:
                     return self._group.insert(row)
-                return self._insert_row(params)
+                return self._insert_row(row)
             except Exception as exc:  # noqa: BLE001 - classified, never swallowed
                 self._retry_or_raise(exc, attempt, row)
         raise AssertionError("unreachable")
@@ -447,19 +488,7 @@ class Inbox:
         log.error("event not stored: %s", exc.__class__.__name__, extra={"event_id": row["event_id"]})
         raise Unavailable("event_not_stored", "The event could not be stored; Stripe will redeliver it.") from exc
 
-    def _insert_row(self, params: dict[str, Any] | tuple[Any, ...]) -> bool:
+    def _insert_row(self, row: dict[str, Any]) -> bool:
         """SQLite: one INSERT ... ON CONFLICT DO NOTHING RETURNING in a BEGIN IMMEDIATE
         transaction of its own, committed before it returns."""
-        with _pooled(self._engine) as connection:
-            cursor = connection.cursor()
-            try:
-                cursor.execute("BEGIN IMMEDIATE")
-                row = cursor.execute(self._sql, params).fetchone()
-                cursor.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    cursor.execute("ROLLBACK")
-                raise
-            finally:
-                cursor.close()
-            return row is not None
+        return row["event_id"] in _insert_in_one_transaction(self._engine, self._sql, self._positions, [row])

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from app.asgi import asgi_app
-from domain.ledger.inbox import _ROW_KEYS, AsyncGroupInsert, StoreFailed
+from domain.ledger.inbox import _ROW_KEYS, AsyncGroupInsert, StoreFailed, _LoopConnectionWriter
 from models import Charge, EventFailure, Order, StripeEvent, make_engine
 from tests import stripe_payloads as p
 from tests.conftest import WEBHOOK_SECRET
@@ -145,12 +145,12 @@ def test_every_other_path_is_the_flask_app(asgi, api_headers) -> None:  # type: 
     assert refused.status == 401
 
 
-# -- PostgreSQL: the event loop's group insert ---------------------------------------------
+# -- the event loop's group insert (PostgreSQL: one statement on the loop's connection;
+# SQLite: one transaction, written in a thread) --------------------------------------------
 
 postgres = pytest.mark.postgres
 
 
-@postgres
 def test_concurrent_webhooks_on_one_loop_share_statements_and_each_answer_follows_its_commit(app, asgi, session_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     group = app.extensions["reconciler"].inbox._async_group
     sizes: list[int] = []
@@ -181,7 +181,6 @@ def test_concurrent_webhooks_on_one_loop_share_statements_and_each_answer_follow
     assert sum(sizes) == len(events) and len(sizes) < len(events) and max(sizes) > 1, sizes
 
 
-@postgres
 def test_copies_of_one_event_in_one_statement_are_one_received_and_the_rest_duplicates(asgi, ledger) -> None:  # type: ignore[no-untyped-def]
     event = p.event("charge.succeeded", p.charge())
     body = p.encode(event)
@@ -196,10 +195,14 @@ def test_copies_of_one_event_in_one_statement_are_one_received_and_the_rest_dupl
     assert ledger.count(StripeEvent) == 1
 
 
-@postgres
-def test_a_failing_statement_fails_every_row_it_carried_and_stores_none(engine, session_factory) -> None:  # type: ignore[no-untyped-def]
-    group = AsyncGroupInsert(engine, _ROW_KEYS)
-    rows = [_row("evt_agrp_f1"), _row("evt_agrp_f2", type=None), _row("evt_agrp_f3")]  # type is NOT NULL
+def test_a_failing_statement_fails_every_row_it_carried_and_stores_none(app, session_factory) -> None:  # type: ignore[no-untyped-def]
+    inbox = app.extensions["reconciler"].inbox
+    group = inbox._async_group
+
+    def _converted(row: dict) -> dict:
+        return {key: inbox._processors[key](value) if key in inbox._processors else value for key, value in row.items()}
+
+    rows = [_converted(_row("evt_agrp_f1")), _converted(_row("evt_agrp_f2", type=None)), _converted(_row("evt_agrp_f3"))]  # type is NOT NULL
 
     async def together() -> list[Any]:
         # queued in one tick: the statement started by the first carries all three
@@ -210,9 +213,21 @@ def test_a_failing_statement_fails_every_row_it_carried_and_stores_none(engine, 
     assert _stored(session_factory, ["evt_agrp_f1", "evt_agrp_f2", "evt_agrp_f3"]) == set()
 
     async def again() -> list[Any]:
-        return await asyncio.gather(group.insert(_row("evt_agrp_f1")), group.insert(_row("evt_agrp_f3")))
+        return await asyncio.gather(group.insert(rows[0]), group.insert(rows[2]))
 
-    assert asyncio.run(again()) == [True, True]  # a new loop: the group opens a new connection
+    assert asyncio.run(again()) == [True, True]  # a new loop (on PostgreSQL a new connection)
+    assert _stored(session_factory, ["evt_agrp_f1", "evt_agrp_f3"]) == {"evt_agrp_f1", "evt_agrp_f3"}
+
+
+@postgres
+def test_the_loop_writer_opens_its_own_connection_and_commits_each_statement(engine, session_factory) -> None:  # type: ignore[no-untyped-def]
+    group = AsyncGroupInsert(_LoopConnectionWriter(engine, _ROW_KEYS))
+
+    async def one() -> bool:
+        return await group.insert(_row("evt_agrp_own"))
+
+    assert asyncio.run(one()) is True
+    assert _stored(session_factory, ["evt_agrp_own"]) == {"evt_agrp_own"}
 
 
 @postgres
@@ -222,7 +237,7 @@ def test_a_connection_the_server_dropped_is_replaced_and_the_event_stored(app, a
 
     async def scenario() -> tuple[Answer, Answer]:
         before = await _call_signed(asgi, first)
-        pid = group._connection.info.backend_pid
+        pid = group._write_rows._connection.info.backend_pid
         with engine.connect() as other:
             other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
         return before, await _call_signed(asgi, second)

@@ -256,8 +256,8 @@ class AsyncGroupInsert:
     async def insert(self, row: dict[str, Any]) -> bool:
         """Store ``row`` once by event id; True when this row was the one inserted."""
         loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # a task of a loop that has ended is not waited for
-            self._loop, self._draining = loop, None
+        if loop is not self._loop:  # the rows and the task of a loop that has ended are nobody's
+            self._loop, self._draining, self._pending = loop, None, []
         future: asyncio.Future[bool] = loop.create_future()
         self._pending.append((row, future))
         if self._draining is None:

@@ -203,6 +203,17 @@ def test_serve_runs_the_scheduler_restarts_it_and_leaves_nothing_on_sigterm(tmp_
         )
         assert web in children(serve.pid)  # the web server was left alone
 
+        # A web worker that dies is replaced by the web server's process manager.
+        workers = [p for p in descendants(web) if "multiprocessing" in cmdline(p) and "resource_tracker" not in cmdline(p)]
+        assert workers, {p: cmdline(p) for p in descendants(web)}
+        os.kill(workers[0], signal.SIGKILL)
+        wait_for(
+            lambda: [p for p in descendants(web) if "multiprocessing" in cmdline(p) and "resource_tracker" not in cmdline(p)
+                     and p not in workers],
+            30, "a new web worker",
+        )
+        wait_for(health, 30, "/healthz from the new worker")
+
         everything = descendants(serve.pid)
         assert web in everything and restarted[0] in everything  # type: ignore[index]
         assert applier in everything and len(everything) >= 5  # web master, its two workers, the applier, the scheduler

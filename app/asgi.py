@@ -6,9 +6,10 @@ and no thread is woken for any of them. Every other request goes to the Flask ap
 a pool of threads by a2wsgi (its views block on the database and on Stripe).
 
 Why not a WSGI server for everything: on 2 cores, accepting a webhook through granian's
-threads cost 0.29 ms of server CPU and through this loop 0.14-0.20 ms (README, Benchmarks >
-Ingest); most of the difference was threads waking one another (a lock hand-off between
-two threads on different cores cost 20 us of CPU on that machine, on one core 2.5 us).
+threads cost 0.29 ms of server CPU, on this loop 0.22 ms with two workers and 0.15 with
+one (README, Benchmarks > Ingest); most of the difference was threads waking one another
+(a lock hand-off between two threads on different cores cost 20 us of CPU on that
+machine, on one core 2.5 us).
 """
 
 from __future__ import annotations

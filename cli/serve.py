@@ -60,7 +60,7 @@ def default_threads(settings: Settings, server: str = "uvicorn") -> int:
 @click.option("--threads", type=click.IntRange(1, 64), envvar="WEB_THREADS", help="Threads per worker (uvicorn: for the Flask pages and API; gunicorn: gthread workers when above 1). Default: 8 with uvicorn, and with granian on PostgreSQL; else 2.")
 @click.option("--migrate/--no-migrate", default=None, help="Apply migrations first (default: on SQLite only).")
 @click.option("--server", "server_name", type=click.Choice(["uvicorn", "granian", "gunicorn"]), default="uvicorn", show_default=True, envvar="WEB_SERVER",
-              help="The WSGI server (README: Benchmarks, Ingest).")
+              help="The web server: uvicorn serves the ASGI app, granian and gunicorn the WSGI app (README: Benchmarks, Ingest).")
 @click.option("--scheduler/--no-scheduler", "with_scheduler", default=True,
               help="Also run the scheduler (nightly pass, alert sweep, housekeeping) as a supervised child process (default: on).")
 @click.option("--supervised", "web_only", is_flag=True, hidden=True,
@@ -111,7 +111,7 @@ def service_children(settings: Settings, web_args: list[str], *, scheduler: bool
 
 
 def _run_web(settings: Settings, server_name: str, *, host: str, port: int, workers: int | None, threads: int | None) -> None:
-    """The web server (granian or gunicorn) in this process, until it is stopped."""
+    """The web server (uvicorn, granian or gunicorn) in this process, until it is stopped."""
     metrics_dir = _prepare_metrics_dir()
     if server_name == "uvicorn":
         _serve_uvicorn(

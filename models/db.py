@@ -65,14 +65,13 @@ def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
         # run_in_transaction runs the unit of work again on a fresh connection
         # (is_retryable: connection_invalidated). Reads answer 503 once.
         pool_pre_ping=False,
-        connect_args=_PG_CONNECT_ARGS,
+        connect_args={"options": _PG_OPTIONS},
     )
     _configure_postgresql(engine)
     return engine
 
 
 _PG_OPTIONS = f"-c lock_timeout={PG_LOCK_TIMEOUT_MS}"
-_PG_CONNECT_ARGS = {"options": _PG_OPTIONS}
 
 
 def _configure_postgresql(engine: Engine) -> None:

@@ -11,7 +11,8 @@ Guarantees:
 * The answer follows the commit: :meth:`Inbox.store` returns only once the row is durable
   (on PostgreSQL the insert runs in autocommit, so the statement's return *is* its commit,
   with ``synchronous_commit`` as the server has it; concurrent requests of one process
-  share one statement, see :class:`GroupInsert`). When it cannot store, it raises
+  share one statement: :class:`GroupInsert` with threads, :class:`AsyncGroupInsert` on an
+  event loop, where on SQLite they share one transaction). When it cannot store, it raises
   :class:`~domain.errors.Unavailable` and nothing is half-stored: Stripe redelivers.
 * Nothing else happens here: the applier (:mod:`domain.ledger.applier`) turns stored
   events into ledger rows.
@@ -186,7 +187,8 @@ class GroupInsert:
                 successor.wake()
 
     def _run(self, batch: list[_Slot]) -> None:
-        params = _unnest_params(self._keys, [slot.row for slot in batch])
+        rows = [slot.row for slot in batch]
+        params = _unnest_params(self._keys, rows)
         try:
             with _pooled(self._engine) as connection:
                 driver = connection.driver_connection
@@ -200,7 +202,7 @@ class GroupInsert:
             for slot in batch:
                 slot.error, slot.done = exc, True
             return
-        for slot, was_inserted in zip(batch, _outcomes([slot.row for slot in batch], inserted)):
+        for slot, was_inserted in zip(batch, _outcomes(rows, inserted)):
             slot.inserted, slot.done = was_inserted, True
 
 
